@@ -1,0 +1,16 @@
+"""Magic Portrait: MagicStyle, MagicID and RepControlNet nodes for ComfyUI (V3 extension entry point).
+
+ComfyUI's API is imported inside the entry point so that importing the package outside ComfyUI (tools, tests)
+has no side effects."""
+
+
+async def comfy_entrypoint():
+    from comfy_api.latest import ComfyExtension
+
+    from .nodes import NODE_LIST
+
+    class MagicPortraitExtension(ComfyExtension):
+        async def get_node_list(self):
+            return list(NODE_LIST)
+
+    return MagicPortraitExtension()

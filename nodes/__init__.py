@@ -1,0 +1,5 @@
+"""ComfyUI nodes of Magic Portrait: thin wrappers that parse inputs, call magic_core and patch model clones."""
+
+from . import inversion
+
+NODE_LIST = [*inversion.NODES]

@@ -1,0 +1,97 @@
+"""Small ComfyUI-side helpers shared by the node modules: model identity, family, guided sampling runs."""
+
+from __future__ import annotations
+
+import hashlib
+
+import comfy.model_base
+import comfy.sample
+import comfy.samplers
+import latent_preview
+import torch
+
+PREFIX = "MagicPortrait_"
+CATEGORY = "Magic Portrait"
+
+
+class NodeInputError(ValueError):
+    """Bad input to a node; the message names the node and the input, and says what to do."""
+
+    def __init__(self, node: str, input_name: str, message: str):
+        super().__init__(f"[{node}] input '{input_name}': {message}")
+
+
+def model_family(model) -> str:
+    base = model.model
+    if isinstance(base, (comfy.model_base.SDXL, comfy.model_base.SDXLRefiner)):
+        return "sdxl"
+    if type(base) is comfy.model_base.BaseModel:
+        context_dim = getattr(base.model_config, "unet_config", {}).get("context_dim")
+        return "sd15" if context_dim in (768, None) else "sd2x"
+    return type(base).__name__.lower()
+
+
+def model_identity(model) -> str:
+    """A stable id for the weights a MODEL computes with: architecture, prediction type, a hash of two layers,
+    and the weight patches (LoRAs, merges) attached to this clone. Clones of one checkpoint share it."""
+    base = model.model
+    state = base.diffusion_model.state_dict()
+    keys = sorted(state)
+    digest = hashlib.sha256()
+    digest.update(type(base).__name__.encode())
+    digest.update(str(base.model_type).encode())
+    for key in (keys[0], keys[-1]):
+        tensor = state[key].detach().to("cpu", torch.float32).contiguous()
+        digest.update(key.encode())
+        digest.update(tensor.numpy().tobytes())
+    for key in sorted(model.patches):
+        digest.update(key.encode())
+        digest.update(str(len(model.patches[key])).encode())
+    return f"{model_family(model)}:{digest.hexdigest()[:16]}"
+
+
+def check_latent(node: str, model, latent: dict, input_name: str = "latent") -> torch.Tensor:
+    samples = latent.get("samples") if isinstance(latent, dict) else None
+    if not isinstance(samples, torch.Tensor):
+        raise NodeInputError(node, input_name, "expected a LATENT (a dict with 'samples')")
+    if samples.shape[0] == 0:
+        raise NodeInputError(node, input_name, "the latent batch is empty")
+    samples = comfy.sample.fix_empty_latent_channels(model, samples)
+    channels = model.get_model_object("latent_format").latent_channels
+    if samples.ndim != 4 or samples.shape[1] != channels:
+        raise NodeInputError(
+            node,
+            input_name,
+            f"latent of shape {tuple(samples.shape)} does not belong to this {model_family(model)} model "
+            f"(it expects [B, {channels}, H, W]); encode the image with this model's VAE",
+        )
+    family = latent.get("magic_family")
+    if family is not None and family != model_family(model):
+        raise NodeInputError(
+            node, input_name, f"latent was made with a {family} model but the MODEL is {model_family(model)}"
+        )
+    return samples
+
+
+def schedule(model, scheduler: str, steps: int, strength: float) -> torch.Tensor:
+    """The sampling schedule (descending, ending at 0) that a partial inversion of `strength` pairs with."""
+    from ..magic_core.inversion import strength_steps
+
+    covered = strength_steps(steps, strength)
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).cpu()
+    return sigmas[-(covered + 1) :]
+
+
+def guided_run(model, positive, negative, cfg: float, samples: torch.Tensor, sampler, sigmas: torch.Tensor, seed=0):
+    """Run a sampler through ComfyUI's CFGGuider, so conditioning, ControlNets, hooks and patches all apply."""
+    guider = comfy.samplers.CFGGuider(model)
+    if negative is None:
+        if cfg != 1.0:
+            raise ValueError("a negative conditioning is needed when cfg is not 1")
+        negative = positive  # never evaluated: cfg 1 skips the unconditional pass
+    guider.set_conds(positive, negative)
+    guider.set_cfg(cfg)
+    callback = latent_preview.prepare_callback(model, len(sigmas) - 1)
+    noise = torch.zeros_like(samples)
+    out = guider.sample(noise, samples, sampler, sigmas, callback=callback, disable_pbar=True, seed=seed)
+    return out.to(device="cpu", dtype=torch.float32)

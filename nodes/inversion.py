@@ -1,0 +1,292 @@
+"""DDIM inversion nodes: invert a latent, sample it back exactly, and SAMPLERs for ComfyUI's custom-sampling nodes."""
+
+from __future__ import annotations
+
+import time
+
+import comfy.samplers
+import torch
+from comfy_api.latest import io, ui
+
+from ..magic_core import inversion as inv
+from .common import CATEGORY, PREFIX, NodeInputError, check_latent, guided_run, model_family, model_identity, schedule
+
+InversionRecordType = io.Custom("MAGIC_INVERSION")
+
+MODE_TOOLTIP = (
+    "ddim: one model call per step (fast). fixed_point: k extra calls per step that solve the step exactly, "
+    "lowering the round-trip error as k rises. edict: two coupled sequences, exact to float precision, "
+    "two calls per step."
+)
+
+
+def _progress_callback(callback, total):
+    if callback is None:
+        return None
+    return lambda i, x: callback({"i": i, "x": x, "denoised": x, "sigma": None, "sigma_hat": None})
+
+
+def inversion_sampler_function(mode: str, refine_iterations: int, edict_mix: float, sink: dict | None = None,
+                               capture_top: bool = True):
+    """A k-diffusion style sampler function that inverts instead of denoising (sigmas in either order)."""
+
+    def invert_fn(model, x, sigmas, extra_args=None, callback=None, disable=None):
+        extra_args = extra_args or {}
+        ascending = inv.inversion_sigmas(sigmas).to(x.device)
+        s_in = x.new_ones([x.shape[0]])
+        transformer_options = extra_args.get("model_options", {}).get("transformer_options", {})
+        outcome = inv.invert(
+            lambda z, sigma: model(z, sigma * s_in, **extra_args),
+            x,
+            ascending,
+            mode=mode,
+            refine_iterations=refine_iterations,
+            edict_mix=edict_mix,
+            capture_top=capture_top,
+            on_step=_progress_callback(callback, len(ascending) - 1),
+            set_capture=inv.gate_setter(transformer_options),
+        )
+        if sink is not None:
+            sink["outcome"] = outcome
+        return outcome.latent
+
+    return invert_fn
+
+
+def reverse_sampler_function(mode: str, edict_mix: float, partner: torch.Tensor | None = None, process_in=None):
+    """The exact reverse of `inversion_sampler_function`: ends at the smallest non-zero sigma."""
+
+    def reverse_fn(model, x, sigmas, extra_args=None, callback=None, disable=None):
+        extra_args = extra_args or {}
+        descending = inv.inversion_sigmas(sigmas).flip(0).to(x.device)
+        s_in = x.new_ones([x.shape[0]])
+        y = None
+        if partner is not None:
+            y = partner.to(x.device, x.dtype)
+            y = process_in(y) if process_in is not None else y
+            if y.shape != x.shape:
+                raise ValueError(f"EDICT partner latent {tuple(y.shape)} does not match the latent {tuple(x.shape)}")
+        return inv.sample_back(
+            lambda z, sigma: model(z, sigma * s_in, **extra_args),
+            x,
+            descending,
+            mode="edict" if mode == "edict" else "ddim",
+            partner=y,
+            edict_mix=edict_mix,
+            on_step=_progress_callback(callback, len(descending) - 1),
+        )
+
+    return reverse_fn
+
+
+def run_inversion(model, positive, negative, cfg, samples, sigmas, mode, refine_iterations, edict_mix):
+    sink: dict = {}
+    sampler = comfy.samplers.KSAMPLER(inversion_sampler_function(mode, refine_iterations, edict_mix, sink))
+    latent = guided_run(model, positive, negative, cfg, samples, sampler, inv.inversion_sigmas(sigmas))
+    outcome = sink["outcome"]
+    process_out = model.get_model_object("latent_format").process_out
+    trajectory = [samples.cpu().float()] + [process_out(z).cpu().float() for z in outcome.trajectory[1:]]
+    partner = process_out(outcome.partner).cpu().float() if outcome.partner is not None else None
+    return latent, trajectory, partner, outcome
+
+
+def run_reverse(model, record: inv.InversionRecord, positive, negative, cfg, start: torch.Tensor | None = None):
+    process_in = model.get_model_object("latent_format").process_in
+    sampler = comfy.samplers.KSAMPLER(
+        reverse_sampler_function(record.mode, record.edict_mix, record.partner, process_in)
+    )
+    samples = record.latent if start is None else start
+    return guided_run(model, positive, negative, cfg, samples, sampler, record.sigmas.flip(0))
+
+
+class DDIMInvert(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id=PREFIX + "DDIMInvert",
+            display_name="DDIM Invert (Magic Portrait)",
+            category=CATEGORY + "/inversion",
+            description="Invert a latent to noise along a sampling schedule, through ComfyUI's guider (conditioning, "
+            "ControlNets and model patches apply). Outputs the inverted latent and a record for the nodes that "
+            "sample it back or use its features.",
+            inputs=[
+                io.Model.Input("model"),
+                io.Conditioning.Input("positive", tooltip="Inversion conditioning; an empty prompt is usual."),
+                io.Latent.Input("latent"),
+                io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES, default="normal"),
+                io.Int.Input("steps", default=50, min=1, max=1000),
+                io.Float.Input("strength", default=1.0, min=0.01, max=1.0, step=0.01,
+                               tooltip="Fraction of the schedule to invert (like denoise); 1 inverts to pure noise."),
+                io.Combo.Input("mode", options=list(inv.MODES), default="ddim", tooltip=MODE_TOOLTIP),
+                io.Int.Input("refine_iterations", default=3, min=0, max=50,
+                             tooltip="fixed_point mode: extra model calls per step."),
+                io.Float.Input("edict_mix", default=inv.EDICT_DEFAULT_MIX, min=0.5, max=0.999, step=0.001,
+                               tooltip="edict mode: mixing coefficient p."),
+                io.Float.Input("cfg", default=1.0, min=0.0, max=30.0, step=0.1, round=0.01),
+                io.Boolean.Input("measure_round_trip", default=False,
+                                 tooltip="Also sample back and report the reconstruction error (costs one more pass)."),
+                io.Conditioning.Input("negative", optional=True, tooltip="Needed only when cfg is not 1."),
+                io.Sigmas.Input("sigmas", optional=True,
+                                tooltip="A sampling schedule to invert instead of scheduler/steps/strength."),
+            ],
+            outputs=[
+                io.Latent.Output(display_name="inverted_latent"),
+                InversionRecordType.Output(display_name="inversion"),
+                io.Sigmas.Output(display_name="sampling_sigmas"),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, latent, scheduler, steps, strength, mode, refine_iterations, edict_mix, cfg,
+                measure_round_trip, negative=None, sigmas=None) -> io.NodeOutput:
+        node = cls.define_schema().node_id
+        samples = check_latent(node, model, latent)
+        if cfg != 1.0 and negative is None:
+            raise NodeInputError(node, "negative", f"cfg is {cfg}: connect a negative conditioning or set cfg to 1")
+        if sigmas is not None:
+            try:
+                inv.inversion_sigmas(sigmas)
+            except ValueError as err:
+                raise NodeInputError(node, "sigmas", str(err)) from None
+            sampling_sigmas, source = sigmas.cpu().float(), "the SIGMAS input (scheduler, steps, strength unused)"
+        else:
+            if steps < 1:
+                raise NodeInputError(node, "steps", f"must be at least 1, got {steps}")
+            if not 0.0 < strength <= 1.0:
+                raise NodeInputError(node, "strength", f"must be in (0, 1], got {strength}")
+            sampling_sigmas = schedule(model, scheduler, steps, strength)
+            source = f"{scheduler}, {steps} steps, strength {strength}"
+        if len(inv.inversion_sigmas(sampling_sigmas)) < 2:
+            raise NodeInputError(node, "strength", "covers less than one inversion step; raise strength or steps")
+
+        started = time.perf_counter()
+        inverted, trajectory, partner, outcome = run_inversion(
+            model, positive, negative, cfg, samples, sampling_sigmas, mode, refine_iterations, edict_mix
+        )
+        elapsed = time.perf_counter() - started
+        record = inv.InversionRecord(
+            latent=inverted, trajectory=trajectory, sigmas=outcome.sigmas, mode=mode,
+            refine_iterations=refine_iterations if mode == "fixed_point" else 0, edict_mix=edict_mix, partner=partner,
+            model_id=model_identity(model), family=model_family(model), cfg=cfg, positive=positive, negative=negative,
+        )
+        report = (f"inverted {samples.shape[0]} latent(s) {tuple(samples.shape[2:])} with {mode} over {source}: "
+                  f"{len(outcome.sigmas) - 1} steps, {outcome.model_calls} model calls, {elapsed:.2f} s")
+        if measure_round_trip:
+            reconstruction = run_reverse(model, record, positive, negative, cfg)
+            record.round_trip_error = inv.relative_error(reconstruction, samples.cpu().float())
+            report += f"; round-trip error (relative RMS) {record.round_trip_error:.3e}"
+        out_latent = {**latent, "samples": inverted, "magic_family": record.family}
+        out_latent.pop("noise_mask", None)
+        return io.NodeOutput(out_latent, record, sampling_sigmas, ui=ui.PreviewText(report))
+
+
+class SampleInverted(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id=PREFIX + "SampleInverted",
+            display_name="Sample Inverted (Magic Portrait)",
+            category=CATEGORY + "/inversion",
+            description="Sample back from an inverted latent on exactly the inversion's schedule and mode (the exact "
+            "reverse). Connect other conditioning or a patched MODEL to edit instead of reconstruct.",
+            inputs=[
+                io.Model.Input("model"),
+                InversionRecordType.Input("inversion"),
+                io.Float.Input("cfg", default=1.0, min=0.0, max=30.0, step=0.1, round=0.01),
+                io.Boolean.Input("measure_error", default=False,
+                                 tooltip="Report the error against the latent that was inverted."),
+                io.Conditioning.Input("positive", optional=True, tooltip="Defaults to the inversion's conditioning."),
+                io.Conditioning.Input("negative", optional=True),
+                io.Latent.Input("start_latent", optional=True,
+                                tooltip="Start here instead of the inverted latent (e.g. after AdaIN)."),
+            ],
+            outputs=[io.Latent.Output(display_name="latent")],
+        )
+
+    @classmethod
+    def execute(cls, model, inversion, cfg, measure_error, positive=None, negative=None,
+                start_latent=None) -> io.NodeOutput:
+        node = cls.define_schema().node_id
+        check_record(node, "inversion", inversion, model)
+        positive = inversion.positive if positive is None else positive
+        negative = inversion.negative if negative is None else negative
+        if cfg != 1.0 and negative is None:
+            raise NodeInputError(node, "negative", f"cfg is {cfg}: connect a negative conditioning or set cfg to 1")
+        start = None
+        if start_latent is not None:
+            start = check_latent(node, model, start_latent, "start_latent")
+            if tuple(start.shape) != tuple(inversion.latent.shape):
+                raise NodeInputError(node, "start_latent", f"shape {tuple(start.shape)} differs from the inverted "
+                                     f"latent {tuple(inversion.latent.shape)}")
+        samples = run_reverse(model, inversion, positive, negative, cfg, start)
+        report = f"sampled back {len(inversion.sigmas) - 1} steps ({inversion.mode})"
+        if measure_error:
+            report += f"; error against the inverted latent's source (relative RMS) " \
+                      f"{inv.relative_error(samples, inversion.source):.3e}"
+        return io.NodeOutput({"samples": samples}, ui=ui.PreviewText(report))
+
+
+def check_record(node: str, input_name: str, record, model) -> None:
+    if not isinstance(record, inv.InversionRecord):
+        raise NodeInputError(node, input_name, "expected a MAGIC_INVERSION from DDIM Invert (Magic Portrait)")
+    if record.model_id != model_identity(model):
+        raise NodeInputError(node, input_name, f"was made with another model ({record.model_id}); this MODEL is "
+                             f"{model_identity(model)}. Invert again with this model.")
+
+
+class InversionSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id=PREFIX + "InversionSampler",
+            display_name="DDIM Inversion Sampler (Magic Portrait)",
+            category=CATEGORY + "/inversion",
+            description="A SAMPLER that inverts: use it in SamplerCustom/SamplerCustomAdvanced with add_noise off "
+            "(or DisableNoise) and a normal schedule; it walks the schedule upwards from its smallest non-zero "
+            "sigma. EDICT needs the DDIM Invert node (its second sequence cannot travel in a LATENT).",
+            inputs=[
+                io.Combo.Input("mode", options=["ddim", "fixed_point"], default="ddim", tooltip=MODE_TOOLTIP),
+                io.Int.Input("refine_iterations", default=3, min=0, max=50),
+            ],
+            outputs=[io.Sampler.Output()],
+        )
+
+    @classmethod
+    def execute(cls, mode, refine_iterations) -> io.NodeOutput:
+        fn = inversion_sampler_function(mode, refine_iterations, inv.EDICT_DEFAULT_MIX, capture_top=False)
+        return io.NodeOutput(comfy.samplers.KSAMPLER(fn))
+
+
+class InvertedSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id=PREFIX + "InvertedSampler",
+            display_name="Inverted Latent Sampler (Magic Portrait)",
+            category=CATEGORY + "/inversion",
+            description="A SAMPLER that exactly reverses the inversion sampler on the same schedule (it stops at the "
+            "smallest non-zero sigma, where the inversion started). With an inversion record it follows the "
+            "record's mode, including EDICT.",
+            inputs=[InversionRecordType.Input("inversion", optional=True)],
+            outputs=[io.Sampler.Output()],
+        )
+
+    @classmethod
+    def execute(cls, inversion=None) -> io.NodeOutput:
+        if inversion is None:
+            return io.NodeOutput(comfy.samplers.KSAMPLER(reverse_sampler_function("ddim", inv.EDICT_DEFAULT_MIX)))
+        if not isinstance(inversion, inv.InversionRecord):
+            raise NodeInputError(cls.define_schema().node_id, "inversion", "expected a MAGIC_INVERSION record")
+        fn = reverse_sampler_function(inversion.mode, inversion.edict_mix, inversion.partner, _latent_process_in(inversion))
+        return io.NodeOutput(comfy.samplers.KSAMPLER(fn))
+
+
+def _latent_process_in(record):
+    # The partner is kept in LATENT space; inside the sampler it must be in model space like x.
+    import comfy.latent_formats
+
+    fmt = comfy.latent_formats.SDXL() if record.family == "sdxl" else comfy.latent_formats.SD15()
+    return fmt.process_in
+
+
+NODES = [DDIMInvert, SampleInverted, InversionSampler, InvertedSampler]
