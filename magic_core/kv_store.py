@@ -1,0 +1,479 @@
+"""KV Feature Store: the self-attention inputs recorded while inverting an image, for Feature Fusion Attention later.
+
+Per (layer, sampling step) the store keeps the normalised hidden state ``n`` that enters attn1 (``[B, tokens, C]``),
+not q, k and v: at use time ``q/k/v = to_q/to_k/to_v(n)`` are recomputed with the layer's own projections, which
+costs a third of the memory (see ``qkv_equivalent_nbytes``).
+
+- Steps are keyed by sigma. The store is created for one sampling schedule (descending sigmas; a trailing 0 is
+  dropped), step ``i`` being the model call at ``sigmas[i]``. Lookups match a sigma with a relative tolerance of 1e-4.
+  A step selection (explicit indices and/or a start-end percent of the steps) limits which steps are kept.
+- Storage: dtype fp16 (default), bf16 or fp32; device CPU (default, offloaded) or any torch device; a byte budget
+  checked *before* a tensor is stored (``StoreBudgetError``).
+- Identity: ``model_id`` (opaque string from the caller), ``latent_shape`` (C, H, W), the schedule, the family.
+  ``check_compatible`` raises ``StoreMismatchError`` naming what differs.
+- Batch: the store holds the content batch of B_s images (fixed by the first record). ``get`` maps it onto a
+  sampling batch of B images per chunk (B_s == B: image i -> entry i; B_s == 1: broadcast) and, given ComfyUI's
+  ``cond_or_uncond`` list, repeats it once per chunk: ComfyUI concatenates chunks of B rows each, so row
+  ``j * B + i`` is image ``i`` of chunk ``j``.
+- ``__deepcopy__``/``__copy__`` return self: ComfyUI deep-copies model_options and must not duplicate a store.
+
+This module does not import ComfyUI.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+
+from .layers import LayerKey, format_layers, layer_info, normalize_family, tokens_at
+
+SIGMA_RTOL = 1e-4
+DEFAULT_BUDGET_BYTES = 8 * 1024**3
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+class StoreBudgetError(RuntimeError):
+    """Storing another tensor would take the store past its byte budget."""
+
+
+class StoreMismatchError(ValueError):
+    """A store used with a model, latent size, schedule or batch it was not recorded for."""
+
+
+def storage_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPE_NAMES:
+            raise ValueError(f"storage dtype must be one of {', '.join(DTYPES)}, got {dtype}")
+        return dtype
+    key = str(dtype).strip().lower()
+    key = {"float16": "fp16", "half": "fp16", "bfloat16": "bf16", "float32": "fp32", "float": "fp32"}.get(key, key)
+    if key not in DTYPES:
+        raise ValueError(f"storage dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return DTYPES[key]
+
+
+def human_bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+def sigma_value(sigma) -> float:
+    """A float from a sigma given as a number or a tensor (ComfyUI passes one sigma per batch row)."""
+    if isinstance(sigma, torch.Tensor):
+        if sigma.numel() == 0:
+            raise ValueError("empty sigma tensor")
+        return float(sigma.detach().reshape(-1)[0].item())
+    return float(sigma)
+
+
+def clean_schedule(sigmas) -> tuple[float, ...]:
+    """A sampling schedule as descending floats without the trailing zero(s); ascending input is flipped."""
+    if isinstance(sigmas, torch.Tensor):
+        values = [float(s) for s in sigmas.detach().reshape(-1).tolist()]
+    else:
+        values = [float(s) for s in sigmas]
+    if len(values) > 1 and values[0] < values[-1]:
+        values = values[::-1]
+    while values and values[-1] == 0.0:
+        values.pop()
+    if not values:
+        raise ValueError("the sigma schedule is empty")
+    if any(s <= 0 or not math.isfinite(s) for s in values):
+        raise ValueError("schedule sigmas must be finite and positive (a 0 may only end the schedule)")
+    return tuple(values)
+
+
+def sigma_close(a: float, b: float, rtol: float = SIGMA_RTOL) -> bool:
+    return abs(a - b) <= rtol * max(abs(a), abs(b))
+
+
+def find_sigma_index(sigma, schedule: Sequence[float], rtol: float = SIGMA_RTOL) -> int | None:
+    """Index of `sigma` in `schedule` (relative tolerance), or None."""
+    s = sigma_value(sigma)
+    best, best_err = None, None
+    for i, ref in enumerate(schedule):
+        if sigma_close(s, ref, rtol):
+            err = abs(s - ref)
+            if best_err is None or err < best_err:
+                best, best_err = i, err
+    return best
+
+
+def percent_steps(n_steps: int, start_percent: float = 0.0, end_percent: float = 1.0) -> list[int]:
+    """Step indices i of an n-step schedule with start <= i/n < end (end 1.0 includes the last step).
+
+    This is the step convention shared with FusionParams: MasaCtrl's "from step 4 of 50" is start_percent 0.08.
+    """
+    if not 0.0 <= start_percent <= end_percent <= 1.0:
+        raise ValueError(f"need 0 <= start_percent <= end_percent <= 1, got {start_percent}, {end_percent}")
+    eps = 1e-9
+    return [i for i in range(n_steps) if i >= start_percent * n_steps - eps and i < end_percent * n_steps - eps]
+
+
+def chunk_batch(rows: int, cond_or_uncond: Sequence[int] | None) -> int:
+    """Per-chunk batch size B of a ComfyUI model call whose rows are len(cond_or_uncond) chunks of B."""
+    chunks = len(cond_or_uncond) if cond_or_uncond else 1
+    if rows % chunks:
+        raise ValueError(f"{rows} batch rows do not split into {chunks} cond/uncond chunks")
+    return rows // chunks
+
+
+def _norm_key(layer_key) -> LayerKey:
+    if not (isinstance(layer_key, (tuple, list)) and len(layer_key) == 3):
+        raise ValueError(f"layer key {layer_key!r} must be (block, number, transformer_index)")
+    return (str(layer_key[0]), int(layer_key[1]), int(layer_key[2]))
+
+
+def _fmt_key(layer_key: LayerKey) -> str:
+    return f"{layer_key[0]} {layer_key[1]}:{layer_key[2]}"
+
+
+class CaptureGate:
+    """A flag the inversion sampler opens on the one model call per sigma whose features should be recorded.
+
+    ``set`` matches the inversion's ``set_capture(flag)`` callback. Deep copies return the same gate, so every copy
+    of model_options ComfyUI makes still sees the sampler's flag.
+    """
+
+    __slots__ = ("open",)
+
+    def __init__(self, open: bool = False):
+        self.open = bool(open)
+
+    def set(self, flag: bool) -> None:
+        self.open = bool(flag)
+
+    def __bool__(self) -> bool:
+        return self.open
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __repr__(self) -> str:
+        return f"CaptureGate(open={self.open})"
+
+
+class KVStore:
+    """Per (layer, step) attn1 input hidden states of an inverted image batch. See the module docstring."""
+
+    def __init__(
+        self,
+        model_id: str,
+        latent_shape: Sequence[int],
+        sigmas,
+        family: str,
+        layers: Iterable[LayerKey],
+        *,
+        dtype: str | torch.dtype = "fp16",
+        device: str | torch.device = "cpu",
+        budget_bytes: int | None = DEFAULT_BUDGET_BYTES,
+        step_indices: Iterable[int] | None = None,
+        start_percent: float = 0.0,
+        end_percent: float = 1.0,
+        inner_dims: Mapping[LayerKey, int] | None = None,
+        label: str = "",
+    ):
+        self.model_id = str(model_id)
+        shape = tuple(int(s) for s in latent_shape)
+        if len(shape) == 4:
+            shape = shape[1:]
+        if len(shape) != 3:
+            raise ValueError(f"latent_shape must be (C, H, W) or (B, C, H, W), got {tuple(latent_shape)}")
+        self.latent_shape: tuple[int, int, int] = shape
+        self.sigmas: tuple[float, ...] = clean_schedule(sigmas)
+        self.family = family if family in ("sd15", "sdxl") else _maybe_family(family)
+        self.layers: tuple[LayerKey, ...] = tuple(dict.fromkeys(_norm_key(k) for k in layers))
+        if not self.layers:
+            raise ValueError("a KV store needs at least one layer")
+        self._layer_set = frozenset(self.layers)
+        self.dtype = storage_dtype(dtype)
+        self.device = torch.device(device)
+        if budget_bytes is not None and budget_bytes < 0:
+            raise ValueError("budget_bytes must be >= 0 (or None for no budget)")
+        self.budget_bytes = None if budget_bytes is None else int(budget_bytes)
+        n = len(self.sigmas)
+        kept = set(percent_steps(n, start_percent, end_percent))
+        if step_indices is not None:
+            wanted = {int(i) for i in step_indices}
+            bad = sorted(i for i in wanted if not 0 <= i < n)
+            if bad:
+                raise ValueError(f"step indices {bad} are outside the {n}-step schedule (0-{n - 1})")
+            kept &= wanted
+        if not kept:
+            raise ValueError(
+                f"the step selection keeps no step of the {n}-step schedule "
+                f"(start {start_percent}, end {end_percent}, indices {step_indices})"
+            )
+        self.step_indices: tuple[int, ...] = tuple(sorted(kept))
+        self._kept = frozenset(kept)
+        self.start_percent = float(start_percent)
+        self.end_percent = float(end_percent)
+        self.label = label
+        self.batch: int | None = None
+        self._data: dict[tuple[LayerKey, int], torch.Tensor] = {}
+        self._inner_dims: dict[LayerKey, int] = {_norm_key(k): int(v) for k, v in (inner_dims or {}).items()}
+        self._nbytes = 0
+
+    # ----------------------------------------------------------------- identity
+    @property
+    def n_steps(self) -> int:
+        return len(self.sigmas)
+
+    @property
+    def kept_sigmas(self) -> tuple[float, ...]:
+        return tuple(self.sigmas[i] for i in self.step_indices)
+
+    def step_index(self, sigma) -> int | None:
+        """Index of `sigma` in the store's schedule (relative tolerance 1e-4), or None."""
+        return find_sigma_index(sigma, self.sigmas)
+
+    def check_compatible(self, model_id: str | None, latent_shape: Sequence[int] | None, sigmas=None,
+                         who: str = "this node") -> None:
+        """Raise StoreMismatchError naming what differs between the store and its intended use (None: not checked)."""
+        name = f"KV store{' ' + repr(self.label) if self.label else ''}"
+        if model_id is not None and str(model_id) != self.model_id:
+            raise StoreMismatchError(
+                f"{who}: the {name} was recorded with model {self.model_id!r} but is used with model {model_id!r}. "
+                "Stored features only fit the model (and LoRAs) that produced them: connect the same MODEL to the "
+                "inversion and to this node, or re-run the inversion with this model."
+            )
+        if latent_shape is not None:
+            shape = tuple(int(s) for s in latent_shape)
+            shape = shape[1:] if len(shape) == 4 else shape
+            c, h, w = self.latent_shape
+            if len(shape) != 3:
+                raise ValueError(f"latent_shape must be (C, H, W) or (B, C, H, W), got {tuple(latent_shape)}")
+            if shape[0] != c:
+                raise StoreMismatchError(
+                    f"{who}: the {name} was recorded on a {c}-channel latent but this latent has {shape[0]} "
+                    "channels: it belongs to another model family; encode the image with this model's VAE."
+                )
+            if shape[1:] != (h, w):
+                raise StoreMismatchError(
+                    f"{who}: latent size differs: the {name} was recorded at {h}x{w} (HxW latent, about "
+                    f"{h * 8}x{w * 8} px) but this latent is {shape[1]}x{shape[2]} (about {shape[1] * 8}x"
+                    f"{shape[2] * 8} px). Use the same image size as the inverted image (resize/crop before "
+                    "encoding) or re-run the inversion at this size."
+                )
+        if sigmas is not None:
+            other = clean_schedule(sigmas)
+            if len(other) != len(self.sigmas):
+                raise StoreMismatchError(
+                    f"{who}: schedule length differs: the {name} was recorded on {len(self.sigmas)} steps but "
+                    f"this schedule has {len(other)}. Use the same scheduler, steps and denoise/strength as the "
+                    "inversion (or feed the inversion's sampling_sigmas)."
+                )
+            for i, (a, b) in enumerate(zip(self.sigmas, other, strict=True)):
+                if not sigma_close(a, b):
+                    raise StoreMismatchError(
+                        f"{who}: schedule values differ: at step {i} the {name} has sigma {a:.6g} but this "
+                        f"schedule has {b:.6g}. Use the same scheduler, steps and denoise/strength as the "
+                        "inversion (or feed the inversion's sampling_sigmas)."
+                    )
+
+    # ----------------------------------------------------------------- capture
+    def wants(self, layer_key, sigma) -> bool:
+        """Whether a record at this layer and sigma would be kept (cheap test for a capture patch)."""
+        if _norm_key(layer_key) not in self._layer_set:
+            return False
+        idx = self.step_index(sigma)
+        return idx is not None and idx in self._kept
+
+    def record(self, layer_key, sigma, n: torch.Tensor, cond_or_uncond: Sequence[int] | None = None,
+               inner_dim: int | None = None) -> bool:
+        """Keep `n` ([B, tokens, C]) for this layer and sigma; returns False when the layer/step is not selected.
+
+        With `cond_or_uncond` of several chunks, one chunk is kept: the first positive (0) chunk, else the first.
+        The tensor is detached, cast to the storage dtype and copied to the storage device. The budget is checked
+        before anything is stored. A sigma outside the store's schedule is an error.
+        """
+        key = _norm_key(layer_key)
+        if key not in self._layer_set:
+            return False
+        idx = self.step_index(sigma)
+        if idx is None:
+            raise StoreMismatchError(
+                f"KV store: sigma {sigma_value(sigma):.6g} is not in the schedule the store was created for "
+                f"({len(self.sigmas)} steps, {self.sigmas[0]:.6g} .. {self.sigmas[-1]:.6g}); create the store with "
+                "the schedule the inversion runs on"
+            )
+        if idx not in self._kept:
+            return False
+        if not isinstance(n, torch.Tensor) or n.ndim != 3:
+            raise ValueError(f"record expects a [B, tokens, C] tensor, got {getattr(n, 'shape', type(n))}")
+        if cond_or_uncond is not None and len(cond_or_uncond) > 1:
+            b = chunk_batch(n.shape[0], cond_or_uncond)
+            chunk = list(cond_or_uncond).index(0) if 0 in cond_or_uncond else 0
+            n = n[chunk * b:(chunk + 1) * b]
+        if self.batch is None:
+            self.batch = int(n.shape[0])
+        elif n.shape[0] != self.batch:
+            raise StoreMismatchError(
+                f"KV store: {_fmt_key(key)} got a batch of {n.shape[0]} but earlier records hold {self.batch} images"
+            )
+        new_bytes = n.numel() * _element_size(self.dtype)
+        old = self._data.get((key, idx))
+        old_bytes = 0 if old is None else old.numel() * old.element_size()
+        total = self._nbytes - old_bytes + new_bytes
+        if self.budget_bytes is not None and total > self.budget_bytes:
+            raise StoreBudgetError(
+                f"KV store budget exceeded: storing {_fmt_key(key)} at step {idx} (sigma {self.sigmas[idx]:.4g}, "
+                f"{new_bytes:,} bytes) needs {total:,} bytes ({human_bytes(total)}) in total, over the budget of "
+                f"{self.budget_bytes:,} bytes ({human_bytes(self.budget_bytes)}). Store fewer layers (a smaller "
+                f"layer preset), fewer steps (start/end percent), fewer images, "
+                + ("fp16 storage (now " + _DTYPE_NAMES[self.dtype] + "), " if self.dtype == torch.float32 else "")
+                + "or raise the budget."
+            )
+        self._data[(key, idx)] = n.detach().to(device=self.device, dtype=self.dtype, copy=True)
+        self._nbytes = total
+        if inner_dim is not None:
+            self._inner_dims[key] = int(inner_dim)
+        return True
+
+    # ----------------------------------------------------------------- lookup
+    def has(self, layer_key, sigma) -> bool:
+        idx = self.step_index(sigma)
+        return idx is not None and (_norm_key(layer_key), idx) in self._data
+
+    def get(self, layer_key, sigma, device=None, dtype=None, *, batch: int | None = None,
+            cond_or_uncond: Sequence[int] | None = None) -> torch.Tensor:
+        """The stored `n` for this layer and sigma, on `device` in `dtype`.
+
+        `batch`: the per-chunk batch size B to map the stored B_s images onto (B_s == B or B_s == 1); default B_s.
+        `cond_or_uncond`: ComfyUI's chunk list; the result then has len(cond_or_uncond) * B rows, the mapped batch
+        repeated once per chunk. Without it the result has B rows. Raises KeyError when nothing was recorded.
+        """
+        key = _norm_key(layer_key)
+        idx = self.step_index(sigma)
+        t = None if idx is None else self._data.get((key, idx))
+        if t is None:
+            where = "not in the store's schedule" if idx is None else f"step {idx} of {self.n_steps}"
+            raise KeyError(
+                f"KV store has no features for {_fmt_key(key)} at sigma {sigma_value(sigma):.6g} ({where}); "
+                f"it holds layers {format_layers(self.recorded_layers()) or 'none'} at steps "
+                f"{list(self.recorded_steps())}. Make the store's layers and step range cover where fusion is applied."
+            )
+        t = t.to(device=device if device is not None else t.device, dtype=dtype if dtype is not None else t.dtype)
+        b = t.shape[0] if batch is None else int(batch)
+        if t.shape[0] != b:
+            if t.shape[0] != 1:
+                raise StoreMismatchError(
+                    f"KV store holds {t.shape[0]} images but the sampling batch has {b} per cond/uncond chunk: "
+                    f"use a batch of {t.shape[0]}, or a store of one image (it is then shared by every image)"
+                )
+            t = t.expand(b, -1, -1)
+        if cond_or_uncond is not None and len(cond_or_uncond) > 1:
+            t = t.repeat(len(cond_or_uncond), 1, 1)
+        return t
+
+    def recorded_layers(self) -> list[LayerKey]:
+        return [k for k in self.layers if any((k, i) in self._data for i in self.step_indices)]
+
+    def recorded_steps(self) -> list[int]:
+        return sorted({i for (_, i) in self._data})
+
+    def missing(self) -> list[tuple[LayerKey, int]]:
+        """Selected (layer, step) pairs not recorded (an inversion that never hit a layer leaves them empty)."""
+        return [(k, i) for k in self.layers for i in self.step_indices if (k, i) not in self._data]
+
+    def is_complete(self) -> bool:
+        return not self.missing()
+
+    # ----------------------------------------------------------------- memory
+    @property
+    def nbytes(self) -> int:
+        """Exact bytes of all stored tensors."""
+        return sum(t.numel() * t.element_size() for t in self._data.values())
+
+    def qkv_equivalent_nbytes(self, inner_dims: Mapping[LayerKey, int] | None = None) -> int:
+        """Bytes that storing q, k and v (same dtype) instead of `n` would take: 3 * B * tokens * inner_dim per entry.
+
+        inner_dim per layer: `inner_dims` given here, else the one given at record/construction, else C of `n`
+        (attn1 of SD1.5/SDXL projects C -> heads * dim_head = C).
+        """
+        extra = {_norm_key(k): int(v) for k, v in (inner_dims or {}).items()}
+        total = 0
+        for (key, _), t in self._data.items():
+            inner = extra.get(key, self._inner_dims.get(key, t.shape[-1]))
+            total += 3 * t.shape[0] * t.shape[1] * inner * t.element_size()
+        return total
+
+    def planned_nbytes(self, batch: int = 1, tokens_channels: Mapping[LayerKey, tuple[int, int]] | None = None) -> int:
+        """Bytes a full recording of the selected layers and steps will take, for `batch` images.
+
+        `tokens_channels`: {layer: (tokens, channels)}; default from the family's layer table and latent size.
+        """
+        per_step = 0
+        _, h, w = self.latent_shape
+        for key in self.layers:
+            if tokens_channels is not None and key in tokens_channels:
+                tokens, channels = tokens_channels[key]
+            else:
+                if self.family not in ("sd15", "sdxl"):
+                    raise ValueError(f"no layer table for family {self.family!r}: pass tokens_channels")
+                gh, gw = tokens_at(self.family, key[0], key[1], h, w)
+                tokens, channels = gh * gw, layer_info(self.family, key[0], key[1]).channels
+            per_step += tokens * channels
+        return per_step * len(self.step_indices) * int(batch) * _element_size(self.dtype)
+
+    def check_plan(self, batch: int = 1, tokens_channels: Mapping[LayerKey, tuple[int, int]] | None = None) -> int:
+        """Raise StoreBudgetError before an inversion starts if a full recording cannot fit; returns the plan."""
+        need = self.planned_nbytes(batch, tokens_channels)
+        if self.budget_bytes is not None and need > self.budget_bytes:
+            raise StoreBudgetError(
+                f"KV store budget too small: {len(self.layers)} layers x {len(self.step_indices)} steps x {batch} "
+                f"image(s) in {_DTYPE_NAMES[self.dtype]} need {need:,} bytes ({human_bytes(need)}), over the budget "
+                f"of {self.budget_bytes:,} bytes ({human_bytes(self.budget_bytes)}). Store fewer layers (a smaller "
+                "layer preset), fewer steps (start/end percent), fewer images, "
+                + ("fp16 storage, " if self.dtype == torch.float32 else "")
+                + "or raise the budget."
+            )
+        return need
+
+    def clear(self) -> None:
+        self._data.clear()
+        self._nbytes = 0
+        self.batch = None
+
+    # ----------------------------------------------------------------- misc
+    def summary(self) -> str:
+        return (
+            f"{self.label + ': ' if self.label else ''}{len(self.recorded_layers())}/{len(self.layers)} layers x "
+            f"{len(self.recorded_steps())}/{len(self.step_indices)} steps, {self.batch or 0} image(s), "
+            f"{human_bytes(self.nbytes)} {_DTYPE_NAMES[self.dtype]} on {self.device} "
+            f"(q/k/v would take {human_bytes(self.qkv_equivalent_nbytes())})"
+        )
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __repr__(self) -> str:
+        return (f"KVStore(model_id={self.model_id!r}, family={self.family!r}, latent_shape={self.latent_shape}, "
+                f"steps={self.n_steps}, entries={len(self._data)}, nbytes={self.nbytes})")
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _maybe_family(family: str) -> str:
+    try:
+        return normalize_family(family)
+    except ValueError:
+        return str(family)
