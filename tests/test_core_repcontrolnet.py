@@ -1,0 +1,566 @@
+"""Core-tier tests for RepControlNet (no ComfyUI): file format, validation, merge exactness, training, resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from magic_core.repcontrolnet import (
+    FORMAT_TAG,
+    ConditionAdapter,
+    RepControlNetWeights,
+    add_features,
+    default_layer_keys,
+    features_hook,
+    init_weights_from_base,
+    load_repcontrolnet,
+    merge_diffs,
+    merged_state,
+    save_repcontrolnet,
+    to_tensors_and_metadata,
+    unmerged_forward,
+    validate_against_unet,
+    weight_patch_groups,
+)
+from magic_core.repcontrolnet_train import (
+    find_latest_checkpoint,
+    loss_curve_csv,
+    train_repcontrolnet,
+)
+
+LAT, CH = 4, 8
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one thread avoids oversubscription on a busy machine (restored afterwards)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class ToyUNet(nn.Module):
+    """A tiny conv + linear "UNet": conv_in (adapter features are added to its output), body, a linear, conv_out.
+
+    forward returns the denoised estimate x - sigma * eps, like ComfyUI's apply_model."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        self.conv_in = nn.Conv2d(LAT, CH, 3, padding=1)
+        self.body = nn.Sequential(
+            nn.Conv2d(CH, CH, 3, padding=1, padding_mode="reflect"),
+            nn.SiLU(),
+            nn.Conv2d(CH, CH, 3, stride=2, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(CH, CH, 1, bias=False),
+        )
+        self.proj = nn.Linear(CH, CH)
+        self.up = nn.Upsample(scale_factor=2)
+        self.conv_out = nn.Conv2d(CH, LAT, 3, padding=1)
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in self.parameters():
+                fan_in = p[0].numel() if p.ndim > 1 else 1
+                p.copy_(torch.randn(p.shape, generator=gen) * (fan_in**-0.5 if p.ndim > 1 else 0.1))
+
+    def forward(self, x, sigma, features=None):
+        s = sigma.view(-1, 1, 1, 1)
+        h0 = self.conv_in(x / torch.sqrt(s * s + 1))
+        if features is not None:
+            h0 = add_features(h0, features)
+        h = self.body(h0)
+        h = h + self.proj(h.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        eps = self.conv_out(F.silu(self.up(h) + h0))
+        return x - s * eps
+
+
+LAYERS = ["body.0", "body.2", "body.4", "proj", "conv_out"]
+
+
+def random_weights(net: nn.Module, seed: int = 1, alpha=0.7, beta=0.45, per_layer=True) -> RepControlNetWeights:
+    gen = torch.Generator().manual_seed(seed)
+    sd = net.state_dict()
+    modal = {}
+    for layer in LAYERS:
+        for key in (layer + ".weight", layer + ".bias"):
+            if key in sd:
+                modal[key] = torch.randn(sd[key].shape, generator=gen) * sd[key].std() * 1.3
+    adapter = ConditionAdapter(out_channels=CH, hidden_channels=16, num_layers=2, seed=seed)
+    return RepControlNetWeights(
+        adapter_state=adapter.state_dict(),
+        adapter_config=adapter.config,
+        modal=modal,
+        alpha=alpha,
+        beta=beta,
+        layer_alpha={"proj": 1.2} if per_layer else {},
+        layer_beta={"conv_out": -0.25} if per_layer else {},
+        model_family="sd15",
+        condition_type="canny",
+        metadata={"note": "toy"},
+    )
+
+
+def shapes_of(net: nn.Module) -> dict[str, tuple]:
+    return {k: tuple(v.shape) for k, v in net.state_dict().items()}
+
+
+def inputs(seed=3, batch=2, hw=8):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, LAT, hw, hw, generator=gen)
+    sigma = torch.rand(batch, generator=gen) + 0.5
+    return x, sigma
+
+
+def merged_copy(net: nn.Module, weights, strength=1.0) -> nn.Module:
+    other = ToyUNet()
+    sd = net.state_dict()
+    sd.update(merged_state(weights, sd, strength))
+    other.load_state_dict(sd)
+    return other
+
+
+# --------------------------------------------------------------------------------------------------- file format
+
+
+def test_round_trip_preserves_every_tensor_and_metadata(tmp_path):
+    net = ToyUNet()
+    w = random_weights(net)
+    w.modal["proj.weight"] = w.modal["proj.weight"].half()  # dtypes are kept as stored
+    path = tmp_path / "ctrl.safetensors"
+    save_repcontrolnet(path, w)
+    back = load_repcontrolnet(path)
+
+    assert back.adapter_config == w.adapter_config
+    assert set(back.adapter_state) == set(w.adapter_state)
+    for k, v in w.adapter_state.items():
+        assert torch.equal(back.adapter_state[k], v) and back.adapter_state[k].dtype == v.dtype
+    assert set(back.modal) == set(w.modal)
+    for k, v in w.modal.items():
+        assert back.modal[k].dtype == v.dtype and torch.equal(back.modal[k], v), k
+    assert back.alpha == pytest.approx(0.7) and back.beta == pytest.approx(0.45)
+    assert back.layer_alpha == {"proj": pytest.approx(1.2)} and back.layer_beta == {"conv_out": pytest.approx(-0.25)}
+    assert (back.model_family, back.condition_type, back.metadata) == ("sd15", "canny", {"note": "toy"})
+    assert sorted(back.layers) == sorted(LAYERS)
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        keys = set(f.keys())
+    assert meta["format"] == FORMAT_TAG and meta["format_version"] == "1"
+    assert meta["model_channels"] == str(CH) and json.loads(meta["adapter_config"]) == w.adapter_config
+    assert {
+        "alpha",
+        "beta",
+        "coef.alpha.proj",
+        "coef.beta.conv_out",
+        "modal.body.4.weight",
+        "adapter.conv_out.bias",
+    } <= keys
+    assert "modal.body.4.bias" not in keys  # that layer has no bias
+    assert "RepControlNet for sd15 (canny condition): 5 layers" in back.describe()
+
+
+def _rewrite(tmp_path, w, name, *, meta=None, drop=(), add=None):
+    tensors, metadata = to_tensors_and_metadata(w)
+    metadata.update(meta or {})
+    for k in drop:
+        tensors.pop(k)
+    tensors.update(add or {})
+    path = str(tmp_path / name)
+    save_file(tensors, path, metadata=metadata)
+    return path
+
+
+def test_bad_files_get_clear_errors(tmp_path):
+    w = random_weights(ToyUNet())
+    cases = [
+        (_rewrite(tmp_path, w, "tag.safetensors", meta={"format": "something.else"}), "format tag is 'something.else'"),
+        (_rewrite(tmp_path, w, "ver.safetensors", meta={"format_version": "2"}), "format_version '2' is not supported"),
+        (
+            _rewrite(tmp_path, w, "cfg.safetensors", meta={"adapter_config": "{not json"}),
+            "adapter_config metadata is not valid JSON",
+        ),
+        (
+            _rewrite(tmp_path, w, "mc.safetensors", meta={"model_channels": "320"}),
+            "model_channels metadata (320) differs",
+        ),
+        (
+            _rewrite(tmp_path, w, "orphan.safetensors", drop=["modal.proj.weight", "coef.alpha.proj"]),
+            "modal.proj.bias has no matching weight",
+        ),
+        (
+            _rewrite(tmp_path, w, "bias.safetensors", add={"modal.proj.bias": torch.zeros(3)}),
+            "modal.proj.bias has shape (3,)",
+        ),
+        (_rewrite(tmp_path, w, "adapt.safetensors", drop=["adapter.conv_out.weight"]), "missing adapter tensor(s)"),
+        (
+            _rewrite(tmp_path, w, "extra.safetensors", add={"lora_up.weight": torch.zeros(2)}),
+            "unexpected tensor(s): lora_up.weight",
+        ),
+        (_rewrite(tmp_path, w, "alpha.safetensors", drop=["alpha"]), "'alpha' is missing"),
+        (_rewrite(tmp_path, w, "coef.safetensors", add={"coef.beta.nope": torch.tensor(1.0)}), "coef.beta.nope"),
+    ]
+    for path, fragment in cases:
+        with pytest.raises(ValueError) as e:
+            load_repcontrolnet(path)
+        assert fragment in str(e.value), (fragment, str(e.value))
+        assert os.path.basename(path) in str(e.value)
+
+    plain = str(tmp_path / "plain.safetensors")
+    save_file({"x": torch.zeros(1)}, plain)
+    with pytest.raises(ValueError, match="format tag is None.*ControlNet, LoRA or checkpoint"):
+        load_repcontrolnet(plain)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x00" * 7)
+    with pytest.raises(ValueError, match="not a readable .safetensors file"):
+        load_repcontrolnet(junk)
+    with pytest.raises(ValueError, match="does not exist"):
+        load_repcontrolnet(tmp_path / "missing.safetensors")
+
+
+def test_validate_against_unet():
+    net = ToyUNet()
+    w = random_weights(net)
+    shapes = shapes_of(net)
+    validate_against_unet(w, shapes, "sd15", "ok.safetensors")
+    validate_against_unet(w, {"diffusion_model." + k: v for k, v in shapes.items()}, "SD15", "ok.safetensors")
+    validate_against_unet(w, shapes, "unknown", "ok.safetensors")
+
+    with pytest.raises(ValueError, match=r"'x.safetensors' was made for sd15 but the MODEL is sdxl"):
+        validate_against_unet(w, shapes, "sdxl", "x.safetensors")
+
+    missing = {k: v for k, v in shapes.items() if not k.startswith(("proj.", "body.0."))}
+    with pytest.raises(ValueError) as e:
+        validate_against_unet(w, missing, "sd15", "m.safetensors")
+    msg = str(e.value)
+    assert "'m.safetensors'" in msg and "4 of its 9 modal keys are not in the MODEL's UNet" in msg
+    assert "body.0.weight" in msg and "proj.bias" in msg
+
+    bad = dict(shapes)
+    bad["conv_out.weight"] = (LAT, CH, 1, 1)
+    bad["proj.weight"] = (CH, CH + 1)
+    with pytest.raises(ValueError) as e:
+        validate_against_unet(w, bad, "sd15", "s.safetensors")
+    assert "2 shape mismatch(es)" in str(e.value) and "conv_out.weight file (4, 8, 3, 3) vs MODEL (4, 8, 1, 1)" in str(
+        e.value
+    )
+
+    nobias = random_weights(net)
+    del nobias.modal["body.2.bias"]
+    with pytest.raises(ValueError, match="body.2.bias"):
+        validate_against_unet(nobias, shapes, "sd15", "b.safetensors")
+
+    wide = {"input_blocks.0.0.weight": (320, 4, 3, 3), **shapes}
+    with pytest.raises(ValueError, match="adapter outputs 8 channels but the MODEL's first block has 320"):
+        validate_against_unet(w, wide, "sd15", "c.safetensors")
+
+
+# --------------------------------------------------------------------------------------------------- merging
+
+
+def test_merged_equals_unmerged():
+    torch.manual_seed(0)
+    net = ToyUNet()
+    w = random_weights(net)
+    x, sigma = inputs()
+    base_out = net(x, sigma)
+    with unmerged_forward(net, w):
+        unmerged = net(x, sigma)
+    assert torch.equal(net(x, sigma), base_out), "hooks must be removed on exit"
+    merged = merged_copy(net, w)(x, sigma)
+    assert (unmerged - base_out).abs().max() > 0.1, "the modal weights must matter in this test"
+    rel = (merged - unmerged).abs().max() / unmerged.abs().max()
+    assert rel < 1e-5, rel
+
+    # diffs: base + diff == merged, linear in strength
+    sd = net.state_dict()
+    diffs = merge_diffs(w, sd)
+    ms = merged_state(w, sd)
+    for k, d in diffs.items():
+        torch.testing.assert_close(sd[k] + d, ms[k], rtol=1e-5, atol=1e-6)
+    half = merge_diffs(w, sd, 0.5)
+    for k in diffs:
+        torch.testing.assert_close(half[k], 0.5 * diffs[k])
+    prefixed = merge_diffs(w, sd, key_prefix="diffusion_model.")
+    assert set(prefixed) == {"diffusion_model." + k for k in diffs}
+
+    # ComfyUI-style patches without the base weights: weight * strength_model + strength_patch * W_m
+    for s in (1.0, 0.6):
+        ms_s = merged_state(w, sd, s)
+        groups = weight_patch_groups(w, s, key_prefix="diffusion_model.")
+        assert len(groups) == 3  # global pair + the two per-layer overrides
+        seen_keys = set()
+        for g in groups:
+            for k, t in g.patches.items():
+                key = k[len("diffusion_model.") :]
+                seen_keys.add(key)
+                torch.testing.assert_close(
+                    sd[key] * g.strength_model + g.strength_patch * t, ms_s[key], rtol=1e-5, atol=1e-6
+                )
+        assert seen_keys == set(w.modal)
+
+    # strength: unmerged with strength s == merged with strength s; s = 0 is the base model
+    with unmerged_forward(net, w, strength=0.4):
+        un04 = net(x, sigma)
+    m04 = merged_copy(net, w, 0.4)(x, sigma)
+    assert (m04 - un04).abs().max() / un04.abs().max() < 1e-5
+    assert torch.equal(merged_copy(net, w, 0.0)(x, sigma), base_out)
+
+
+def test_merged_equals_unmerged_inside_a_parent_module():
+    class Wrapper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.diffusion_model = ToyUNet()
+
+    wrap = Wrapper()
+    w = random_weights(wrap.diffusion_model, per_layer=False)
+    x, sigma = inputs(batch=3)
+    with unmerged_forward(wrap, w, prefix="diffusion_model."):
+        unmerged = wrap.diffusion_model(x, sigma)
+    merged = merged_copy(wrap.diffusion_model, w)(x, sigma)
+    assert (merged - unmerged).abs().max() / unmerged.abs().max() < 1e-5
+    with pytest.raises(ValueError, match="not found in the module"):
+        with unmerged_forward(wrap, w):
+            pass
+
+
+def test_alpha_one_beta_zero_is_exactly_the_base_model():
+    net = ToyUNet()
+    w = random_weights(net, alpha=1.0, beta=0.0, per_layer=False)
+    sd = net.state_dict()
+    for d in merge_diffs(w, sd).values():
+        assert torch.count_nonzero(d) == 0
+    for d in merge_diffs(random_weights(net), sd, strength=0.0).values():
+        assert torch.count_nonzero(d) == 0
+    for k, v in merged_state(w, sd).items():
+        assert torch.equal(v, sd[k])
+    x, sigma = inputs()
+    base_out = net(x, sigma)
+    with unmerged_forward(net, w):
+        assert torch.equal(net(x, sigma), base_out)
+    assert torch.equal(merged_copy(net, w)(x, sigma), base_out)
+
+
+def test_untrained_adapter_adds_exactly_zero_and_is_seeded():
+    a = ConditionAdapter(out_channels=CH, hidden_channels=16, seed=5)
+    cond = torch.rand(2, 3, 64, 48)
+    feats = a(cond)
+    assert feats.shape == (2, CH, 8, 6) and torch.count_nonzero(feats) == 0
+    feats = a(torch.rand(2, 3, 64, 64))
+    assert feats.shape == (2, CH, 8, 8) and torch.count_nonzero(feats) == 0
+    assert a(torch.rand(1, 3, 100, 70), latent_hw=(8, 6)).shape == (1, CH, 8, 6)  # resized to 8x the latent
+
+    b = ConditionAdapter(out_channels=CH, hidden_channels=16, seed=5)
+    c = ConditionAdapter(out_channels=CH, hidden_channels=16, seed=6)
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    assert not torch.equal(a.conv_in.weight, c.conv_in.weight)
+
+    net = ToyUNet()
+    x, sigma = inputs(batch=2)
+    with features_hook(net.conv_in, feats):
+        hooked = net(x, sigma)
+    assert torch.equal(hooked, net(x, sigma))
+    # batch repeat (cond/uncond chunks): features for one image broadcast to the batch
+    h = torch.randn(4, CH, 8, 6)
+    f = torch.randn(2, CH, 8, 6)
+    assert torch.equal(add_features(h, f)[2:], h[2:] + f)
+    with pytest.raises(ValueError, match="do not match the UNet features"):
+        add_features(h, torch.randn(2, CH + 1, 8, 6))
+
+
+def test_default_layer_keys():
+    shapes = {
+        "time_embed.0.weight": (1280, 320),
+        "input_blocks.0.0.weight": (320, 4, 3, 3),
+        "input_blocks.1.0.in_layers.0.weight": (320,),
+        "input_blocks.1.0.in_layers.2.weight": (320, 320, 3, 3),
+        "input_blocks.1.0.in_layers.2.bias": (320,),
+        "input_blocks.1.0.emb_layers.1.weight": (320, 1280),
+        "input_blocks.1.0.out_layers.3.weight": (320, 320, 3, 3),
+        "input_blocks.1.1.proj_in.weight": (320, 320, 1, 1),
+        "input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight": (320, 320),
+        "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (320, 768),
+        "input_blocks.1.1.transformer_blocks.0.attn2.to_out.0.weight": (320, 320),
+        "input_blocks.1.1.transformer_blocks.0.ff.net.2.weight": (320, 1280),
+        "input_blocks.3.0.op.weight": (320, 320, 3, 3),
+        "input_blocks.10.0.skip_connection.weight": (1280, 640, 1, 1),
+        "middle_block.1.proj_out.weight": (1280, 1280, 1, 1),
+        "output_blocks.0.0.in_layers.2.weight": (1280, 2560, 3, 3),
+        "out.2.weight": (4, 320, 3, 3),
+    }
+    expected = [
+        "input_blocks.1.0.in_layers.2",
+        "input_blocks.1.0.out_layers.3",
+        "input_blocks.1.1.proj_in",
+        "input_blocks.1.1.transformer_blocks.0.attn1.to_q",
+        "input_blocks.1.1.transformer_blocks.0.attn2.to_out.0",
+        "input_blocks.1.1.transformer_blocks.0.ff.net.2",
+        "input_blocks.3.0.op",
+        "input_blocks.10.0.skip_connection",
+        "middle_block.1.proj_out",
+    ]
+    assert default_layer_keys(shapes, "sd15") == expected
+    assert default_layer_keys({"diffusion_model." + k: v for k, v in shapes.items()}, "sdxl") == expected
+    assert default_layer_keys(shapes, "sd15", "encoder_convs") == [
+        "input_blocks.1.0.in_layers.2",
+        "input_blocks.1.0.out_layers.3",
+        "input_blocks.3.0.op",
+        "input_blocks.10.0.skip_connection",
+    ]
+    with pytest.raises(ValueError, match="unknown RepControlNet layer preset"):
+        default_layer_keys(shapes, "sd15", "decoder")
+    with pytest.raises(ValueError, match="no encoder conv/linear layers"):
+        default_layer_keys({"foo.weight": (2, 2)}, "sd15")
+
+
+# --------------------------------------------------------------------------------------------------- training
+
+
+def toy_pairs(n_batches=3, batch=4, seed=11):
+    """Latents that depend on the condition image: x0 = a fixed 1x1 map of the 8x8-pooled condition (+ a pattern)."""
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.randn(LAT, 3, 1, 1, generator=gen)
+    out = []
+    for _ in range(n_batches):
+        cond = (torch.rand(batch, 3, 4, 4, generator=gen) > 0.5).float()
+        cond = F.interpolate(cond, size=(32, 32), mode="nearest")
+        x0 = F.conv2d(F.avg_pool2d(cond * 2 - 1, 8), mix)
+        out.append({"latent": x0, "condition": cond, "context": None})
+    return out
+
+
+def toy_forward(net: ToyUNet):
+    def fwd(params, x, sigma, context, features):
+        return torch.func.functional_call(net, params, (x, sigma, features), strict=False)
+
+    return fwd
+
+
+ADAPTER = {"out_channels": CH, "hidden_channels": 16, "num_layers": 1}
+SIGMAS = torch.linspace(0.3, 1.5, 16)
+
+
+def eval_loss(net, weights, pairs):
+    """Epsilon MSE of the MERGED model + adapter, at fixed sigmas/noise."""
+    model = merged_copy(net, weights)
+    adapter = weights.build_adapter()
+    gen = torch.Generator().manual_seed(99)
+    total = 0.0
+    with torch.no_grad():
+        for p in pairs:
+            x0 = p["latent"]
+            noise = torch.randn(x0.shape, generator=gen)
+            sigma = torch.full((x0.shape[0],), 0.8)
+            x = x0 + 0.8 * noise
+            d = model(x, sigma, adapter(p["condition"], latent_hw=x0.shape[-2:]))
+            total += float(torch.mean(((x - d) / 0.8 - noise) ** 2))
+    return total / len(pairs)
+
+
+def test_training_lowers_the_loss_and_starts_at_the_base(tmp_path):
+    net = ToyUNet().requires_grad_(False)
+    pairs = toy_pairs()
+    start = init_weights_from_base(net.state_dict(), LAYERS, adapter_config=ADAPTER, seed=0)
+    for k, v in merged_state(start, net.state_dict()).items():
+        assert torch.equal(v, net.state_dict()[k]), "training must start exactly at the base model"
+    seen = []
+    result = train_repcontrolnet(
+        toy_forward(net),
+        net.state_dict(),
+        LAYERS,
+        pairs,
+        steps=40,
+        lr=2e-2,
+        adapter_config=ADAPTER,
+        seed=0,
+        sigmas=SIGMAS,
+        on_progress=lambda s, v: seen.append((s, v)),
+        model_family="toy",
+        condition_type="blocks",
+    )
+    assert [s for s, _ in seen] == list(range(1, 41)) and [v for _, v in seen] == result.losses
+    before, after = eval_loss(net, start, pairs), eval_loss(net, result.weights, pairs)
+    assert after < 0.8 * before, (before, after)
+    assert sum(result.losses[-10:]) < sum(result.losses[:10])
+    # the adapter learned to use the condition: dropping it (zero features) makes the trained model worse
+    no_adapter = dataclasses.replace(result.weights, adapter_state=start.adapter_state)
+    assert eval_loss(net, no_adapter, pairs) > after * 1.02
+    assert result.weights.build_adapter()(pairs[0]["condition"]).abs().max() > 0
+    # the base module was not touched, and the result is a valid file for this "UNet"
+    assert all(
+        torch.equal(a, b) for a, b in zip(net.state_dict().values(), ToyUNet().state_dict().values(), strict=True)
+    )
+    path = tmp_path / "trained.safetensors"
+    save_repcontrolnet(path, result.weights)
+    loaded = load_repcontrolnet(path)
+    validate_against_unet(loaded, shapes_of(net), "toy", str(path))
+    assert loaded.metadata["training_step"] == "40"
+    assert loss_curve_csv(result.losses).startswith("step,loss\n1,")
+
+
+def test_resume_reproduces_an_uninterrupted_run(tmp_path):
+    net = ToyUNet().requires_grad_(False)
+    pairs = toy_pairs()
+    kwargs = {"steps": 12, "lr": 5e-3, "adapter_config": ADAPTER, "seed": 7, "sigmas": SIGMAS}
+    full = train_repcontrolnet(
+        toy_forward(net), net.state_dict(), LAYERS, pairs, checkpoint_dir=tmp_path / "a", checkpoint_every=5, **kwargs
+    )
+    assert sorted(os.listdir(tmp_path / "a")) == sorted(
+        [
+            f"repcontrolnet_step{s:07d}{ext}"
+            for s in (5, 10, 12)
+            for ext in (".json", ".optim.safetensors", ".safetensors")
+        ]
+        + ["losses.jsonl"]
+    )
+
+    first = dict(kwargs, steps=5)
+    train_repcontrolnet(
+        toy_forward(net), net.state_dict(), LAYERS, pairs, checkpoint_dir=tmp_path / "b", checkpoint_every=5, **first
+    )
+    ckpt = find_latest_checkpoint(tmp_path / "b")
+    assert ckpt.endswith("repcontrolnet_step0000005.json")
+    state = json.loads(open(ckpt, encoding="utf-8").read())
+    assert state["step"] == 5 and len(state["losses"]) == 5
+    optim = load_file(str(tmp_path / "b" / state["optimizer_file"]))
+    assert any(k.endswith(".exp_avg_sq") for k in optim)
+    # a file written by torch.save of plain tensors would load with weights_only=True; ours need no torch.load at all
+
+    seen = []
+    resumed = train_repcontrolnet(
+        toy_forward(net),
+        net.state_dict(),
+        LAYERS,
+        pairs,
+        checkpoint_dir=tmp_path / "b",
+        checkpoint_every=5,
+        resume_from=tmp_path / "b",
+        on_progress=lambda s, v: seen.append(s),
+        **kwargs,
+    )
+    assert [s for s in seen] == list(range(6, 13))
+    assert resumed.step == 12
+    assert resumed.losses == full.losses  # same seed: the same curve, bit for bit
+    for k, v in full.weights.modal.items():
+        torch.testing.assert_close(resumed.weights.modal[k], v, rtol=0, atol=0)
+    log = [json.loads(line) for line in open(tmp_path / "b" / "losses.jsonl", encoding="utf-8")]
+    assert [e["step"] for e in log] == list(range(1, 13)) and [e["loss"] for e in log] == full.losses
+
+    with pytest.raises(ValueError, match="its layers"):
+        train_repcontrolnet(
+            toy_forward(net),
+            net.state_dict(),
+            LAYERS[:2],
+            pairs,
+            resume_from=ckpt,
+            **kwargs,
+        )
