@@ -67,9 +67,13 @@ class InversionOutcome:
     model_calls: int = 0
 
 
-def _call(denoise: Denoiser, x: torch.Tensor, sigma: torch.Tensor, counter: list[int]) -> torch.Tensor:
+def _call(denoise: Denoiser, x: torch.Tensor, sigma: torch.Tensor, counter: list[int], dtype=None) -> torch.Tensor:
     counter[0] += 1
-    return denoise(x, sigma)
+    if dtype is None or x.dtype == dtype:
+        return denoise(x, sigma)
+    # EDICT keeps its sequences in float64 (its mixing divides by p each step and would amplify float32 rounding);
+    # the model still sees its own dtype, and identical float64 states round to identical model inputs.
+    return denoise(x.to(dtype), sigma.to(dtype)).to(x.dtype)
 
 
 def invert(
@@ -98,18 +102,19 @@ def invert(
     counter = [0]
     capture = set_capture or (lambda flag: None)
 
-    x = x0
-    partner = x0.clone() if mode == "edict" else None
+    x = x0.double() if mode == "edict" else x0
+    partner = x.clone() if mode == "edict" else None
     trajectory = [x0]
     if capture_top and mode == "edict":
         # EDICT's steps evaluate at their upper sigma only; a standard sampler's last call is at sigmas[0].
         capture(True)
-        _call(denoise, x0, sigmas[0], counter)
+        _call(denoise, x, sigmas[0].double(), counter, x0.dtype)
         capture(False)
     for i in range(len(sigmas) - 1):
         a, b = sigmas[i], sigmas[i + 1]
         if mode == "edict":
-            x, partner = _edict_invert_step(denoise, x, partner, a, b, edict_mix, counter, capture)
+            x, partner = _edict_invert_step(denoise, x, partner, a.double(), b.double(), edict_mix, counter, capture,
+                                            x0.dtype)
         else:
             capture(True)
             eps = eps_from_denoised(x, a, _call(denoise, x, a, counter))
@@ -120,24 +125,26 @@ def invert(
                     eps_b = eps_from_denoised(x_next, b, _call(denoise, x_next, b, counter))
                     x_next = x + (b - a) * eps_b
             x = x_next
-        trajectory.append(x)
+        trajectory.append(x.to(x0.dtype))
         if on_step is not None:
             on_step(i, x)
     if capture_top and mode != "edict":
         capture(True)
         _call(denoise, x, sigmas[-1], counter)
         capture(False)
+    if partner is not None:
+        x, partner = x.to(x0.dtype), partner.to(x0.dtype)
     return InversionOutcome(latent=x, trajectory=trajectory, sigmas=sigmas.cpu(), partner=partner, model_calls=counter[0])
 
 
-def _edict_invert_step(denoise, x, y, a, b, p, counter, capture):
+def _edict_invert_step(denoise, x, y, a, b, p, counter, capture, model_dtype):
     # Inverse of the EDICT denoising step from b to a, where one DDIM step from b to a is z + (a - b) * eps(., b).
     y_inter = (y - (1 - p) * x) / p
     x_inter = (x - (1 - p) * y_inter) / p
-    y_b = y_inter - (a - b) * eps_from_denoised(x_inter, b, _call(denoise, x_inter, b, counter))
+    y_b = y_inter - (a - b) * eps_from_denoised(x_inter, b, _call(denoise, x_inter, b, counter, model_dtype))
     # Sampling back first evaluates the model on y_b at sigma b: that call's features are the ones to keep.
     capture(True)
-    x_b = x_inter - (a - b) * eps_from_denoised(y_b, b, _call(denoise, y_b, b, counter))
+    x_b = x_inter - (a - b) * eps_from_denoised(y_b, b, _call(denoise, y_b, b, counter, model_dtype))
     capture(False)
     return x_b, y_b
 
@@ -158,19 +165,21 @@ def sample_back(
     x = latent
     y = None
     if mode == "edict":
-        y = partner if partner is not None else latent.clone()
+        x = latent.double()
+        y = (partner if partner is not None else latent).double()
     for i in range(len(descending) - 1):
         b, a = descending[i], descending[i + 1]
         if mode == "edict":
-            x_inter = x + (a - b) * eps_from_denoised(y, b, _call(denoise, y, b, counter))
-            y_inter = y + (a - b) * eps_from_denoised(x_inter, b, _call(denoise, x_inter, b, counter))
+            b, a = b.double(), a.double()
+            x_inter = x + (a - b) * eps_from_denoised(y, b, _call(denoise, y, b, counter, latent.dtype))
+            y_inter = y + (a - b) * eps_from_denoised(x_inter, b, _call(denoise, x_inter, b, counter, latent.dtype))
             x = edict_mix * x_inter + (1 - edict_mix) * y_inter
             y = edict_mix * y_inter + (1 - edict_mix) * x
         else:
             x = x + (a - b) * eps_from_denoised(x, b, _call(denoise, x, b, counter))
         if on_step is not None:
-            on_step(i, x)
-    return x
+            on_step(i, x.to(latent.dtype))
+    return x.to(latent.dtype)
 
 
 def relative_error(reconstruction: torch.Tensor, reference: torch.Tensor) -> float:

@@ -12,6 +12,10 @@ from ..magic_core import inversion as inv
 from .common import CATEGORY, PREFIX, NodeInputError, check_latent, guided_run, model_family, model_identity, schedule
 
 InversionRecordType = io.Custom("MAGIC_INVERSION")
+# A KV store spec (from the KV Feature Store node) says what to capture; DDIM Invert fills a store with it. The spec
+# object provides begin(model, samples, sigmas, node) -> (model clone that captures, store) and finish(store, node).
+KVStoreSpecType = io.Custom("MAGIC_KV_STORE_SPEC")
+KVStoreType = io.Custom("MAGIC_KV_STORE")
 
 MODE_TOOLTIP = (
     "ddim: one model call per step (fast). fixed_point: k extra calls per step that solve the step exactly, "
@@ -128,17 +132,22 @@ class DDIMInvert(io.ComfyNode):
                 io.Conditioning.Input("negative", optional=True, tooltip="Needed only when cfg is not 1."),
                 io.Sigmas.Input("sigmas", optional=True,
                                 tooltip="A sampling schedule to invert instead of scheduler/steps/strength."),
+                KVStoreSpecType.Input("feature_store", optional=True,
+                                      tooltip="From a KV Feature Store node: keep this inversion's self-attention "
+                                      "features (for Feature Fusion Attention)."),
             ],
             outputs=[
                 io.Latent.Output(display_name="inverted_latent"),
                 InversionRecordType.Output(display_name="inversion"),
                 io.Sigmas.Output(display_name="sampling_sigmas"),
+                KVStoreType.Output(display_name="features",
+                                   tooltip="The filled feature store (None unless feature_store is connected)."),
             ],
         )
 
     @classmethod
     def execute(cls, model, positive, latent, scheduler, steps, strength, mode, refine_iterations, edict_mix, cfg,
-                measure_round_trip, negative=None, sigmas=None) -> io.NodeOutput:
+                measure_round_trip, negative=None, sigmas=None, feature_store=None) -> io.NodeOutput:
         node = cls.define_schema().node_id
         samples = check_latent(node, model, latent)
         if cfg != 1.0 and negative is None:
@@ -160,9 +169,14 @@ class DDIMInvert(io.ComfyNode):
             raise NodeInputError(node, "strength", "covers less than one inversion step; raise strength or steps")
 
         started = time.perf_counter()
+        run_model, store = model, None
+        if feature_store is not None:
+            run_model, store = feature_store.begin(model=model, samples=samples, sigmas=sampling_sigmas, node=node)
         inverted, trajectory, partner, outcome = run_inversion(
-            model, positive, negative, cfg, samples, sampling_sigmas, mode, refine_iterations, edict_mix
+            run_model, positive, negative, cfg, samples, sampling_sigmas, mode, refine_iterations, edict_mix
         )
+        if store is not None:
+            feature_store.finish(store, node=node)
         elapsed = time.perf_counter() - started
         record = inv.InversionRecord(
             latent=inverted, trajectory=trajectory, sigmas=outcome.sigmas, mode=mode,
@@ -177,7 +191,9 @@ class DDIMInvert(io.ComfyNode):
             report += f"; round-trip error (relative RMS) {record.round_trip_error:.3e}"
         out_latent = {**latent, "samples": inverted, "magic_family": record.family}
         out_latent.pop("noise_mask", None)
-        return io.NodeOutput(out_latent, record, sampling_sigmas, ui=ui.PreviewText(report))
+        if store is not None:
+            report += f"; {store.summary()}"
+        return io.NodeOutput(out_latent, record, sampling_sigmas, store, ui=ui.PreviewText(report))
 
 
 class SampleInverted(io.ComfyNode):

@@ -1,0 +1,86 @@
+"""Regenerate example_workflows/*.json from the nodes' schemas: python scripts/make_workflows.py
+
+Each workflow uses a standard SD1.5 checkpoint name; the headless runner's --make-tiny-checkpoint writes a
+tiny random stand-in under that name for smoke runs (its outputs are noise)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from magic_portrait import comfy_env  # noqa: E402
+from magic_portrait.workflow_builder import Workflow  # noqa: E402
+
+CHECKPOINT = "v1-5-pruned-emaonly-fp16.safetensors"
+CONTENT_IMAGE = "astronaut.png"
+STYLE_IMAGE = "style.png"
+
+
+def base(wf: Workflow, image: str = CONTENT_IMAGE, prompt: str = ""):
+    wf.column = 0
+    ckpt = wf.node("CheckpointLoaderSimple", ckpt_name=CHECKPOINT)
+    text = wf.node("CLIPTextEncode", text=prompt, title="Inversion prompt (empty)")
+    wf.connect(ckpt.out("CLIP"), text, "clip")
+    load = wf.node("LoadImage", image=image, title="Content image")
+    wf.column = 1
+    encode = wf.node("VAEEncode")
+    wf.connect(load.out("IMAGE"), encode, "pixels")
+    wf.connect(ckpt.out("VAE"), encode, "vae")
+    return ckpt, text, encode
+
+
+def invert_reconstruct(classes) -> Workflow:
+    wf = Workflow(classes)
+    ckpt, text, encode = base(wf)
+    wf.column = 2
+    invert = wf.node("MagicPortrait_DDIMInvert", steps=50, mode="fixed_point", refine_iterations=3,
+                     measure_round_trip=True)
+    wf.connect(ckpt.out("MODEL"), invert, "model")
+    wf.connect(text.out(0), invert, "positive")
+    wf.connect(encode.out(0), invert, "latent")
+    back = wf.node("MagicPortrait_SampleInverted", measure_error=True)
+    wf.connect(ckpt.out("MODEL"), back, "model")
+    wf.connect(invert.out("inversion"), back, "inversion")
+    wf.column = 3
+    decode = wf.node("VAEDecode")
+    wf.connect(back.out(0), decode, "samples")
+    wf.connect(ckpt.out("VAE"), decode, "vae")
+    save = wf.node("SaveImage", filename_prefix="magic_portrait/reconstruction")
+    wf.connect(decode.out(0), save, "images")
+    return wf
+
+
+WORKFLOWS = {
+    "ddim_invert_reconstruct.json": invert_reconstruct,
+}
+
+
+def _collect_workflows() -> dict:
+    """Each scripts/workflows_*.py module contributes a WORKFLOWS dict {file name: build(node_classes)}."""
+    import importlib.util
+
+    found = dict(WORKFLOWS)
+    for path in sorted(Path(__file__).parent.glob("workflows_*.py")):
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        found.update(module.WORKFLOWS)
+    return found
+
+
+def main() -> None:
+    comfy_env.boot()
+    import nodes
+
+    out_dir = REPO / "example_workflows"
+    out_dir.mkdir(exist_ok=True)
+    for name, build in _collect_workflows().items():
+        build(nodes.NODE_CLASS_MAPPINGS).save(out_dir / name)
+        print("wrote", out_dir / name)
+
+
+if __name__ == "__main__":
+    main()

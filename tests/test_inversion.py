@@ -1,0 +1,168 @@
+"""ComfyUI tier: DDIM inversion nodes on tiny random SD1.5/SDXL-architecture models."""
+
+import pytest
+import torch
+from helpers import assert_same_snapshot, latent, model_snapshot, node_classes, run_node
+
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def nodes(pack):
+    return node_classes(pack)
+
+
+def invert(nodes, model, cond, lat, mode="ddim", k=0, steps=STEPS, strength=1.0, measure=True, **extra):
+    out = run_node(nodes["MagicPortrait_DDIMInvert"], model=model, positive=cond, latent=lat, scheduler="normal",
+                   steps=steps, strength=strength, mode=mode, refine_iterations=k, edict_mix=0.93, cfg=1.0,
+                   measure_round_trip=measure, **extra)
+    return out
+
+
+def test_round_trip_error_falls_with_refinement_and_edict_is_exact(nodes, sd15, tiny):
+    cond, lat = tiny.sd15_cond(1), latent(1)
+    errors = {}
+    for mode, k in (("ddim", 0), ("fixed_point", 2), ("fixed_point", 6), ("edict", 0)):
+        # random UNets are no denoisers: fixed-point refinement contracts only with steps this small
+        out = invert(nodes, sd15, cond, lat, mode=mode, k=k, steps=30)
+        record = out.result[1]
+        errors[(mode, k)] = record.round_trip_error
+        assert "round-trip error" in out.ui.as_dict()["text"][0]
+    assert errors[("ddim", 0)] > 1e-3, errors
+    assert errors[("fixed_point", 2)] < errors[("ddim", 0)], errors
+    assert errors[("fixed_point", 6)] < errors[("fixed_point", 2)], errors
+    assert errors[("edict", 0)] < 1e-3 < errors[("ddim", 0)] / 1000, errors
+
+
+def test_sample_inverted_reconstructs_and_reports(nodes, sd15, tiny, pack):
+    cond, lat = tiny.sd15_cond(2), latent(2)
+    record = invert(nodes, sd15, cond, lat, mode="edict", measure=False).result[1]
+    out = run_node(nodes["MagicPortrait_SampleInverted"], model=sd15, inversion=record, cfg=1.0, measure_error=True)
+    # EDICT is exact up to float32 rounding, amplified over the steps by a random (non-contractive) UNet
+    assert pack.magic_core.inversion.relative_error(out.result[0]["samples"], lat["samples"]) < 1e-3
+    assert "error" in out.ui.as_dict()["text"][0]
+
+
+def test_plain_mode_agrees_with_core_euler_on_flipped_schedule(nodes, sd15, tiny, pack):
+    import comfy.samplers
+    from comfy.k_diffusion import sampling as kd
+
+    cond, lat = tiny.sd15_cond(3), latent(3)
+    out = invert(nodes, sd15, cond, lat, measure=False)
+    inverted, record = out.result[0]["samples"], out.result[1]
+    with torch.inference_mode():
+        euler = pack.nodes.common.guided_run(sd15, cond, None, 1.0, lat["samples"],
+                                             comfy.samplers.KSAMPLER(kd.sample_euler), record.sigmas)
+    torch.testing.assert_close(inverted, euler, rtol=1e-5, atol=1e-4)
+    assert torch.equal(record.sigmas, record.sigmas.sort().values)
+
+
+def test_sampler_nodes_compose_with_core_sampler_custom(nodes, sd15, tiny):
+    from comfy_extras.nodes_custom_sampler import BasicScheduler, SamplerCustom
+
+    cond, lat = tiny.sd15_cond(4), latent(4)
+    ours = invert(nodes, sd15, cond, lat, mode="fixed_point", k=2, measure=False)
+    sigmas = run_node(BasicScheduler, model=sd15, scheduler="normal", steps=STEPS, denoise=1.0).result[0]
+    torch.testing.assert_close(sigmas, ours.result[2])
+    sampler = run_node(nodes["MagicPortrait_InversionSampler"], mode="fixed_point", refine_iterations=2).result[0]
+    inverted = run_node(SamplerCustom, model=sd15, add_noise=False, noise_seed=0, cfg=1.0, positive=cond,
+                        negative=cond, sampler=sampler, sigmas=sigmas, latent_image=lat).result[0]["samples"]
+    torch.testing.assert_close(inverted, ours.result[0]["samples"], rtol=1e-5, atol=1e-4)
+
+    reverse = run_node(nodes["MagicPortrait_InvertedSampler"], inversion=ours.result[1]).result[0]
+    back = run_node(SamplerCustom, model=sd15, add_noise=False, noise_seed=0, cfg=1.0, positive=cond, negative=cond,
+                    sampler=reverse, sigmas=sigmas, latent_image={"samples": inverted}).result[0]["samples"]
+    direct = run_node(nodes["MagicPortrait_SampleInverted"], model=sd15, inversion=ours.result[1], cfg=1.0,
+                      measure_error=False).result[0]["samples"]
+    torch.testing.assert_close(back, direct, rtol=1e-5, atol=1e-4)
+
+
+def test_strength_inverts_part_of_the_schedule(nodes, sd15, tiny):
+    cond, lat = tiny.sd15_cond(5), latent(5)
+    full = invert(nodes, sd15, cond, lat, measure=False).result[1]
+    part = invert(nodes, sd15, cond, lat, strength=0.5, measure=False).result[1]
+    assert len(part.sigmas) == STEPS // 2
+    torch.testing.assert_close(part.sigmas, full.sigmas[: STEPS // 2])
+    # the partial trajectory is the start of the full one: same steps, same model calls
+    torch.testing.assert_close(part.latent, full.trajectory[STEPS // 2 - 1], rtol=1e-5, atol=1e-4)
+
+
+def test_batch_entries_invert_independently(nodes, sd15, tiny):
+    cond = tiny.sd15_cond(6)
+    lat = latent(6, batch=2)
+    both = invert(nodes, sd15, cond, lat, measure=False).result[0]["samples"]
+    first = invert(nodes, sd15, cond, {"samples": lat["samples"][:1]}, measure=False).result[0]["samples"]
+    torch.testing.assert_close(both[:1], first, rtol=1e-4, atol=1e-3)
+
+
+def test_v_prediction_round_trip_is_exact_with_edict(nodes, tiny):
+    model = tiny.build_sd15_model(seed=7, v_prediction=True)
+    record = invert(nodes, model, tiny.sd15_cond(7), latent(7), mode="edict", steps=8).result[1]
+    assert record.round_trip_error < 1e-3
+
+
+def test_sdxl_conditioning_is_honoured(nodes, sdxl, tiny):
+    lat = latent(8, height=16, width=16)
+    base = tiny.sdxl_cond(8)
+    a = invert(nodes, sdxl, base, lat, steps=6, measure=False).result[0]["samples"]
+    again = invert(nodes, sdxl, tiny.sdxl_cond(8), lat, steps=6, measure=False).result[0]["samples"]
+    assert torch.equal(a, again)
+    other_pooled = [[base[0][0], {**base[0][1], "pooled_output": torch.randn_like(base[0][1]["pooled_output"])}]]
+    b = invert(nodes, sdxl, other_pooled, lat, steps=6, measure=False).result[0]["samples"]
+    assert not torch.allclose(a, b, atol=1e-4), "the pooled output must reach the model during inversion"
+    other_size = [[base[0][0], {**base[0][1], "width": 512, "height": 1536}]]
+    c = invert(nodes, sdxl, other_size, lat, steps=6, measure=False).result[0]["samples"]
+    assert not torch.allclose(a, c, atol=1e-4), "SDXL size conditioning must reach the model during inversion"
+    record = invert(nodes, sdxl, base, lat, steps=6, mode="edict").result[1]
+    assert record.family == "sdxl" and record.round_trip_error < 1e-3
+
+
+def test_controlnet_is_honoured_during_inversion(nodes, sd15, tiny):
+    from comfy_extras.nodes_controlnet import ControlNetApplyAdvanced
+
+    control = tiny.build_sd15_controlnet(seed=9)
+    cond, lat = tiny.sd15_cond(9), latent(9)
+    hint = torch.rand(1, 128, 128, 3, generator=torch.Generator().manual_seed(9))
+    positive, _ = run_node(ControlNetApplyAdvanced, positive=cond, negative=cond, control_net=control, image=hint,
+                           strength=1.0, start_percent=0.0, end_percent=1.0).result
+    plain = invert(nodes, sd15, cond, lat, steps=6, measure=False).result[0]["samples"]
+    controlled = invert(nodes, sd15, positive, lat, steps=6, measure=False).result[0]["samples"]
+    assert not torch.allclose(plain, controlled, atol=1e-4)
+    record = invert(nodes, sd15, positive, lat, steps=6, mode="edict").result[1]
+    assert record.round_trip_error < 1e-3
+
+
+def test_input_model_is_not_changed(nodes, sd15, tiny):
+    before = model_snapshot(sd15)
+    record = invert(nodes, sd15, tiny.sd15_cond(10), latent(10), mode="edict", steps=4).result[1]
+    run_node(nodes["MagicPortrait_SampleInverted"], model=sd15, inversion=record, cfg=1.0, measure_error=False)
+    assert_same_snapshot(before, model_snapshot(sd15))
+
+
+@pytest.mark.parametrize(
+    ("change", "input_name", "message"),
+    [
+        ({"steps": 0}, "steps", "at least 1"),
+        ({"strength": 0.0}, "strength", "(0, 1]"),
+        ({"strength": 1.5}, "strength", "(0, 1]"),
+        ({"latent": {"samples": torch.zeros(1, 16, 8, 8)}}, "latent", "does not belong"),
+        ({"latent": {"samples": torch.zeros(0, 4, 8, 8)}}, "latent", "empty"),
+        ({"cfg": 5.0}, "negative", "cfg is 5.0"),
+        ({"latent": {"samples": torch.zeros(1, 4, 8, 8), "magic_family": "sdxl"}}, "latent", "sdxl"),
+    ],
+)
+def test_bad_input_names_node_and_input(nodes, sd15, tiny, change, input_name, message):
+    args = {"model": sd15, "positive": tiny.sd15_cond(0), "latent": latent(0), "scheduler": "normal", "steps": 4,
+            "strength": 1.0, "mode": "ddim", "refine_iterations": 0, "edict_mix": 0.93, "cfg": 1.0,
+            "measure_round_trip": False, **change}
+    with pytest.raises(ValueError) as err:
+        run_node(nodes["MagicPortrait_DDIMInvert"], **args)
+    text = str(err.value)
+    assert "MagicPortrait_DDIMInvert" in text and f"'{input_name}'" in text and message in text, text
+
+
+def test_record_from_another_model_is_refused(nodes, sd15, tiny):
+    other = tiny.build_sd15_model(seed=11)
+    record = invert(nodes, other, tiny.sd15_cond(11), latent(11), steps=3, measure=False).result[1]
+    with pytest.raises(ValueError, match="another model"):
+        run_node(nodes["MagicPortrait_SampleInverted"], model=sd15, inversion=record, cfg=1.0, measure_error=False)
