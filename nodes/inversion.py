@@ -30,15 +30,16 @@ def _progress_callback(callback, total):
     return lambda i, x: callback({"i": i, "x": x, "denoised": x, "sigma": None, "sigma_hat": None})
 
 
-def inversion_sampler_function(mode: str, refine_iterations: int, edict_mix: float, sink: dict | None = None,
-                               capture_top: bool = True):
-    """A k-diffusion style sampler function that inverts instead of denoising (sigmas in either order)."""
+def inversion_sampler_function(mode: str, refine_iterations: int, edict_mix: float, sink: dict | None = None):
+    """A k-diffusion style sampler function that inverts instead of denoising (sigmas in either order).
+    With a feature store attached (capture gates in transformer_options) it makes the one extra capture call."""
 
     def invert_fn(model, x, sigmas, extra_args=None, callback=None, disable=None):
         extra_args = extra_args or {}
         ascending = inv.inversion_sigmas(sigmas).to(x.device)
         s_in = x.new_ones([x.shape[0]])
         transformer_options = extra_args.get("model_options", {}).get("transformer_options", {})
+        capture_top = bool(transformer_options.get(inv.CAPTURE_GATES_KEY))
         outcome = inv.invert(
             lambda z, sigma: model(z, sigma * s_in, **extra_args),
             x,
@@ -269,7 +270,7 @@ class InversionSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, mode, refine_iterations) -> io.NodeOutput:
-        fn = inversion_sampler_function(mode, refine_iterations, inv.EDICT_DEFAULT_MIX, capture_top=False)
+        fn = inversion_sampler_function(mode, refine_iterations, inv.EDICT_DEFAULT_MIX)
         return io.NodeOutput(comfy.samplers.KSAMPLER(fn))
 
 
