@@ -46,7 +46,7 @@ class Workflow:
     def node(self, node_type: str, title: str | None = None, column: int | None = None, **widgets) -> NodeRef:
         cls = self.classes[node_type]
         spec = cls.INPUT_TYPES()
-        inputs, values = [], []
+        inputs, values, trailing = [], [], []
         all_inputs = {**spec.get("required", {}), **spec.get("optional", {})}
         for name, input_spec in all_inputs.items():
             options = input_spec[1] if len(input_spec) > 1 else {}
@@ -62,16 +62,22 @@ class Workflow:
                 else:
                     raise ValueError(f"{node_type}: widget {name!r} has no default; give a value")
                 values.append(value)
-                if options.get("control_after_generate"):
+                # the frontend's extra widget values: a seed control after the value (also for INTs named
+                # seed/noise_seed), a filter string after a controlled COMBO, the upload button after all inputs
+                control = options.get("control_after_generate")
+                if control or (control is None and input_spec[0] == "INT" and name in ("seed", "noise_seed")):
                     values.append("fixed")
+                    if _socket_type(input_spec) == "COMBO":
+                        values.append("")
                 if options.get("image_upload"):
-                    values.append("image")
+                    trailing.append("image")
                 inputs.append({"name": name, "type": _socket_type(input_spec), "widget": {"name": name},
                                "link": None})
             else:
                 inputs.append({"name": name, "type": input_spec[0], "link": None})
         if widgets:
             raise ValueError(f"{node_type}: unknown widgets {sorted(widgets)}")
+        values.extend(trailing)
         node_id = len(self.nodes) + 1
         col = self.column if column is None else column
         row = sum(1 for n in self.nodes if n["pos"][0] == 60 + 360 * col)

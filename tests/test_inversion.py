@@ -118,7 +118,7 @@ def test_sdxl_conditioning_is_honoured(nodes, sdxl, tiny):
 
 
 def test_controlnet_is_honoured_during_inversion(nodes, sd15, tiny):
-    from comfy_extras.nodes_controlnet import ControlNetApplyAdvanced
+    from nodes import ControlNetApplyAdvanced
 
     control = tiny.build_sd15_controlnet(seed=9)
     cond, lat = tiny.sd15_cond(9), latent(9)
