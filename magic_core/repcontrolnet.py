@@ -809,3 +809,85 @@ def features_hook(module: nn.Module, features: torch.Tensor) -> Iterator[None]:
         yield
     finally:
         handle.remove()
+
+
+# ------------------------------------------------------------------------------------------------- tiny test files
+
+
+def _unet_state_from(base) -> dict[str, torch.Tensor]:
+    """UNet tensors (no prefix) from a checkpoint path (.safetensors), a state dict, or anything with
+    ``.model.diffusion_model`` / ``.diffusion_model`` (a ComfyUI ModelPatcher or BaseModel)."""
+    if isinstance(base, (str, os.PathLike)):
+        from safetensors import safe_open
+
+        out = {}
+        with safe_open(os.fspath(base), framework="pt", device="cpu") as f:
+            for k in f.keys():
+                for prefix in UNET_PREFIXES:
+                    if k.startswith(prefix):
+                        out[k[len(prefix) :]] = f.get_tensor(k)
+        if not out:
+            raise ValueError(f"'{os.fspath(base)}' holds no UNet tensors (model.diffusion_model.*)")
+        return out
+    if isinstance(base, Mapping):
+        return {strip_unet_prefix(k): v for k, v in base.items()}
+    inner = getattr(base, "model", base)
+    unet = getattr(inner, "diffusion_model", None)
+    if unet is None:
+        raise ValueError(f"cannot read UNet weights from a {type(base).__name__}")
+    return {k: v.detach() for k, v in unet.state_dict().items()}
+
+
+def make_tiny_repcontrolnet(
+    base,
+    seed: int = 0,
+    *,
+    preset: str = "encoder",
+    model_family: str = "sd15",
+    condition_type: str = "landmarks",
+    alpha: float = 0.5,
+    beta: float = 0.5,
+    hidden_channels: int = 32,
+    num_layers: int = 1,
+    modal_noise: float = 0.1,
+    dtype: torch.dtype = torch.float32,
+) -> RepControlNetWeights:
+    """A random (untrained) RepControlNet that fits ``base`` and visibly changes it: modal weights = base weights plus
+    ``modal_noise`` relative Gaussian noise, and an adapter whose zero output conv is re-drawn (seeded). For tests,
+    benchmarks and smoke runs of workflows; its control means nothing."""
+    state = _unet_state_from(base)
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    layers = default_layer_keys(shapes, model_family, preset)
+    channels = int(shapes["input_blocks.0.0.weight"][0])
+    weights = init_weights_from_base(
+        {k: state[k] for layer in layers for k in (layer + ".weight", layer + ".bias") if k in state},
+        layers,
+        adapter_config={"out_channels": channels, "hidden_channels": hidden_channels, "num_layers": num_layers},
+        alpha=alpha,
+        beta=beta,
+        seed=seed,
+        model_family=model_family,
+        condition_type=condition_type,
+    )
+    gen = torch.Generator().manual_seed(int(seed) + 1)
+    for key, t in weights.modal.items():
+        scale = float(t.float().std()) if t.numel() > 1 else 0.02
+        noise = torch.randn(t.shape, generator=gen) * (modal_noise * (scale or 0.02))
+        weights.modal[key] = (t.float() + noise).to(dtype).contiguous()
+    w = weights.adapter_state["conv_out.weight"]
+    weights.adapter_state["conv_out.weight"] = torch.randn(w.shape, generator=gen) * (w[0].numel() ** -0.5)
+    weights.adapter_state["conv_out.bias"] = torch.randn(weights.adapter_state["conv_out.bias"].shape, generator=gen) * 0.02
+    weights.metadata["magic_portrait.tiny"] = "random RepControlNet for tests; its control means nothing"
+    return weights
+
+
+def write_tiny_repcontrolnet(path: str | os.PathLike, checkpoint_or_model, seed: int = 0, **kwargs) -> str:
+    """Write ``make_tiny_repcontrolnet(checkpoint_or_model, seed, **kwargs)`` to ``path`` (parent folders created);
+    ``checkpoint_or_model`` is a checkpoint ``.safetensors`` path, a UNet state dict or a ModelPatcher. Modal
+    weights are stored as float16 unless ``dtype`` is given (the tiny SD1.5 checkpoint's encoder is ~30 M
+    parameters). Returns the path."""
+    kwargs.setdefault("dtype", torch.float16)
+    weights = make_tiny_repcontrolnet(checkpoint_or_model, seed, **kwargs)
+    os.makedirs(os.path.dirname(os.path.abspath(os.fspath(path))), exist_ok=True)
+    save_repcontrolnet(path, weights)
+    return os.fspath(path)

@@ -1,0 +1,53 @@
+"""RepControlNet example workflow (collected by scripts/make_workflows.py).
+
+Load a checkpoint and a RepControlNet, apply it with a condition image, sample, decode, save; a CheckpointSave of the
+merged model is included but bypassed (switch it on to write the merged checkpoint)."""
+
+from __future__ import annotations
+
+from magic_portrait.workflow_builder import Workflow
+
+CHECKPOINT = "v1-5-pruned-emaonly-fp16.safetensors"
+REPCONTROLNET = "repcontrolnet_landmarks_sd15.safetensors"
+CONDITION_IMAGE = "condition.png"
+MODE_BYPASS = 4
+
+
+def repcontrolnet_apply(classes) -> Workflow:
+    wf = Workflow(classes)
+    wf.column = 0
+    ckpt = wf.node("CheckpointLoaderSimple", ckpt_name=CHECKPOINT)
+    rcn = wf.node("MagicPortrait_LoadRepControlNet", repcontrolnet_name=REPCONTROLNET)
+    cond = wf.node("LoadImage", image=CONDITION_IMAGE, title="Condition image (landmarks)")
+    wf.column = 1
+    apply = wf.node("MagicPortrait_ApplyRepControlNet", strength=1.0, merge_weights=True)
+    wf.connect(ckpt.out("MODEL"), apply, "model")
+    wf.connect(rcn.out(0), apply, "repcontrolnet")
+    wf.connect(cond.out("IMAGE"), apply, "image")
+    positive = wf.node("CLIPTextEncode", text="a portrait photo of a person, studio light", title="Positive prompt")
+    wf.connect(ckpt.out("CLIP"), positive, "clip")
+    negative = wf.node("CLIPTextEncode", text="blurry, low quality", title="Negative prompt")
+    wf.connect(ckpt.out("CLIP"), negative, "clip")
+    wf.column = 2
+    empty = wf.node("EmptyLatentImage", width=512, height=512, batch_size=1)
+    sampler = wf.node("KSampler", seed=0, steps=25, cfg=7.0, sampler_name="euler", scheduler="normal", denoise=1.0)
+    wf.connect(apply.out(0), sampler, "model")
+    wf.connect(positive.out(0), sampler, "positive")
+    wf.connect(negative.out(0), sampler, "negative")
+    wf.connect(empty.out(0), sampler, "latent_image")
+    wf.column = 3
+    decode = wf.node("VAEDecode")
+    wf.connect(sampler.out(0), decode, "samples")
+    wf.connect(ckpt.out("VAE"), decode, "vae")
+    save = wf.node("SaveImage", filename_prefix="magic_portrait/repcontrolnet")
+    wf.connect(decode.out(0), save, "images")
+    merged = wf.node("CheckpointSave", filename_prefix="checkpoints/magic_portrait_repcontrolnet_merged",
+                     title="Save merged checkpoint (bypassed: enable to write it)")
+    wf.connect(apply.out(0), merged, "model")
+    wf.connect(ckpt.out("CLIP"), merged, "clip")
+    wf.connect(ckpt.out("VAE"), merged, "vae")
+    merged.data["mode"] = MODE_BYPASS
+    return wf
+
+
+WORKFLOWS = {"repcontrolnet_apply.json": repcontrolnet_apply}
