@@ -42,6 +42,7 @@ SUMMARY_NAME = "run_summary.json"
 # Core loaders whose option list may include more than the folder's files (VAELoader adds taesd, ...).
 KNOWN_MODEL_INPUTS = {
     ("CheckpointLoaderSimple", "ckpt_name"): "checkpoints",
+    ("MagicPortrait_LoadRepControlNet", "repcontrolnet_name"): "magic_repcontrolnet",
     ("CheckpointLoader", "ckpt_name"): "checkpoints",
     ("ImageOnlyCheckpointLoader", "ckpt_name"): "checkpoints",
     ("unCLIPCheckpointLoader", "ckpt_name"): "checkpoints",
@@ -665,7 +666,7 @@ def run_workflow(
             looked = ([] if input_dir in cleanup else [input_dir]) + search
             missing = find_missing_files(prompt, node_classes, looked)
             if make_tiny_checkpoint_name is not None:
-                _write_tiny_checkpoints(make_tiny_checkpoint_name, missing, Path(models_dir), log)
+                _write_tiny_checkpoints(make_tiny_checkpoint_name, missing, Path(models_dir), log, runtime)
                 folder_paths.filename_list_cache.clear()
                 missing = find_missing_files(prompt, node_classes, looked)
             if missing:
@@ -702,7 +703,8 @@ def run_workflow(
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def _write_tiny_checkpoints(name: str, missing: list[dict], models_dir: Path, log) -> None:
+def _write_tiny_checkpoints(name: str, missing: list[dict], models_dir: Path, log, runtime=None) -> None:
+    """Write tiny checkpoints, then tiny RepControlNet files made for the first of them (both are noise)."""
     names = [name] if name else sorted({m["value"] for m in missing if m["kind"] == "model"
                                         and m["folder"] == "checkpoints"})
     if not names:
@@ -715,6 +717,14 @@ def _write_tiny_checkpoints(name: str, missing: list[dict], models_dir: Path, lo
             print(TINY_NOTE, file=log)
             continue
         make_tiny_checkpoint(target, seed=0, log=log)
+    control_files = sorted({m["value"] for m in missing if m["kind"] == "model"
+                            and m["folder"] == "magic_repcontrolnet"})
+    if control_files and runtime is not None:
+        writer = runtime.pack.magic_core.repcontrolnet.write_tiny_repcontrolnet
+        for file_name in control_files:
+            target = models_dir / "magic_repcontrolnet" / file_name
+            writer(target, str(models_dir / "checkpoints" / names[0]), seed=0)
+            print(f"wrote tiny RepControlNet {target} for {names[0]} (noise, for smoke runs)", file=log)
 
 
 def _write_summary(result: RunResult, workflow: str | None, runtime, output_dir: Path) -> None:

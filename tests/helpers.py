@@ -11,9 +11,17 @@ def node_classes(pack) -> dict:
     return {cls.define_schema().node_id: cls for cls in pack.nodes.NODE_LIST}
 
 
+class _V1Output:
+    def __init__(self, result):
+        self.result = result
+
+
 def run_node(cls, **inputs):
-    """Execute a V3 node class (ours or core) under inference mode, as the executor does; returns the NodeOutput."""
+    """Execute a node class (V3 or V1, ours or core) under inference mode, as the executor does; returns an object
+    whose `.result` is the output tuple (a V3 NodeOutput as is)."""
     with torch.inference_mode():
+        if not hasattr(cls, "define_schema"):  # V1 node
+            return _V1Output(getattr(cls(), cls.FUNCTION)(**inputs))
         return cls.execute(**inputs)
 
 

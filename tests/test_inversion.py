@@ -145,10 +145,10 @@ def test_input_model_is_not_changed(nodes, sd15, tiny):
         ({"steps": 0}, "steps", "at least 1"),
         ({"strength": 0.0}, "strength", "(0, 1]"),
         ({"strength": 1.5}, "strength", "(0, 1]"),
-        ({"latent": {"samples": torch.zeros(1, 16, 8, 8)}}, "latent", "does not belong"),
+        ({"latent": {"samples": torch.ones(1, 16, 8, 8)}}, "latent", "does not belong"),
         ({"latent": {"samples": torch.zeros(0, 4, 8, 8)}}, "latent", "empty"),
         ({"cfg": 5.0}, "negative", "cfg is 5.0"),
-        ({"latent": {"samples": torch.zeros(1, 4, 8, 8), "magic_family": "sdxl"}}, "latent", "sdxl"),
+        ({"latent": {"samples": torch.ones(1, 4, 16, 16), "magic_family": "sdxl"}}, "latent", "sdxl"),
     ],
 )
 def test_bad_input_names_node_and_input(nodes, sd15, tiny, change, input_name, message):
