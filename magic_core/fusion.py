@@ -400,3 +400,108 @@ def _whole_source(src: QKV | None, rows: int, b: int) -> QKV | None:
         else:
             raise ValueError(f"source batch {t.shape[0]} must be 1, the per-chunk batch {b} or all {rows} rows")
     return tuple(out)
+
+
+# --------------------------------------------------------------------------------------------------- plans
+@dataclass
+class FusionInputs:
+    """What Feature Fusion Attention attends with for one batch chunk: the query, key/value column groups with a
+    weight each (a multiplier of their unnormalised attention, i.e. log(weight) added to their logits) and tau.
+
+    ``attend`` computes the attention; ``as_plain_qkv`` re-expresses it as plain q, k, v (tau folded into q, weights
+    by repeating column groups) so another attention function (a chained replace patch) can compute it.
+    """
+
+    q: torch.Tensor
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    weights: list[float]
+    tau: float = 1.0
+
+    def attend(self, heads: int) -> torch.Tensor:
+        b = self.q.shape[0]
+        keys = [_to_batch(k, b, "k") for k in self.keys]
+        values = [_to_batch(v, b, "v") for v in self.values]
+        k = keys[0] if len(keys) == 1 else torch.cat(keys, dim=1)
+        v = values[0] if len(values) == 1 else torch.cat(values, dim=1)
+        log_bias = None
+        if len(keys) > 1 and any(w != 1.0 for w in self.weights):
+            log_bias = torch.cat([torch.full((kk.shape[1],), math.log(w), device=self.q.device, dtype=self.q.dtype)
+                                  for kk, w in zip(keys, self.weights, strict=True)])
+        return attention(self.q, k, v, heads, log_bias=log_bias, tau=self.tau)
+
+    def as_plain_qkv(self, max_denominator: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+        """(q, k, v, exact): plain attention over these gives the fused result. Column weights are rational
+        approximations p/q (q <= max_denominator) realised by repeating groups; `exact` says whether they were exact."""
+        from fractions import Fraction
+
+        b = self.q.shape[0]
+        fracs = [Fraction(w).limit_denominator(max_denominator) for w in self.weights]
+        exact = all(abs(float(f) - w) <= 1e-9 * max(1.0, w) for f, w in zip(fracs, self.weights, strict=True))
+        common = math.lcm(*[f.denominator for f in fracs]) if fracs else 1
+        keys, values = [], []
+        for k, v, f in zip(self.keys, self.values, fracs, strict=True):
+            reps = int(f * common)
+            keys.extend([_to_batch(k, b, "k")] * reps)
+            values.extend([_to_batch(v, b, "v")] * reps)
+        if not keys:
+            raise ValueError("no key/value column group keeps a weight > 0")
+        q = self.q * self.tau if self.tau != 1.0 else self.q
+        return q, torch.cat(keys, dim=1), torch.cat(values, dim=1), exact
+
+
+def fusion_inputs(
+    params: FusionParams,
+    q_x: torch.Tensor,
+    k_x: torch.Tensor,
+    v_x: torch.Tensor,
+    content: Sequence[torch.Tensor | None] | None,
+    style: Sequence[torch.Tensor | None] | None,
+    branch: str = "cond",
+) -> FusionInputs | None:
+    """The FusionInputs `fuse_for_preset` attends with for one chunk, or None for plain attention (an uncond chunk
+    under uncond_mode "plain", or "style_only" without a style source).
+
+    `content`/`style` are (q, k, v) whose unused entries may be None (so callers project only what is needed:
+    content q when gamma > 0, content k/v when content K/V are used, style q only for adain_qk).
+    ``fusion_inputs(...).attend(heads)`` equals ``fuse_for_preset(...)`` for the same arguments.
+    """
+    if branch not in ("cond", "uncond"):
+        raise ValueError(f"branch must be 'cond' or 'uncond', got {branch!r}")
+    if branch == "uncond" and params.uncond_mode == "plain":
+        return None
+    who = f"fusion preset {params.name!r}"
+    b = q_x.shape[0]
+    style_only = branch == "uncond" and params.uncond_mode == "style_only"
+    if style_only and style is None:
+        return None
+    if not style_only:
+        if params.needs_content and content is None:
+            raise ValueError(f"{who} needs content features: connect a content KV store")
+        if params.needs_style and style is None:
+            raise ValueError(f"{who} needs style features: connect a style KV store")
+    q, k_self = q_x, k_x
+    if params.adain_qk:
+        q = adain(q_x, style[0], dims=1)
+        k_self = adain(k_x, style[1], dims=1)
+    if not style_only and params.gamma > 0:
+        q_c = _to_batch(content[0], b, "q_c")
+        if q_c.shape != q.shape:
+            raise ValueError(f"content query {tuple(q_c.shape)} does not match the current query {tuple(q.shape)}")
+        q = q_c if params.gamma == 1.0 else params.gamma * q_c + (1.0 - params.gamma) * q
+    keys, values, weights = [], [], []
+    if params.use_style_kv or style_only:
+        keys.append(style[1])
+        values.append(style[2])
+        weights.append(1.0)
+    if not style_only and params.use_content_kv and params.content_weight > 0 and content is not None:
+        keys.append(content[1])
+        values.append(content[2])
+        weights.append(float(params.content_weight))
+    if params.include_self:
+        keys.append(k_self)
+        values.append(v_x)
+        weights.append(1.0)
+    if not keys:
+        raise ValueError("fused attention has no key/value source (style and content both absent or weighted 0)")
+    return FusionInputs(q=q, keys=keys, values=values, weights=weights, tau=float(params.tau))

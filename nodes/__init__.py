@@ -1,5 +1,5 @@
 """ComfyUI nodes of Magic Portrait: thin wrappers that parse inputs, call magic_core and patch model clones."""
 
-from . import inversion
+from . import inversion, magicstyle, repcontrolnet
 
-NODE_LIST = [*inversion.NODES]
+NODE_LIST = [*inversion.NODES, *magicstyle.NODES, *repcontrolnet.NODES]

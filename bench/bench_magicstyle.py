@@ -1,0 +1,147 @@
+"""MagicStyle benchmark, measured side by side in one run (run by hand: python bench/bench_magicstyle.py).
+
+On an SD1.5-architecture model with SD1.5's full 16-attention-layer structure (narrow: --width channels instead of
+320, 2 heads instead of 8, so it fits a CPU) at a 64x64 latent (512x512 px):
+
+- KV store bytes of the default layers (KV Feature Store default: decoder) for a 50-step schedule, storing the
+  normalised hidden state n, against storing q, k and v (goal <= 0.34). Measured on an inversion of --steps steps
+  (every stored tensor counted) and scaled per step to 50 steps; the store's own 50-step plan is printed next to it.
+- Sampling time with Feature Fusion Attention (magicstyle preset) over plain sampling (goal <= 1.25), next to the
+  StyleAligned way: the reference image runs in the same batch (batch 2) with shared attention in every layer.
+  All runs use the exact reverse DDIM sampler through ComfyUI's guider, cfg 1, the same --steps schedule; each
+  variant is timed --repeats times interleaved and the best time is kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+from magic_portrait import comfy_env  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=64, help="latent size (64 = 512 px)")
+    parser.add_argument("--width", type=int, default=64, help="model_channels (SD1.5: 320)")
+    parser.add_argument("--steps", type=int, default=8, help="sampling steps timed (the store is scaled to 50)")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--comfy-attention", choices=["same", "sdpa", "default"], default="same",
+                        help="same: ComfyUI's own attention uses FFA's attention kernel, so the ratio measures FFA's "
+                        "overhead, not a kernel difference (on CPU ComfyUI's default is sub-quadratic attention and "
+                        "its SDPA path is slower than FFA's at 4096 tokens, which makes FFA look faster than plain); "
+                        "sdpa: ComfyUI's attention_pytorch; default: ComfyUI's choice")
+    args = parser.parse_args()
+
+    runtime = comfy_env.boot(cpu=True)
+    import comfy.samplers
+    import torch
+    from comfy.ldm.modules import attention as comfy_attention
+
+    ff = runtime.pack.magic_core.fusion
+    if args.comfy_attention == "sdpa":  # bench-only switch, the same as ComfyUI's --use-pytorch-cross-attention
+        comfy_attention.optimized_attention = comfy_attention.attention_pytorch
+    elif args.comfy_attention == "same":  # bench-only: the unpatched layers use FFA's kernel too
+        comfy_attention.optimized_attention = lambda q, k, v, heads, *a, **kw: ff.attention(q, k, v, heads)
+
+    from magic_portrait import tiny
+
+    pack = runtime.pack
+    ms, ff, inv = pack.nodes.magicstyle, pack.magic_core.fusion, pack.magic_core.inversion
+    common, inversion_nodes = pack.nodes.common, pack.nodes.inversion
+    torch.set_grad_enabled(False)
+
+    model = tiny.build_sd15_model(seed=0, model_channels=args.width)
+    cond = tiny.sd15_cond(0)
+    g = torch.Generator().manual_seed(0)
+    z_c = torch.randn(1, 4, args.size, args.size, generator=g) * 4
+    z_s = torch.randn(1, 4, args.size, args.size, generator=g) * 4
+    sigmas = common.schedule(model, "normal", args.steps, 1.0)
+
+    # ---- stores (default KV Feature Store settings: decoder layers, fp16, CPU)
+    spec = ms.KVStoreSpec()
+    stores = {}
+    with torch.inference_mode():
+        for name, z in (("content", z_c), ("style", z_s)):
+            capturing, store = spec.begin(model=model, samples=z, sigmas=sigmas, node="bench")
+            latent, *_ = inversion_nodes.run_inversion(capturing, cond, None, 1.0, z, sigmas, "ddim", 0, 0.93)
+            spec.finish(store, node="bench")
+            stores[name] = (store, latent)
+    content, zt = stores["content"][0], stores["content"][1]
+    style = stores["style"][0]
+    per_step_n = content.nbytes / len(content.step_indices)
+    per_step_qkv = content.qkv_equivalent_nbytes() / len(content.step_indices)
+    plan50 = ms.kvs.KVStore(content.model_id, content.latent_shape, common.schedule(model, "normal", 50, 1.0),
+                            content.family, content.layers)
+    layers = ms.unet_attention_layers(model)
+    tokens_channels = {}
+    for k in content.layers:
+        gh, gw = ms._grid(args.size, args.size, layers[k].level)
+        tokens_channels[k] = (gh * gw, layers[k].channels)
+    planned50 = plan50.planned_nbytes(1, tokens_channels)
+
+    # ---- models to time
+    params = ff.get_preset("magicstyle")
+    fused, patches = ms.patch_model(model, params, "preset default", "", content, style, "bench")
+
+    def shared_attention(q, k, v, extra):
+        # StyleAligned: row 0 is the reference (plain attention); the other rows AdaIN their q/k toward the
+        # reference's and attend over [K_ref ; K_self], [V_ref ; V_self]
+        heads = extra["n_heads"]
+        ref = ff.attention(q[:1], k[:1], v[:1], heads)
+        sa = ff.fuse_for_preset(ff.get_preset("stylealigned"), q[1:], k[1:], v[1:], None, (q[:1], k[:1], v[:1]),
+                                heads)
+        return torch.cat([ref, sa], dim=0)
+
+    aligned = model.clone()
+    for key in layers:
+        aligned.set_model_attn1_replace(shared_attention, *key)
+    batch2 = torch.cat([z_s, zt], dim=0)
+
+    descending = inv.inversion_sigmas(sigmas).flip(0)
+
+    def run(m, x):
+        sampler = comfy.samplers.KSAMPLER(inversion_nodes.reverse_sampler_function("ddim", 0.93))
+        start = time.perf_counter()
+        with torch.inference_mode():
+            common.guided_run(m, cond, None, 1.0, x, sampler, descending)
+        return time.perf_counter() - start
+
+    run(model, zt)  # warm-up
+    times = {"plain": [], "ffa": [], "stylealigned": []}
+    for _ in range(args.repeats):
+        times["plain"].append(run(model, zt))
+        times["ffa"].append(run(fused, zt))
+        times["stylealigned"].append(run(aligned, batch2))
+    best = {k: min(v) for k, v in times.items()}
+    print("all timings (s):", {k: [round(t, 2) for t in v] for k, v in times.items()})
+    assert all(p.calls > 0 for p in patches.values())
+
+    n_layers = len(content.layers)
+    print(f"MagicStyle bench: SD1.5 structure (16 attention layers), width {args.width} (SD1.5: 320), 2 heads, "
+          f"latent {args.size}x{args.size} ({args.size * 8} px), {args.steps} steps timed, best of {args.repeats}, "
+          f"CPU threads {torch.get_num_threads()}, ComfyUI attention: {args.comfy_attention}")
+    print()
+    print("| measure | value | goal |")
+    print("|---|---|---|")
+    print(f"| store bytes, 50 steps, default layers (decoder, {n_layers} layers, fp16): n | "
+          f"{per_step_n * 50 / 2**20:.1f} MiB (plan {planned50 / 2**20:.1f} MiB) | |")
+    print(f"| same, storing q/k/v | {per_step_qkv * 50 / 2**20:.1f} MiB | |")
+    print(f"| n / q,k,v | {per_step_n / per_step_qkv:.3f} | <= 0.34 |")
+    print(f"| plain sampling | {best['plain']:.2f} s | |")
+    print(f"| FFA sampling (magicstyle: {len(patches)} layers, gamma {params.gamma}, w_c {params.content_weight}, "
+          f"tau {params.tau}) | {best['ffa']:.2f} s | |")
+    print(f"| FFA / plain | {best['ffa'] / best['plain']:.3f} | <= 1.25 |")
+    print(f"| StyleAligned way (reference in the batch, shared attention, 16 layers) | {best['stylealigned']:.2f} s "
+          "| |")
+    print(f"| StyleAligned / plain | {best['stylealigned'] / best['plain']:.3f} | |")
+
+
+if __name__ == "__main__":
+    main()

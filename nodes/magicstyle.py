@@ -1,0 +1,644 @@
+"""MagicStyle nodes: KV Feature Store, Feature Fusion Attention, AdaIN Latent and the one-box MagicStyle Portrait.
+
+- The KV Feature Store node outputs an immutable *spec*; DDIM Invert calls ``spec.begin(...)`` to get a model clone
+  whose attn1_patch records the normalised hidden state ``n`` entering the selected attn1 layers on the one model call
+  per sigma the inversion's capture gate marks, and ``spec.finish(...)`` to check the store is complete.
+- Feature Fusion Attention patches a clone with one attn1 replace per selected layer. Each holds that layer's attn1
+  module and recomputes q/k/v of the stored states with its to_q/to_k/to_v. Replaces already in the slot (another
+  pack's) are chained: they run on inactive steps/branches, and on active ones they compute the fused attention from
+  FFA's q/k/v (tau folded into q, the content weight realised by repeating key/value groups). An OUTER_SAMPLE wrapper
+  refuses a sampling run whose latent size, batch or schedule the stores were not recorded for.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import comfy.model_management
+import comfy.patcher_extension
+import comfy.samplers
+import comfy.utils
+import torch
+from comfy_api.latest import io, ui
+
+from ..magic_core import fusion as ff
+from ..magic_core import inversion as inv
+from ..magic_core import kv_store as kvs
+from ..magic_core import layers as lay
+from .common import CATEGORY, PREFIX, NodeInputError, check_latent, guided_run, model_family, model_identity, schedule
+from .inversion import KVStoreSpecType, KVStoreType, reverse_sampler_function, run_inversion
+
+log = logging.getLogger(__name__)
+
+STORE_LAYER_PRESETS = ["all", "decoder", "instantstyle_style", "instantstyle_layout", "styleid", "masactrl", "custom"]
+FUSION_LAYER_CHOICES = ["preset default", *STORE_LAYER_PRESETS]
+UNCOND_CHOICES = ["preset default", *ff.UNCOND_MODES]
+DEVICE_CHOICES = ["cpu (offload)", "model device"]
+FROM_PRESET = -1.0
+WRAPPER_KEY = "magic_portrait_magicstyle_store_check"
+LAYERS_TOOLTIP = ("Self-attention layers: a preset, or 'custom' with the custom_layers list, e.g. "
+                  "'output 3-5, middle 0, input 8:0-3' (block numbers as ComfyUI counts them; ':i' picks transformer "
+                  "indices in SDXL's deep blocks).")
+
+
+# ------------------------------------------------------------------------------------------------ model structure
+@dataclass(frozen=True)
+class AttnLayer:
+    key: lay.LayerKey
+    attn1: torch.nn.Module
+    channels: int  # width of n entering attn1
+    inner_dim: int  # heads * dim_head of q/k/v
+    level: int  # number of 2x downsamplings of the latent grid at this layer
+
+
+def _transformer_blocks(block) -> list:
+    out = []
+    for layer in block:
+        out.extend(getattr(layer, "transformer_blocks", ()))
+    return out
+
+
+def _has(block, name: str) -> bool:
+    return any(type(layer).__name__ == name for layer in block)
+
+
+def unet_attention_layers(model) -> dict[lay.LayerKey, AttnLayer]:
+    """Every self-attention layer of the model's UNet with its attn1 module, widths and resolution level."""
+    unet = model.model.diffusion_model
+    if not all(hasattr(unet, name) for name in ("input_blocks", "middle_block", "output_blocks")):
+        raise ValueError(f"{type(unet).__name__} is not a UNet with input/middle/output blocks (SD1.5/SDXL)")
+    found: dict[lay.LayerKey, AttnLayer] = {}
+
+    def add(block_name, number, block, level):
+        for index, tb in enumerate(_transformer_blocks(block)):
+            attn1 = tb.attn1
+            found[(block_name, number, index)] = AttnLayer((block_name, number, index), attn1,
+                                                          int(attn1.to_q.in_features), int(attn1.to_q.out_features),
+                                                          level)
+
+    level = 0
+    for number, block in enumerate(unet.input_blocks):
+        if _has(block, "Downsample"):
+            level += 1
+        add("input", number, block, level)
+    add("middle", 0, unet.middle_block, level)
+    for number, block in enumerate(unet.output_blocks):
+        add("output", number, block, level)
+        if _has(block, "Upsample"):
+            level -= 1
+    return found
+
+
+def depths_of(layers: dict[lay.LayerKey, AttnLayer]) -> dict[tuple[str, int], int]:
+    depths: dict[tuple[str, int], int] = {}
+    for b, n, _ in layers:
+        depths[(b, n)] = depths.get((b, n), 0) + 1
+    return depths
+
+
+def layer_family(model, node: str, input_name: str = "model") -> str:
+    family = model_family(model)
+    if family in ("sd15", "sdxl"):
+        return family
+    if family == "sd2x":
+        return "sd15"  # same block positions as SD1.5
+    raise NodeInputError(node, input_name, f"MagicStyle supports SD1.5/SD2.x/SDXL UNets, not {family}")
+
+
+def resolve_model_layers(model, preset: str, custom: str, node: str, input_name: str = "layers"):
+    layers = unet_attention_layers(model)
+    family = layer_family(model, node)
+    spec = custom if preset == "custom" else preset
+    if preset == "custom" and not str(custom).strip():
+        raise NodeInputError(node, "custom_layers", "layers is 'custom': write a layer list, e.g. 'output 3-5'")
+    try:
+        keys = lay.resolve_layers(spec, family, depths_of(layers))
+    except lay.LayerSpecError as err:
+        raise NodeInputError(node, "custom_layers" if preset == "custom" else input_name, str(err)) from None
+    return keys, layers
+
+
+def _grid(h: int, w: int, level: int) -> tuple[int, int]:
+    for _ in range(level):
+        h, w = (h + 1) // 2, (w + 1) // 2
+    return h, w
+
+
+# ------------------------------------------------------------------------------------------------ capture
+class CapturePatch:
+    """attn1_patch: while the gate is open, record `n` of the selected layers into the store; changes nothing."""
+
+    def __init__(self, store: kvs.KVStore, gate: kvs.CaptureGate, inner_dims: dict):
+        self.store, self.gate, self.inner_dims = store, gate, inner_dims
+
+    def __call__(self, n, context_attn1, value_attn1, extra_options):
+        if self.gate.open:
+            key = lay.layer_key(extra_options)
+            if key is not None and key in self.inner_dims:
+                self.store.record(key, extra_options["sigmas"], n, extra_options.get("cond_or_uncond"),
+                                  self.inner_dims[key])
+        return n, context_attn1, value_attn1
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+@dataclass(frozen=True)
+class KVStoreSpec:
+    """What a KV Feature Store node asked for; DDIM Invert fills one store per inversion with it."""
+
+    layers: str = "decoder"
+    custom_layers: str = ""
+    dtype: str = "fp16"
+    device: str = "cpu (offload)"
+    budget_mb: float = 4096.0
+    start_percent: float = 0.0
+    end_percent: float = 1.0
+    label: str = ""
+    node: str = PREFIX + "KVFeatureStore"
+
+    def begin(self, model, samples: torch.Tensor, sigmas: torch.Tensor, node: str):
+        keys, layers = resolve_model_layers(model, self.layers, self.custom_layers, self.node)
+        device = "cpu" if self.device.startswith("cpu") else model.load_device
+        budget = None if self.budget_mb <= 0 else int(self.budget_mb * 1024 * 1024)
+        inner_dims = {k: layers[k].inner_dim for k in keys}
+        try:
+            store = kvs.KVStore(model_identity(model), samples.shape, sigmas, layer_family(model, node), keys,
+                                dtype=self.dtype, device=device, budget_bytes=budget,
+                                start_percent=self.start_percent, end_percent=self.end_percent,
+                                inner_dims=inner_dims, label=self.label)
+        except ValueError as err:
+            raise NodeInputError(node, "feature_store", f"{err} (set on the KV Feature Store node)") from None
+        h, w = samples.shape[-2:]
+        tokens_channels = {}
+        for k in keys:
+            gh, gw = _grid(int(h), int(w), layers[k].level)
+            tokens_channels[k] = (gh * gw, layers[k].channels)
+        try:
+            store.check_plan(samples.shape[0], tokens_channels)
+        except kvs.StoreBudgetError as err:
+            raise NodeInputError(node, "feature_store", f"{err} (the KV Feature Store node's budget_mb is "
+                                 f"{self.budget_mb:g})") from None
+        clone = model.clone()
+        gate = kvs.CaptureGate()
+        clone.set_model_attn1_patch(CapturePatch(store, gate, inner_dims))
+        to = clone.model_options.setdefault("transformer_options", {})
+        to[inv.CAPTURE_GATES_KEY] = [*to.get(inv.CAPTURE_GATES_KEY, []), gate]
+        return clone, store
+
+    def finish(self, store: kvs.KVStore, node: str) -> None:
+        missing = store.missing()
+        if missing:
+            layers = lay.format_layers(sorted({k for k, _ in missing}))
+            steps = sorted({i for _, i in missing})
+            raise NodeInputError(
+                node, "feature_store",
+                f"the inversion left {len(missing)} (layer, step) features unrecorded: layers {layers} at steps "
+                f"{steps[:12]}{'...' if len(steps) > 12 else ''}. The UNet never ran those self-attention layers on "
+                "the captured calls (another patch replacing the UNet or its blocks?), or the inversion's sampler "
+                "does not open the capture gate (use DDIM Invert).")
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+# ------------------------------------------------------------------------------------------------ fusion
+def _default_attention(q, k, v, extra):
+    from comfy.ldm.modules import attention as comfy_attention
+
+    return comfy_attention.optimized_attention(q, k, v, extra["n_heads"], attn_precision=extra.get("attn_precision"),
+                                               transformer_options=extra)
+
+
+class FusionAttn1:
+    """attn1 replace for one layer: Feature Fusion Attention on active steps, else the previous replace / default."""
+
+    def __init__(self, key, attn1, params: ff.FusionParams, content, style, previous, steps: frozenset, node: str):
+        self.key, self.attn1, self.params = key, attn1, params
+        self.content, self.style, self.previous = content, style, previous
+        self.steps, self.node = steps, node
+        self.ref = content if content is not None else style
+        self.calls = 0  # active (fused) calls, for tests and reports
+        self._warned = False
+
+    def _plain(self, q, k, v, extra):
+        if self.previous is not None:
+            return self.previous(q, k, v, extra)
+        return _default_attention(q, k, v, extra)
+
+    def _source(self, store, sigma, b, dtype, device, need_q, need_kv):
+        if store is None:
+            return None
+        n = store.get(self.key, sigma, device=device, dtype=dtype)
+        if n.shape[0] not in (1, b):
+            raise kvs.StoreMismatchError(
+                f"[{self.node}] a KV store holds {n.shape[0]} images but the sampling batch has {b}: use a batch of "
+                f"{n.shape[0]} or a store of one image (shared by every image)")
+        a = self.attn1
+        q = a.to_q(n) if need_q else None
+        k = a.to_k(n) if need_kv else None
+        v = a.to_v(n) if need_kv else None
+        return (q, k, v)
+
+    def __call__(self, q, k, v, extra):
+        sigma = extra.get("sigmas")
+        idx = None if sigma is None else self.ref.step_index(sigma)
+        if idx is None or idx not in self.steps:
+            return self._plain(q, k, v, extra)
+        p = self.params
+        cou = list(extra.get("cond_or_uncond") or [0])
+        rows = q.shape[0]
+        b = kvs.chunk_batch(rows, cou)
+        content = self._source(self.content if p.needs_content else None, sigma, b, q.dtype, q.device,
+                               p.gamma > 0, p.use_content_kv and p.content_weight > 0)
+        style = self._source(self.style if p.needs_style else None, sigma, b, q.dtype, q.device, p.adain_qk, True)
+        self.calls += 1
+        heads = extra["n_heads"]
+        same = p.uncond_mode == "fuse" or all(c != 1 for c in cou)
+        groups = [(slice(0, rows), "cond", extra)] if same else [
+            (slice(j * b, (j + 1) * b), "uncond" if c == 1 else "cond", {**extra, "cond_or_uncond": [c]})
+            for j, c in enumerate(cou)]
+        outs = []
+        for sl, branch, sub in groups:
+            qs, ks, vs = q[sl], k[sl], v[sl]
+            n_rows = qs.shape[0]
+            plan = ff.fusion_inputs(p, qs, ks, vs, _rows(content, n_rows, b), _rows(style, n_rows, b), branch)
+            if plan is None:
+                outs.append(self._plain(qs, ks, vs, sub))
+            elif self.previous is None:
+                outs.append(plan.attend(heads))
+            else:
+                fq, fk, fv, exact = plan.as_plain_qkv()
+                if not exact and not self._warned:
+                    self._warned = True
+                    log.warning("[%s] content_weight %s is composed with another pack's attn1 replace at %s as the "
+                                "nearest fraction with denominator <= 4", self.node, p.content_weight, self.key)
+                outs.append(self.previous(fq, fk, fv, sub))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+def _rows(src, rows: int, b: int):
+    """A source of batch 1 or b mapped onto `rows` (= b or a multiple of b)."""
+    if src is None:
+        return None
+    out = []
+    for t in src:
+        if t is None or t.shape[0] in (1, rows):
+            out.append(t)
+        else:
+            out.append(t.repeat(rows // t.shape[0], 1, 1))
+    return tuple(out)
+
+
+class StoreCheckWrapper:
+    """OUTER_SAMPLE wrapper: the stores must fit the latent size, batch and schedule being sampled."""
+
+    def __init__(self, stores: list[tuple[str, kvs.KVStore]], node: str):
+        self.stores, self.node = stores, node
+
+    def __call__(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
+        for name, store in self.stores:
+            who = f"[{self.node}] input '{name}'"
+            store.check_compatible(None, tuple(latent_image.shape), sigmas, who=who)
+            batch = int(latent_image.shape[0])
+            if store.batch not in (None, 1, batch):
+                raise kvs.StoreMismatchError(
+                    f"{who}: the KV store holds {store.batch} images but the sampled latent batch has {batch}; use "
+                    f"a batch of {store.batch} or a store of one image (shared by every image)")
+        return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+def fusion_params(preset: str, gamma: float, content_weight: float, tau: float, start_percent: float,
+                  end_percent: float, uncond: str, node: str) -> ff.FusionParams:
+    overrides = {}
+    for name, value in (("gamma", gamma), ("content_weight", content_weight), ("tau", tau),
+                        ("start_percent", start_percent), ("end_percent", end_percent)):
+        if value != FROM_PRESET:
+            if value < 0:
+                raise NodeInputError(node, name, f"must be >= 0, or -1 for the preset's value; got {value}")
+            overrides[name] = float(value)
+    if uncond != "preset default":
+        overrides["uncond_mode"] = uncond
+    try:
+        return ff.get_preset(preset, **overrides)
+    except ValueError as err:
+        name = next((n for n in overrides if n in str(err)), "preset")
+        raise NodeInputError(node, name, str(err)) from None
+
+
+def _check_store(node: str, name: str, store, model_id: str, layers, steps, n_steps: int | None):
+    if store is None:
+        return
+    if not isinstance(store, kvs.KVStore):
+        raise NodeInputError(node, name, "expected a MAGIC_KV_STORE: connect DDIM Invert's 'features' output (with "
+                             "a KV Feature Store node on its feature_store input)")
+    try:
+        store.check_compatible(model_id, None, who=f"[{node}] input '{name}'")
+    except kvs.StoreMismatchError as err:
+        raise NodeInputError(node, name, str(err).split(": ", 1)[-1]) from None
+    if n_steps is not None and store.n_steps != n_steps:
+        raise NodeInputError(node, name, f"was recorded on {store.n_steps} steps but the other store on {n_steps}: "
+                             "invert both images with the same schedule")
+    lacking = [k for k in layers if k not in store.layers]
+    if lacking:
+        raise NodeInputError(node, name, f"does not hold layers {lay.format_layers(lacking)} that fusion uses (it "
+                             f"holds {lay.format_layers(store.layers)}): choose a KV Feature Store layer preset that "
+                             "covers the fusion layers (e.g. 'all' or 'decoder'), or fewer fusion layers")
+    lacking_steps = sorted(set(steps) - set(store.step_indices))
+    if lacking_steps:
+        raise NodeInputError(node, name, f"does not hold steps {lacking_steps[:10]} where fusion is active: widen the "
+                             "KV Feature Store's start/end percent or narrow the fusion's")
+    if store.missing():
+        raise NodeInputError(node, name, "is incomplete (the inversion that filled it did not finish)")
+
+
+def patch_model(model, params: ff.FusionParams, layers_choice: str, custom_layers: str, content_store, style_store,
+                node: str):
+    """A clone of `model` with Feature Fusion Attention; returns (clone, {layer: FusionAttn1})."""
+    preset_layers = params.layers_preset if layers_choice == "preset default" else layers_choice
+    keys, layers = resolve_model_layers(model, preset_layers, custom_layers, node)
+    needs = []
+    if params.needs_content:
+        needs.append(("content_store", content_store))
+    if params.needs_style:
+        needs.append(("style_store", style_store))
+    for name, store in needs:
+        if store is None:
+            raise NodeInputError(node, name, f"the {params.name} preset needs it: connect DDIM Invert's features "
+                                 "output (the content image's for content_store, the style image's for style_store)")
+    content = content_store if params.needs_content else None
+    style = style_store if params.needs_style else None
+    ref = content if content is not None else style
+    steps = kvs.percent_steps(ref.n_steps, params.start_percent, params.end_percent)
+    model_id = model_identity(model)
+    n_steps = None
+    for name, store in (("content_store", content), ("style_store", style)):
+        _check_store(node, name, store, model_id, keys, steps, n_steps)
+        if store is not None:
+            n_steps = store.n_steps
+    if content is not None and style is not None:
+        try:
+            style.check_compatible(None, content.latent_shape, content.sigmas, who=f"[{node}] input 'style_store'")
+        except kvs.StoreMismatchError as err:
+            raise NodeInputError(node, "style_store", str(err).split(": ", 1)[-1] + " (compared with content_store)") \
+                from None
+    clone = model.clone()
+    existing = clone.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
+    patches = {}
+    for key in keys:
+        previous = existing.get(key) or existing.get(key[:2])
+        patch = FusionAttn1(key, layers[key].attn1, params, content, style, previous, frozenset(steps), node)
+        clone.set_model_attn1_replace(patch, key[0], key[1], key[2])
+        patches[key] = patch
+    stores = [(name, s) for name, s in (("content_store", content), ("style_store", style)) if s is not None]
+    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY,
+                               StoreCheckWrapper(stores, node))
+    return clone, patches
+
+
+# ------------------------------------------------------------------------------------------------ nodes
+def _param_inputs():
+    return [
+        io.Combo.Input("preset", options=list(ff.FUSION_PRESET_NAMES), default="magicstyle",
+                       tooltip="magicstyle: portrait defaults (content query preservation, style + half-weight "
+                       "content K/V, tau 1.5). styleid: style K/V only, gamma 0.75, tau 1.5. stylealigned: AdaIN of "
+                       "Q/K toward the style and shared attention. masactrl: current query on the content's K/V."),
+        io.Float.Input("gamma", default=FROM_PRESET, min=-1.0, max=1.0, step=0.05,
+                       tooltip="Query preservation Q = gamma*Q_content + (1-gamma)*Q_current. -1: the preset's."),
+        io.Float.Input("content_weight", default=FROM_PRESET, min=-1.0, max=10.0, step=0.05,
+                       tooltip="Weight of the content key/value columns (0 drops them). -1: the preset's."),
+        io.Float.Input("tau", default=FROM_PRESET, min=-1.0, max=5.0, step=0.05,
+                       tooltip="Attention temperature on the logits (>1 sharpens). -1: the preset's."),
+        io.Combo.Input("layers", options=FUSION_LAYER_CHOICES, default="preset default", tooltip=LAYERS_TOOLTIP),
+        io.String.Input("custom_layers", default="", tooltip="Used when layers is 'custom'."),
+        io.Float.Input("start_percent", default=FROM_PRESET, min=-1.0, max=1.0, step=0.01,
+                       tooltip="Fusion is active on steps i with start <= i/steps < end. -1: the preset's."),
+        io.Float.Input("end_percent", default=FROM_PRESET, min=-1.0, max=1.0, step=0.01,
+                       tooltip="-1: the preset's."),
+        io.Combo.Input("uncond", options=UNCOND_CHOICES, default="preset default",
+                       tooltip="The unconditional CFG branch: fuse (as the conditional), plain (unpatched), "
+                       "style_only (current query on the style K/V)."),
+    ]
+
+
+class KVFeatureStore(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id=PREFIX + "KVFeatureStore",
+            display_name="KV Feature Store (Magic Portrait)",
+            category=CATEGORY + "/magicstyle",
+            description="Says which self-attention features a DDIM Invert keeps (connect to its feature_store "
+            "input): the normalised hidden state entering attn1 of the chosen layers at the chosen steps (q/k/v are "
+            "recomputed from it later: a third of the memory).",
+            inputs=[
+                io.Combo.Input("layers", options=STORE_LAYER_PRESETS, default="decoder", tooltip=LAYERS_TOOLTIP),
+                io.String.Input("custom_layers", default="", tooltip="Used when layers is 'custom'."),
+                io.Combo.Input("dtype", options=list(kvs.DTYPES), default="fp16"),
+                io.Combo.Input("device", options=DEVICE_CHOICES, default=DEVICE_CHOICES[0],
+                               tooltip="Where stored features live: CPU RAM (default) or the model's device."),
+                io.Float.Input("budget_mb", default=4096.0, min=0.0, max=1_000_000.0, step=64.0,
+                               tooltip="Refuse (before inverting) a recording larger than this; 0: no limit."),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Keep steps i with start <= i/steps < end (steps counted from the noisiest)."),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01),
+            ],
+            outputs=[KVStoreSpecType.Output(display_name="feature_store")],
+        )
+
+    @classmethod
+    def execute(cls, layers, custom_layers, dtype, device, budget_mb, start_percent, end_percent) -> io.NodeOutput:
+        node = cls.define_schema().node_id
+        if layers == "custom" and not custom_layers.strip():
+            raise NodeInputError(node, "custom_layers", "layers is 'custom': write a layer list, e.g. 'output 3-5'")
+        if start_percent > end_percent:
+            raise NodeInputError(node, "start_percent", f"{start_percent} is above end_percent {end_percent}")
+        spec = KVStoreSpec(layers=layers, custom_layers=custom_layers, dtype=dtype, device=device,
+                           budget_mb=float(budget_mb), start_percent=float(start_percent),
+                           end_percent=float(end_percent), node=node)
+        return io.NodeOutput(spec)
+
+
+class FeatureFusionAttention(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id=PREFIX + "FeatureFusionAttention",
+            display_name="Feature Fusion Attention (Magic Portrait)",
+            category=CATEGORY + "/magicstyle",
+            description="Patch a clone of MODEL so its self-attention fuses stored content and style features "
+            "(MagicStyle's Feature Fusion Attention, and the StyleID / StyleAligned / MasaCtrl variants). Sample "
+            "from the content's inverted latent on the inversion's schedule (Sample Inverted).",
+            inputs=[
+                io.Model.Input("model"),
+                *_param_inputs(),
+                KVStoreType.Input("content_store", optional=True,
+                                  tooltip="DDIM Invert's features of the content image."),
+                KVStoreType.Input("style_store", optional=True, tooltip="DDIM Invert's features of the style image."),
+            ],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, preset, gamma, content_weight, tau, layers, custom_layers, start_percent, end_percent,
+                uncond, content_store=None, style_store=None) -> io.NodeOutput:
+        node = cls.define_schema().node_id
+        params = fusion_params(preset, gamma, content_weight, tau, start_percent, end_percent, uncond, node)
+        clone, patches = patch_model(model, params, layers, custom_layers, content_store, style_store, node)
+        report = (f"{params.name}: gamma {params.gamma:g}, content_weight {params.content_weight:g}, tau "
+                  f"{params.tau:g}, steps {params.start_percent:g}-{params.end_percent:g}, uncond "
+                  f"{params.uncond_mode}; {len(patches)} layers: {lay.format_layers(patches)}")
+        return io.NodeOutput(clone, ui=ui.PreviewText(report))
+
+
+class AdaINLatent(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id=PREFIX + "AdaINLatent",
+            display_name="AdaIN Latent (Magic Portrait)",
+            category=CATEGORY + "/magicstyle",
+            description="Give each content latent the per-channel mean and std of the style latent "
+            "(z = std_s * (z_c - mean_c) / std_c + mean_s), e.g. on inverted latents before fused sampling.",
+            inputs=[
+                io.Latent.Input("content"),
+                io.Latent.Input("style", tooltip="One image (shared) or one per content image."),
+                io.Float.Input("strength", default=1.0, min=0.0, max=1.0, step=0.05,
+                               tooltip="Blend between the content latent (0) and its AdaIN (1)."),
+            ],
+            outputs=[io.Latent.Output()],
+        )
+
+    @classmethod
+    def execute(cls, content, style, strength) -> io.NodeOutput:
+        node = cls.define_schema().node_id
+        z_c, z_s = _samples(node, "content", content), _samples(node, "style", style)
+        if z_s.shape[1] != z_c.shape[1]:
+            raise NodeInputError(node, "style", f"has {z_s.shape[1]} channels but content has {z_c.shape[1]}: "
+                                 "both must come from the same model family")
+        if z_s.shape[0] not in (1, z_c.shape[0]):
+            raise NodeInputError(node, "style", f"batch {z_s.shape[0]} must be 1 or the content's {z_c.shape[0]}")
+        out = ff.adain_latent(z_c.float(), z_s.float())
+        if strength != 1.0:
+            out = z_c.float() + strength * (out - z_c.float())
+        return io.NodeOutput({**content, "samples": out.to(z_c.dtype)})
+
+
+def _samples(node, name, latent) -> torch.Tensor:
+    samples = latent.get("samples") if isinstance(latent, dict) else None
+    if not isinstance(samples, torch.Tensor) or samples.ndim < 4:
+        raise NodeInputError(node, name, "expected a LATENT with [B, C, H, W] samples")
+    return samples
+
+
+def _fit_image(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    if image.shape[1] == height and image.shape[2] == width:
+        return image
+    moved = image.movedim(-1, 1)
+    return comfy.utils.common_upscale(moved, width, height, "bilinear", "center").movedim(1, -1)
+
+
+class MagicStylePortrait(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id=PREFIX + "MagicStylePortrait",
+            display_name="MagicStyle Portrait (Magic Portrait)",
+            category=CATEGORY + "/magicstyle",
+            description="The whole MagicStyle pipeline in one node: encode, DDIM-invert the content and the style "
+            "image keeping their self-attention features, AdaIN the content's inverted latent toward the style's, "
+            "sample back with Feature Fusion Attention through ComfyUI's guider (ControlNets and other patches "
+            "apply), decode.",
+            inputs=[
+                io.Model.Input("model"),
+                io.Vae.Input("vae"),
+                io.Image.Input("content_image", tooltip="One portrait or a batch."),
+                io.Image.Input("style_image", tooltip="One style reference (resized/cropped to the content's size)."),
+                io.Conditioning.Input("positive", tooltip="Sampling prompt; an empty or style prompt is usual."),
+                io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES, default="normal"),
+                io.Int.Input("steps", default=50, min=2, max=1000),
+                io.Float.Input("cfg", default=1.0, min=0.0, max=30.0, step=0.1, round=0.01),
+                *_param_inputs(),
+                io.Boolean.Input("adain_latent", default=True,
+                                 tooltip="Start from the AdaIN of the content's inverted latent toward the style's."),
+                io.Combo.Input("inversion_mode", options=["ddim", "fixed_point"], default="ddim",
+                               tooltip="fixed_point: refine_iterations extra calls per step, a more faithful "
+                               "inversion."),
+                io.Int.Input("refine_iterations", default=0, min=0, max=50),
+                io.Combo.Input("store_dtype", options=list(kvs.DTYPES), default="fp16"),
+                io.Combo.Input("store_device", options=DEVICE_CHOICES, default=DEVICE_CHOICES[0]),
+                io.Float.Input("store_budget_mb", default=4096.0, min=0.0, max=1_000_000.0, step=64.0),
+                io.Conditioning.Input("negative", optional=True, tooltip="Needed when cfg is not 1."),
+                io.Conditioning.Input("inversion_positive", optional=True,
+                                      tooltip="Conditioning for the two inversions (default: positive)."),
+            ],
+            outputs=[io.Image.Output(display_name="image"), io.Latent.Output(display_name="latent")],
+        )
+
+    @classmethod
+    def execute(cls, model, vae, content_image, style_image, positive, scheduler, steps, cfg, preset, gamma,
+                content_weight, tau, layers, custom_layers, start_percent, end_percent, uncond, adain_latent,
+                inversion_mode, refine_iterations, store_dtype, store_device, store_budget_mb, negative=None,
+                inversion_positive=None) -> io.NodeOutput:
+        node = cls.define_schema().node_id
+        started = time.perf_counter()
+        if cfg != 1.0 and negative is None:
+            raise NodeInputError(node, "negative", f"cfg is {cfg}: connect a negative conditioning or set cfg to 1")
+        params = fusion_params(preset, gamma, content_weight, tau, start_percent, end_percent, uncond, node)
+        layer_choice = params.layers_preset if layers == "preset default" else layers
+        spec = KVStoreSpec(layers=layer_choice, custom_layers=custom_layers, dtype=store_dtype, device=store_device,
+                           budget_mb=float(store_budget_mb), start_percent=params.start_percent,
+                           end_percent=params.end_percent, node=node)
+        content_px = content_image[..., :3]
+        style_px = _fit_image(style_image[:1, ..., :3], content_px.shape[1], content_px.shape[2])
+        z_c = check_latent(node, model, {"samples": vae.encode(content_px)}, "content_image")
+        z_s = check_latent(node, model, {"samples": vae.encode(style_px)}, "style_image")
+        sigmas = schedule(model, scheduler, steps, 1.0)
+        inv_pos = positive if inversion_positive is None else inversion_positive
+
+        def invert(z, label, wanted):
+            if not wanted and not adain_latent and label == "style":
+                return None, None
+            run_model, store = spec.begin(model=model, samples=z, sigmas=sigmas, node=node) if wanted else (model, None)
+            if store is not None:
+                store.label = label
+            latent, _, _, outcome = run_inversion(run_model, inv_pos, None, 1.0, z, sigmas, inversion_mode,
+                                                  refine_iterations, inv.EDICT_DEFAULT_MIX)
+            if store is not None:
+                spec.finish(store, node)
+            return latent, store
+
+        zt_c, content_store = invert(z_c, "content", params.needs_content)
+        zt_s, style_store = invert(z_s, "style", params.needs_style)
+        start = ff.adain_latent(zt_c, zt_s) if adain_latent else zt_c
+        patched, patches = patch_model(model, params, layers, custom_layers,
+                                       content_store if params.needs_content else None, style_store, node)
+        sampler = comfy.samplers.KSAMPLER(reverse_sampler_function("ddim", inv.EDICT_DEFAULT_MIX))
+        out = guided_run(patched, positive, negative, cfg, start, sampler, inv.inversion_sigmas(sigmas).flip(0))
+        image = vae.decode(out)
+        if image.ndim == 5:
+            image = image.reshape(-1, *image.shape[-3:])
+        stores = [s for s in (content_store, style_store) if s is not None]
+        report = (f"{params.name}: {len(patches)} layers, {len(sigmas) - 1} steps, {z_c.shape[0]} image(s); "
+                  + "; ".join(s.summary() for s in stores) + f"; {time.perf_counter() - started:.1f} s")
+        return io.NodeOutput(image, {"samples": out}, ui=ui.PreviewText(report))
+
+
+NODES = [KVFeatureStore, FeatureFusionAttention, AdaINLatent, MagicStylePortrait]

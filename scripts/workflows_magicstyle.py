@@ -1,0 +1,90 @@
+"""MagicStyle example workflows (collected by scripts/make_workflows.py): separate nodes, and the single node."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from make_workflows import CHECKPOINT, CONTENT_IMAGE, STYLE_IMAGE, base  # noqa: E402
+
+from magic_portrait.workflow_builder import Workflow  # noqa: E402
+
+STEPS = 50
+SIZE = 512
+
+
+def _style_image(wf: Workflow, ckpt=None, encode: bool = True):
+    load = wf.node("LoadImage", image=STYLE_IMAGE, title="Style image")
+    scale = wf.node("ImageScale", upscale_method="bilinear", width=SIZE, height=SIZE, crop="center",
+                    title="Style image at the content's size")
+    wf.connect(load.out("IMAGE"), scale, "image")
+    if not encode:
+        return scale
+    vae_encode = wf.node("VAEEncode", title="Encode style")
+    wf.connect(scale.out(0), vae_encode, "pixels")
+    wf.connect(ckpt.out("VAE"), vae_encode, "vae")
+    return vae_encode
+
+
+def magicstyle_portrait(classes) -> Workflow:
+    wf = Workflow(classes)
+    ckpt, text, encode = base(wf)
+    style = _style_image(wf, ckpt)
+    wf.column = 2
+    store = wf.node("MagicPortrait_KVFeatureStore", layers="decoder", title="KV Feature Store (decoder, fp16, CPU)")
+    inv_c = wf.node("MagicPortrait_DDIMInvert", steps=STEPS, mode="ddim", title="Content DDIM Inversion")
+    inv_s = wf.node("MagicPortrait_DDIMInvert", steps=STEPS, mode="ddim", title="Style DDIM Inversion")
+    for inv, latent in ((inv_c, encode), (inv_s, style)):
+        wf.connect(ckpt.out("MODEL"), inv, "model")
+        wf.connect(text.out(0), inv, "positive")
+        wf.connect(latent.out(0), inv, "latent")
+        wf.connect(store.out(0), inv, "feature_store")
+    wf.column = 3
+    adain = wf.node("MagicPortrait_AdaINLatent", strength=1.0)
+    wf.connect(inv_c.out("inverted_latent"), adain, "content")
+    wf.connect(inv_s.out("inverted_latent"), adain, "style")
+    ffa = wf.node("MagicPortrait_FeatureFusionAttention", preset="magicstyle")
+    wf.connect(ckpt.out("MODEL"), ffa, "model")
+    wf.connect(inv_c.out("features"), ffa, "content_store")
+    wf.connect(inv_s.out("features"), ffa, "style_store")
+    sample = wf.node("MagicPortrait_SampleInverted", title="Feature Fusion Forward")
+    wf.connect(ffa.out(0), sample, "model")
+    wf.connect(inv_c.out("inversion"), sample, "inversion")
+    wf.connect(adain.out(0), sample, "start_latent")
+    wf.column = 4
+    decode = wf.node("VAEDecode")
+    wf.connect(sample.out(0), decode, "samples")
+    wf.connect(ckpt.out("VAE"), decode, "vae")
+    save = wf.node("SaveImage", filename_prefix="magic_portrait/magicstyle")
+    wf.connect(decode.out(0), save, "images")
+    return wf
+
+
+def magicstyle_portrait_single_node(classes) -> Workflow:
+    wf = Workflow(classes)
+    wf.column = 0
+    ckpt = wf.node("CheckpointLoaderSimple", ckpt_name=CHECKPOINT)
+    text = wf.node("CLIPTextEncode", text="", title="Prompt (empty)")
+    wf.connect(ckpt.out("CLIP"), text, "clip")
+    content = wf.node("LoadImage", image=CONTENT_IMAGE, title="Content image")
+    wf.column = 1
+    style = _style_image(wf, encode=False)
+    wf.column = 2
+    portrait = wf.node("MagicPortrait_MagicStylePortrait", steps=STEPS, preset="magicstyle")
+    wf.connect(ckpt.out("MODEL"), portrait, "model")
+    wf.connect(ckpt.out("VAE"), portrait, "vae")
+    wf.connect(content.out("IMAGE"), portrait, "content_image")
+    wf.connect(style.out(0), portrait, "style_image")
+    wf.connect(text.out(0), portrait, "positive")
+    wf.column = 3
+    save = wf.node("SaveImage", filename_prefix="magic_portrait/magicstyle_single")
+    wf.connect(portrait.out("image"), save, "images")
+    return wf
+
+
+WORKFLOWS = {
+    "magicstyle_portrait.json": magicstyle_portrait,
+    "magicstyle_portrait_single_node.json": magicstyle_portrait_single_node,
+}

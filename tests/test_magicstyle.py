@@ -1,0 +1,412 @@
+"""ComfyUI tier: MagicStyle (KV Feature Store, Feature Fusion Attention, AdaIN Latent, MagicStyle Portrait) on tiny
+random SD1.5/SDXL-architecture models, 16x16 latents and a few steps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import assert_same_snapshot, latent, model_snapshot, node_classes, run_node
+
+REPO = Path(__file__).resolve().parent.parent
+STEPS = 4
+FFA = "MagicPortrait_FeatureFusionAttention"
+
+
+@pytest.fixture(scope="module")
+def nodes(pack):
+    return node_classes(pack)
+
+
+@pytest.fixture(scope="module")
+def ms(pack):
+    return pack.nodes.magicstyle
+
+
+def store_spec(nodes, layers="all", dtype="fp32", start=0.0, end=1.0, budget_mb=4096.0, custom=""):
+    return run_node(nodes["MagicPortrait_KVFeatureStore"], layers=layers, custom_layers=custom, dtype=dtype,
+                    device="cpu (offload)", budget_mb=budget_mb, start_percent=start, end_percent=end).result[0]
+
+
+def invert(nodes, model, cond, lat, spec=None, steps=STEPS, mode="ddim"):
+    """DDIM Invert with a feature store; returns (inverted LATENT, record, sampling sigmas, store)."""
+    out = run_node(nodes["MagicPortrait_DDIMInvert"], model=model, positive=cond, latent=lat, scheduler="normal",
+                   steps=steps, strength=1.0, mode=mode, refine_iterations=0, edict_mix=0.93, cfg=1.0,
+                   measure_round_trip=False, feature_store=spec)
+    return out.result
+
+
+def fuse(nodes, model, preset="magicstyle", content=None, style=None, layers="preset default", custom="",
+         gamma=-1.0, content_weight=-1.0, tau=-1.0, start=-1.0, end=-1.0, uncond="preset default"):
+    return run_node(nodes[FFA], model=model, preset=preset, gamma=gamma, content_weight=content_weight, tau=tau,
+                    layers=layers, custom_layers=custom, start_percent=start, end_percent=end, uncond=uncond,
+                    content_store=content, style_store=style).result[0]
+
+
+def sample(nodes, model, record, start=None):
+    return run_node(nodes["MagicPortrait_SampleInverted"], model=model, inversion=record, cfg=1.0,
+                    measure_error=False, start_latent=start).result[0]["samples"]
+
+
+def ffa_patches(model) -> dict:
+    attn1 = model.model_options["transformer_options"]["patches_replace"]["attn1"]
+    return {k: p for k, p in attn1.items() if type(p).__name__ == "FusionAttn1"}
+
+
+# ----------------------------------------------------------------------------------- a store of the very pass
+@pytest.fixture(scope="module")
+def self_pass(nodes, ms, sd15, tiny):
+    """Invert a latent, then sample it back plainly while a store records every call of that reverse pass: the
+    store then holds exactly the hidden states a second, identical reverse pass computes (all but the last sigma,
+    which the reverse sampler never evaluates)."""
+    cond, lat = tiny.sd15_cond(1), latent(1)
+    _, record, sigmas, _ = invert(nodes, sd15, cond, lat)
+    end = (STEPS - 1) / STEPS
+    spec = store_spec(nodes, layers="all", dtype="fp32", end=end)
+    capturing, store = spec.begin(model=sd15, samples=record.latent, sigmas=sigmas, node="test")
+    gate = capturing.model_options["transformer_options"][pack_gates_key(ms)][-1]
+    gate.open = True
+    with torch.inference_mode():
+        plain = sample(nodes, capturing, record)
+    gate.open = False
+    assert store.is_complete() and len(store.step_indices) == STEPS - 1
+    return {"cond": cond, "record": record, "store": store, "plain": plain, "end": end}
+
+
+def pack_gates_key(ms):
+    return ms.inv.CAPTURE_GATES_KEY
+
+
+@pytest.mark.parametrize("content_weight", [0.0, 1.0])
+def test_identity_with_the_very_pass_as_style_and_duplicated_keys(nodes, sd15, self_pass, content_weight):
+    """gamma 0, tau 1, style = the current pass: content weight 0 (style K/V only) and content weight 1 with
+    content = style = the same store (duplicated keys [K;K], [V;V]) both equal the unpatched model."""
+    store = self_pass["store"]
+    content = store if content_weight else None
+    patched = fuse(nodes, sd15, preset="magicstyle" if content_weight else "styleid", content=content, style=store,
+                   layers="all", gamma=0.0, content_weight=content_weight, tau=1.0, start=0.0, end=self_pass["end"])
+    out = sample(nodes, patched, self_pass["record"])
+    patches = ffa_patches(patched)
+    assert len(patches) == 16 and all(p.calls == STEPS - 1 for p in patches.values())
+    torch.testing.assert_close(out, self_pass["plain"], rtol=1e-4, atol=1e-4)
+    # and the check has teeth: a sharper temperature changes the result
+    sharp = fuse(nodes, sd15, preset="styleid", style=store, layers="all", gamma=0.0, tau=2.0, start=0.0,
+                 end=self_pass["end"])
+    assert (sample(nodes, sharp, self_pass["record"]) - self_pass["plain"]).abs().max() > 1e-2
+
+
+def _attention_recorder(model):
+    """Forward hooks on every transformer block: the hidden state n entering attn1 (norm1's output) and the
+    attention output entering attn1.to_out, per layer and call. Returns (records, remove)."""
+    layers = model_layers(model)
+    records = {key: [] for key in layers}
+    handles = []
+    for key, info in layers.items():
+        block = info["block"]
+        handles.append(block.norm1.register_forward_hook(
+            lambda mod, args, out, key=key: records[key].append({"n": out.detach().clone()})))
+        handles.append(info["attn1"].to_out.register_forward_hook(
+            lambda mod, args, out, key=key: records[key][-1].__setitem__("a", args[0].detach().clone())))
+    return records, lambda: [h.remove() for h in handles]
+
+
+def model_layers(model) -> dict:
+    unet = model.model.diffusion_model
+    found = {}
+    for name, blocks in (("input", unet.input_blocks), ("middle", [unet.middle_block]), ("output", unet.output_blocks)):
+        for number, block in enumerate(blocks):
+            tbs = [tb for layer in block for tb in getattr(layer, "transformer_blocks", ())]
+            for index, tb in enumerate(tbs):
+                found[(name, number, index)] = {"block": tb, "attn1": tb.attn1}
+    return found
+
+
+def test_layers_outside_the_selection_are_bit_identical(nodes, ms, sd15, tiny):
+    """Only middle 0 is fused: every other layer's attention output is bit-identical to what the unpatched layer
+    computes from the same input; upstream layers see bit-identical inputs; the selected layer did change."""
+    cond, lat = tiny.sd15_cond(2), latent(2)
+    _, record, _, content = invert(nodes, sd15, cond, lat, store_spec(nodes, layers="all"), steps=3)
+    _, _, _, style = invert(nodes, sd15, cond, latent(3), store_spec(nodes, layers="all"), steps=3)
+    patched = fuse(nodes, sd15, content=content, style=style, layers="custom", custom="middle 0")
+    assert list(ffa_patches(patched)) == [("middle", 0, 0)]
+    from comfy.ldm.modules import attention as comfy_attention
+
+    recs, remove = _attention_recorder(sd15)
+    try:
+        sample(nodes, patched, record)
+    finally:
+        remove()
+    assert ffa_patches(patched)[("middle", 0, 0)].calls == 2  # 3 steps: the reverse evaluates 2 sigmas
+    plain_recs, remove = _attention_recorder(sd15)
+    try:
+        sample(nodes, sd15, record)
+    finally:
+        remove()
+    layers = model_layers(sd15)
+    with torch.inference_mode():
+        for key, calls in recs.items():
+            assert len(calls) == 2, key
+            attn1 = layers[key]["attn1"]
+            for call in calls:
+                n = call["n"]
+                ref = comfy_attention.optimized_attention(attn1.to_q(n), attn1.to_k(n), attn1.to_v(n), attn1.heads)
+                if key == ("middle", 0, 0):
+                    assert (call["a"] - ref).abs().max() > 1e-3
+                else:
+                    assert torch.equal(call["a"], ref), key
+            if key[0] == "input":  # upstream of the fused layer, first call: the unpatched model's inputs
+                assert torch.equal(calls[0]["n"], plain_recs[key][0]["n"]), key
+
+
+def test_recomputed_qkv_equal_stored_qkv_and_bytes_are_exact(nodes, ms, pack, sd15, tiny):
+    """A recorder in attn1's replace slot keeps q/k/v of the captured calls; projecting the stored n with the
+    layer's to_q/to_k/to_v gives the same tensors. The store's byte count is the bytes of its tensors, computed
+    independently from the model's layer widths and token grids, and q/k/v would take exactly 3x."""
+    captured = {}
+    gates_key = pack.magic_core.inversion.CAPTURE_GATES_KEY
+    from comfy.ldm.modules import attention as comfy_attention
+
+    def recorder(q, k, v, extra):
+        if any(g.open for g in extra.get(gates_key, ())):
+            key = (extra["block"][0], extra["block"][1], extra["block_index"])
+            idx = len([1 for kk in captured if kk[0] == key])
+            captured[(key, idx)] = (q.clone(), k.clone(), v.clone())
+        return comfy_attention.optimized_attention(q, k, v, extra["n_heads"])
+
+    model = sd15.clone()
+    for key in model_layers(sd15):
+        if key[0] == "output":
+            model.set_model_attn1_replace(recorder, *key)
+    _, _, sigmas, store = invert(nodes, model, tiny.sd15_cond(4), latent(4), store_spec(nodes, "decoder"), steps=3)
+    layers = model_layers(sd15)
+    assert set(store.layers) == {k for k in layers if k[0] == "output"}
+    schedule = store.sigmas[::-1]  # inversion visits sigmas ascending: capture i is schedule position n-1-i
+    with torch.inference_mode():
+        for (key, i), (q, k, v) in captured.items():
+            if key not in store.layers:
+                continue
+            n = store.get(key, schedule[i])
+            attn1 = layers[key]["attn1"]
+            for got, want in zip(pack.magic_core.fusion.project_qkv(n, attn1.to_q, attn1.to_k, attn1.to_v),
+                                 (q, k, v), strict=True):
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert len([c for c in captured if c[0] in store.layers]) == len(store.layers) * 3
+
+    # bytes: fp16 store of the decoder, 2 images at 16x16: output 3-5 at 4x4 tokens, 6-8 at 8x8, 9-11 at 16x16
+    # x channels x 3 sigmas (a 3-step schedule) x 2 bytes
+    fp16 = invert(nodes, sd15, tiny.sd15_cond(4), latent(4, batch=2), store_spec(nodes, "decoder", dtype="fp16"),
+                  steps=3)[3]
+    tokens = {3: 16, 4: 16, 5: 16, 6: 64, 7: 64, 8: 64, 9: 256, 10: 256, 11: 256}
+    channels = layers[("output", 3, 0)]["attn1"].to_q.in_features
+    expected = sum(2 * tokens[n] * channels * 2 for (_, n, _) in store.layers) * 3
+    assert fp16.nbytes == expected == sum(t.numel() * t.element_size() for t in fp16._data.values())
+    assert all(t.dtype == torch.float16 and t.device.type == "cpu" for t in fp16._data.values())
+    assert fp16.qkv_equivalent_nbytes() == 3 * expected
+    assert pack.magic_core.kv_store.human_bytes(expected) in fp16.summary()
+
+
+def test_budget_is_checked_before_inverting(nodes, sd15, tiny):
+    spec = store_spec(nodes, "all", budget_mb=0.01)
+    with pytest.raises(ValueError) as err:
+        invert(nodes, sd15, tiny.sd15_cond(5), latent(5), spec, steps=3)
+    text = str(err.value)
+    assert "MagicPortrait_DDIMInvert" in text and "budget" in text and "budget_mb" in text, text
+
+
+@pytest.fixture(scope="module")
+def stores(nodes, sd15, tiny):
+    cond = tiny.sd15_cond(6)
+    spec = store_spec(nodes, "decoder", dtype="fp16")
+    c_lat, c_rec, _, content = invert(nodes, sd15, cond, latent(6), spec, steps=3)
+    s_lat, _, _, style = invert(nodes, sd15, cond, latent(7), spec, steps=3)
+    return {"cond": cond, "content": content, "style": style, "record": c_rec, "c_lat": c_lat, "s_lat": s_lat}
+
+
+def test_store_from_another_model_size_or_schedule_is_refused(nodes, sd15, tiny, stores):
+    other = tiny.build_sd15_model(seed=11)
+    with pytest.raises(ValueError) as err:
+        fuse(nodes, other, content=stores["content"], style=stores["style"])
+    text = str(err.value)
+    assert f"[{FFA}] input 'content_store'" in text and "model" in text, text
+    patched = fuse(nodes, sd15, content=stores["content"], style=stores["style"])
+    cond = stores["cond"]
+    # another latent size
+    _, big, _, _ = invert(nodes, sd15, cond, latent(8, height=24, width=24), steps=3)
+    with pytest.raises(Exception) as err:
+        sample(nodes, patched, big)
+    text = str(err.value)
+    assert f"[{FFA}] input 'content_store'" in text and "latent size differs" in text, text
+    # another schedule
+    _, longer, _, _ = invert(nodes, sd15, cond, latent(8), steps=4)
+    with pytest.raises(Exception) as err:
+        sample(nodes, patched, longer)
+    text = str(err.value)
+    assert f"[{FFA}] input 'content_store'" in text and "schedule" in text, text
+    # a store whose layers do not cover the fusion layers; a preset's required store missing
+    with pytest.raises(ValueError, match=r"input 'content_store'.*does not hold layers input 1-2"):
+        fuse(nodes, sd15, content=stores["content"], style=stores["style"], layers="all")
+    with pytest.raises(ValueError, match=r"input 'style_store'.*needs it"):
+        fuse(nodes, sd15, content=stores["content"])
+
+
+def test_input_model_is_never_changed(nodes, sd15, tiny, stores):
+    before = model_snapshot(sd15)
+    spec = store_spec(nodes, "decoder")
+    invert(nodes, sd15, stores["cond"], latent(9), spec, steps=3)
+    patched = fuse(nodes, sd15, content=stores["content"], style=stores["style"])
+    sample(nodes, patched, stores["record"])
+    assert_same_snapshot(before, model_snapshot(sd15))
+    assert model_snapshot(sd15)["transformer_options"] == before["transformer_options"]
+
+
+def test_other_packs_attn1_and_attn2_replaces_still_run(nodes, sd15, tiny, stores):
+    from comfy.ldm.modules import attention as comfy_attention
+
+    calls = {"attn1": [], "attn2": 0}
+
+    def other_attn1(q, k, v, extra):
+        calls["attn1"].append(k.shape[1])
+        return comfy_attention.optimized_attention(q, k, v, extra["n_heads"])
+
+    def other_attn2(q, k, v, extra):
+        calls["attn2"] += 1
+        return comfy_attention.optimized_attention(q, k, v, extra["n_heads"])
+
+    base = sd15.clone()
+    base.set_model_attn1_replace(other_attn1, "output", 11, 0)
+    base.set_model_attn2_replace(other_attn2, "output", 11, 0)
+    # fusion active from step 1 only: step 0 falls through to the other pack's replace with plain q/k/v
+    patched = fuse(nodes, base, content=stores["content"], style=stores["style"], start=0.3)
+    assert ("output", 11, 0) in ffa_patches(patched)
+    out = sample(nodes, patched, stores["record"])
+    tokens = 256  # output 11 runs at the full 16x16 latent grid
+    # step 0: plain (256 keys); step 1: fused, composed by the other replace: the magicstyle content weight 0.5
+    # is realised as style x2 + content x1 key groups (the reverse of a 3-step schedule evaluates 2 sigmas)
+    assert calls["attn1"] == [tokens, 3 * tokens], calls
+    assert calls["attn2"] == 2
+    # composing through the other replace computes the same fused attention as FFA alone
+    alone = sample(nodes, fuse(nodes, sd15, content=stores["content"], style=stores["style"], start=0.3),
+                   stores["record"])
+    torch.testing.assert_close(out, alone, rtol=1e-4, atol=1e-4)
+
+
+def test_adain_latent_node(nodes, pack):
+    c = latent(10, batch=2)
+    s = latent(11, scale=2.0)
+    s["samples"] = s["samples"] + 3.0
+    out = run_node(nodes["MagicPortrait_AdaINLatent"], content=c, style=s, strength=1.0).result[0]["samples"]
+    torch.testing.assert_close(out.mean(dim=(2, 3)), s["samples"].mean(dim=(2, 3)).expand(2, -1), rtol=1e-4,
+                               atol=1e-4)
+    torch.testing.assert_close(out.std(dim=(2, 3), correction=0),
+                               s["samples"].std(dim=(2, 3), correction=0).expand(2, -1), rtol=1e-4, atol=1e-4)
+    zero = run_node(nodes["MagicPortrait_AdaINLatent"], content=c, style=s, strength=0.0).result[0]["samples"]
+    torch.testing.assert_close(zero, c["samples"])
+
+
+def test_batch_of_two_content_images_matches_each_alone(nodes, sd15, tiny):
+    cond = tiny.sd15_cond(12)
+    spec = store_spec(nodes, "styleid", dtype="fp32")
+    lat = latent(12, batch=2)
+    _, rec2, _, content2 = invert(nodes, sd15, cond, lat, spec, steps=3)
+    _, _, _, style = invert(nodes, sd15, cond, latent(13), spec, steps=3)
+    assert content2.batch == 2 and style.batch == 1
+    both = sample(nodes, fuse(nodes, sd15, content=content2, style=style), rec2)
+    _, rec1, _, content1 = invert(nodes, sd15, cond, {"samples": lat["samples"][1:]}, spec, steps=3)
+    one = sample(nodes, fuse(nodes, sd15, content=content1, style=style), rec1)
+    torch.testing.assert_close(both[1:], one, rtol=1e-3, atol=1e-3)
+    plain = sample(nodes, sd15, rec2)
+    assert (both - plain).abs().max() > 1e-2
+
+
+def test_sdxl_works(nodes, sdxl, tiny):
+    cond = tiny.sdxl_cond(14, width=128, height=128)
+    spec = store_spec(nodes, "all")
+    _, record, _, content = invert(nodes, sdxl, cond, latent(14), spec, steps=3)
+    _, _, _, style = invert(nodes, sdxl, cond, latent(15), spec, steps=3)
+    assert any(k[2] > 0 for k in content.layers)  # several transformer indices per block
+    patched = fuse(nodes, sdxl, preset="stylealigned", style=style)
+    patches = ffa_patches(patched)
+    out = sample(nodes, patched, record)
+    assert len(patches) == len(content.layers) and all(p.calls == 2 for p in patches.values())
+    magic = sample(nodes, fuse(nodes, sdxl, content=content, style=style, layers="custom",
+                                custom="input 8:1, output 1"), record)
+    plain = sample(nodes, sdxl, record)
+    assert torch.isfinite(out).all() and (out - plain).abs().max() > 1e-3 and (magic - plain).abs().max() > 1e-3
+
+
+# ----------------------------------------------------------------------------------- single node and workflows
+@pytest.fixture(scope="module")
+def checkpoint(comfy, tiny, tmp_path_factory):
+    """A tiny SD1.5 checkpoint under the examples' checkpoint name, loaded once; input/output dirs in tmp."""
+    import comfy.sd
+    import folder_paths
+    import numpy as np
+    from PIL import Image
+    from skimage import data
+
+    from magic_portrait import comfy_env
+
+    root = tmp_path_factory.mktemp("magicstyle")
+    name = "v1-5-pruned-emaonly-fp16.safetensors"
+    path = tiny.write_tiny_sd15_checkpoint(root / "models" / "checkpoints" / name, seed=0)
+    old_in, old_out = folder_paths.get_input_directory(), folder_paths.get_output_directory()
+    comfy_env.boot(models_dir=root / "models", input_dir=root / "input", output_dir=root / "output")
+    for file, image in (("astronaut.png", data.astronaut()), ("style.png", data.chelsea())):
+        Image.fromarray(np.asarray(image)).resize((128, 128)).save(root / "input" / file)
+    vae = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=False)[2]
+    yield {"root": root, "vae": vae}
+    folder_paths.set_input_directory(old_in)
+    folder_paths.set_output_directory(old_out)
+
+
+def test_single_node_runs_end_to_end_on_a_batch(nodes, sd15, tiny, checkpoint):
+    g = torch.Generator().manual_seed(16)
+    content = torch.rand(2, 128, 128, 3, generator=g)
+    style = torch.rand(1, 96, 160, 3, generator=g)  # another size: resized/cropped to the content's
+    out = run_node(nodes["MagicPortrait_MagicStylePortrait"], model=sd15, vae=checkpoint["vae"], content_image=content,
+                   style_image=style, positive=tiny.sd15_cond(16), scheduler="normal", steps=3, cfg=1.0,
+                   preset="magicstyle", gamma=-1.0, content_weight=-1.0, tau=-1.0, layers="preset default",
+                   custom_layers="", start_percent=-1.0, end_percent=-1.0, uncond="preset default", adain_latent=True,
+                   inversion_mode="ddim", refine_iterations=0, store_dtype="fp16", store_device="cpu (offload)",
+                   store_budget_mb=64.0)
+    image, lat = out.result
+    assert image.shape == (2, 128, 128, 3) and torch.isfinite(image).all()
+    assert lat["samples"].shape == (2, 4, 16, 16)
+    assert "magicstyle" in out.ui.as_dict()["text"][0]
+
+
+@pytest.mark.parametrize("name", ["magicstyle_portrait.json", "magicstyle_portrait_single_node.json"])
+def test_example_workflow_runs_through_the_executor(comfy, checkpoint, name):
+    import json
+
+    import nodes as comfy_nodes
+    from magic_portrait.workflow import ui_to_api
+
+    workflow = json.loads((REPO / "example_workflows" / name).read_text())
+    prompt = ui_to_api(workflow, comfy_nodes.NODE_CLASS_MAPPINGS)
+    for node in prompt.values():  # smoke-size: 128 px (16x16 latents), 2 steps
+        inputs = node["inputs"]
+        if node["class_type"] == "ImageScale":
+            inputs.update(width=128, height=128)
+        if "steps" in inputs:
+            inputs["steps"] = 2
+    outputs = comfy.run_prompt(prompt)
+    saved = [img for out in outputs.values() for img in out.get("images", [])]
+    assert saved, outputs
+    texts = [t for out in outputs.values() for t in out.get("text", [])]
+    assert any("magicstyle" in t for t in texts) or name.endswith("single_node.json"), texts
+
+
+
+def test_cfg_uncond_treatments(nodes, sd15, tiny, stores):
+    """With cfg 2 the batch holds cond and uncond chunks: each uncond treatment runs and they differ."""
+    outs = {}
+    for mode in ("fuse", "plain", "style_only"):
+        patched = fuse(nodes, sd15, content=stores["content"], style=stores["style"], uncond=mode)
+        outs[mode] = run_node(nodes["MagicPortrait_SampleInverted"], model=patched, inversion=stores["record"],
+                              cfg=2.0, measure_error=False, positive=stores["cond"],
+                              negative=tiny.sd15_cond(99)).result[0]["samples"]
+        assert torch.isfinite(outs[mode]).all()
+    assert (outs["fuse"] - outs["plain"]).abs().max() > 1e-3
+    assert (outs["plain"] - outs["style_only"]).abs().max() > 1e-3
