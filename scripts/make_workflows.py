@@ -53,8 +53,37 @@ def invert_reconstruct(classes) -> Workflow:
     return wf
 
 
+def invert_with_core_sampler_custom(classes) -> Workflow:
+    """The inversion as SAMPLERs inside ComfyUI's own SamplerCustom (add_noise off), invert then reverse."""
+    wf = Workflow(classes)
+    ckpt, text, encode = base(wf)
+    wf.column = 2
+    sigmas = wf.node("BasicScheduler", steps=30)
+    wf.connect(ckpt.out("MODEL"), sigmas, "model")
+    invert_sampler = wf.node("MagicPortrait_InversionSampler", mode="fixed_point", refine_iterations=2)
+    reverse_sampler = wf.node("MagicPortrait_InvertedSampler")
+    wf.column = 3
+    invert = wf.node("SamplerCustom", title="Invert (SamplerCustom)", add_noise=False, cfg=1.0)
+    back = wf.node("SamplerCustom", title="Reconstruct (SamplerCustom)", add_noise=False, cfg=1.0)
+    for node, sampler, latent in ((invert, invert_sampler, encode.out(0)), (back, reverse_sampler, invert.out(0))):
+        wf.connect(ckpt.out("MODEL"), node, "model")
+        wf.connect(text.out(0), node, "positive")
+        wf.connect(text.out(0), node, "negative")
+        wf.connect(sampler.out(0), node, "sampler")
+        wf.connect(sigmas.out(0), node, "sigmas")
+        wf.connect(latent, node, "latent_image")
+    wf.column = 4
+    decode = wf.node("VAEDecode")
+    wf.connect(back.out(0), decode, "samples")
+    wf.connect(ckpt.out("VAE"), decode, "vae")
+    save = wf.node("SaveImage", filename_prefix="magic_portrait/reconstruction_sampler_custom")
+    wf.connect(decode.out(0), save, "images")
+    return wf
+
+
 WORKFLOWS = {
     "ddim_invert_reconstruct.json": invert_reconstruct,
+    "ddim_invert_sampler_custom.json": invert_with_core_sampler_custom,
 }
 
 

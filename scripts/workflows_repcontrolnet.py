@@ -51,3 +51,44 @@ def repcontrolnet_apply(classes) -> Workflow:
 
 
 WORKFLOWS = {"repcontrolnet_apply.json": repcontrolnet_apply}
+
+
+def repcontrolnet_train(classes) -> Workflow:
+    """Train a RepControlNet on image/condition pairs (ComfyUI/input/repcontrolnet_dataset/NAME.png next to
+    NAME_condition.png, or images/ + conditions/), plot the loss, then use the result at once."""
+    wf = Workflow(classes)
+    wf.column = 0
+    ckpt = wf.node("CheckpointLoaderSimple", ckpt_name=CHECKPOINT)
+    prompt = wf.node("CLIPTextEncode", text="a portrait photo of a person", title="Training prompt")
+    wf.connect(ckpt.out("CLIP"), prompt, "clip")
+    wf.column = 1
+    train = wf.node("MagicPortrait_TrainRepControlNet", dataset_folder="repcontrolnet_dataset",
+                    name="my_repcontrolnet_landmarks", steps=1000, checkpoint_every=100)
+    wf.connect(ckpt.out("MODEL"), train, "model")
+    wf.connect(ckpt.out("VAE"), train, "vae")
+    wf.connect(prompt.out(0), train, "positive")
+    wf.column = 2
+    loss = wf.node("LossGraphNode", filename_prefix="magic_portrait/repcontrolnet_loss")
+    wf.connect(train.out(1), loss, "loss")
+    cond = wf.node("LoadImage", image=CONDITION_IMAGE, title="Condition image (landmarks)")
+    apply = wf.node("MagicPortrait_ApplyRepControlNet", strength=1.0, merge_weights=True)
+    wf.connect(ckpt.out("MODEL"), apply, "model")
+    wf.connect(train.out(0), apply, "repcontrolnet")
+    wf.connect(cond.out("IMAGE"), apply, "image")
+    wf.column = 3
+    empty = wf.node("EmptyLatentImage", width=512, height=512, batch_size=1)
+    sampler = wf.node("KSampler", seed=0, steps=25, cfg=7.0, sampler_name="euler", scheduler="normal", denoise=1.0)
+    wf.connect(apply.out(0), sampler, "model")
+    wf.connect(prompt.out(0), sampler, "positive")
+    wf.connect(prompt.out(0), sampler, "negative")
+    wf.connect(empty.out(0), sampler, "latent_image")
+    wf.column = 4
+    decode = wf.node("VAEDecode")
+    wf.connect(sampler.out(0), decode, "samples")
+    wf.connect(ckpt.out("VAE"), decode, "vae")
+    save = wf.node("SaveImage", filename_prefix="magic_portrait/repcontrolnet_trained")
+    wf.connect(decode.out(0), save, "images")
+    return wf
+
+
+WORKFLOWS["repcontrolnet_train.json"] = repcontrolnet_train
