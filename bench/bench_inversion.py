@@ -10,7 +10,6 @@ errors are those of a non-denoising network: compare modes with each other, not 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--size", type=int, default=32, help="latent height/width (64 = 512 px)")
     parser.add_argument("--channels", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
 
     from magic_portrait import comfy_env
@@ -78,24 +77,28 @@ def main() -> None:
     sample_times = []
     errors = {}
     custom(euler, sigmas, source)  # warm-up
-    for _ in range(args.repeats):
-        started = time.perf_counter()
-        custom(euler, sigmas, source)
-        sample_times.append(time.perf_counter() - started)
-        for name, (route, _n) in routes.items():
+    names = ["sampling", *routes]
+    for repeat in range(args.repeats):
+        # rotate the order every repeat: what ran just before a route measurably changes its time on this CPU
+        for name in names[repeat % len(names):] + names[: repeat % len(names)]:
             started = time.perf_counter()
-            _inverted, reconstruct = route()
+            if name == "sampling":
+                custom(euler, sigmas, source)
+                sample_times.append(time.perf_counter() - started)
+                continue
+            _inverted, reconstruct = routes[name][0]()
             timings[name].append(time.perf_counter() - started)
             errors[name] = inv.relative_error(reconstruct(), source)
 
-    sample_step = statistics.median(sample_times) / steps
+    # best of the interleaved repeats: the least-disturbed run of each route (the machine may be shared)
+    sample_step = min(sample_times) / steps
     print(f"\nSD1.5 architecture, model_channels {args.channels}, latent {args.size}x{args.size}, {steps} steps, "
-          f"median of {args.repeats}, torch threads {torch.get_num_threads()}")
+          f"best of {args.repeats} interleaved, torch threads {torch.get_num_threads()}")
     print(f"plain sampling (core euler): {sample_step * 1000:.1f} ms/step\n")
     print("| route | inversion time (s) | time/step over sampling time/step | round-trip error (relative RMS) |")
     print("|---|---|---|---|")
     for name, (_route, n_steps) in routes.items():
-        total = statistics.median(timings[name])
+        total = min(timings[name])
         print(f"| {name} | {total:.2f} | {total / n_steps / sample_step:.3f} | {errors[name]:.3e} |")
 
 
