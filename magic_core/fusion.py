@@ -289,6 +289,21 @@ def get_preset(name: str, **overrides) -> FusionParams:
     return params.replace(**overrides) if overrides else params
 
 
+def _require_sources(params: FusionParams, content, style) -> None:
+    who = f"fusion preset {params.name!r}"
+    if params.needs_content and content is None:
+        raise ValueError(f"{who} needs content features: connect a content KV store")
+    if params.needs_style and style is None:
+        raise ValueError(f"{who} needs style features: connect a style KV store")
+
+
+def _adain_qk(params: FusionParams, q_x, k_x, style):
+    """StyleAligned: the current queries and keys renormalised toward the reference's statistics."""
+    if not params.adain_qk:
+        return q_x, k_x
+    return adain(q_x, style[0], dims=1), adain(k_x, style[1], dims=1)
+
+
 def fuse_for_preset(
     params: FusionParams,
     q_x: torch.Tensor,
@@ -317,15 +332,8 @@ def fuse_for_preset(
             q, k_self = adain(q_x, style[0], dims=1), adain(k_x, style[1], dims=1)
         return fused_attention(q, k_self, v_x, None, None, None, style[1], style[2], heads, gamma=0.0,
                                content_weight=0.0, tau=params.tau, include_self=params.include_self)
-    who = f"fusion preset {params.name!r}"
-    if params.needs_content and content is None:
-        raise ValueError(f"{who} needs content features: connect a content KV store")
-    if params.needs_style and style is None:
-        raise ValueError(f"{who} needs style features: connect a style KV store")
-    q, k_self = q_x, k_x
-    if params.adain_qk:
-        q = adain(q_x, style[0], dims=1)
-        k_self = adain(k_x, style[1], dims=1)
+    _require_sources(params, content, style)
+    q, k_self = _adain_qk(params, q_x, k_x, style)
     q_c, k_c, v_c = content if content is not None else (None, None, None)
     k_s, v_s = (style[1], style[2]) if params.use_style_kv else (None, None)
     use_c = params.use_content_kv and content is not None
@@ -470,20 +478,13 @@ def fusion_inputs(
         raise ValueError(f"branch must be 'cond' or 'uncond', got {branch!r}")
     if branch == "uncond" and params.uncond_mode == "plain":
         return None
-    who = f"fusion preset {params.name!r}"
     b = q_x.shape[0]
     style_only = branch == "uncond" and params.uncond_mode == "style_only"
     if style_only and style is None:
         return None
     if not style_only:
-        if params.needs_content and content is None:
-            raise ValueError(f"{who} needs content features: connect a content KV store")
-        if params.needs_style and style is None:
-            raise ValueError(f"{who} needs style features: connect a style KV store")
-    q, k_self = q_x, k_x
-    if params.adain_qk:
-        q = adain(q_x, style[0], dims=1)
-        k_self = adain(k_x, style[1], dims=1)
+        _require_sources(params, content, style)
+    q, k_self = _adain_qk(params, q_x, k_x, style)
     if not style_only and params.gamma > 0:
         q_c = _to_batch(content[0], b, "q_c")
         if q_c.shape != q.shape:
