@@ -108,3 +108,31 @@ def test_training_example_runs_through_the_headless_runner(comfy, models_dir, tm
     trained = models_dir / "magic_repcontrolnet" / "my_repcontrolnet_landmarks.safetensors"
     assert trained.is_file()
     assert (models_dir / "magic_repcontrolnet" / "my_repcontrolnet_landmarks_training" / "losses.jsonl").is_file()
+
+
+@pytest.mark.parametrize(
+    ("name", "sets"),
+    [
+        ("magicstyle_portrait.json", ["Content DDIM Inversion.steps=3", "Style DDIM Inversion.steps=3"]),
+        ("magicstyle_portrait_single_node.json", ["MagicPortrait_MagicStylePortrait.steps=3"]),
+    ],
+)
+def test_magicstyle_examples_run_through_the_headless_runner(comfy, models_dir, tmp_path, name, sets):
+    """The astronaut portrait styled by the painterly style image, at 128 px and 3 steps to stay quick."""
+    from magic_portrait.runner import run_workflow
+
+    for image, target in (("astronaut.png", "content_small.png"), ("style.png", "style_small.png")):
+        cv2.imwrite(str(tmp_path / target), cv2.resize(cv2.imread(str(REPO / "example_workflows" / image)),
+                                                      (128, 128), interpolation=cv2.INTER_AREA))
+    result = run_workflow(
+        REPO / "example_workflows" / name,
+        sets=[f"Content image.image={tmp_path / 'content_small.png'}",
+              f"Style image.image={tmp_path / 'style_small.png'}",
+              "Style image at the content's size.width=128", "Style image at the content's size.height=128", *sets],
+        models_dir=models_dir,
+        output_dir=tmp_path / "out",
+        input_dir=tmp_path / "in",
+    )
+    images = [f for f in result.files if f.suffix == ".png"]
+    assert len(images) == 1, result.files
+    assert cv2.imread(str(images[0])).shape[:2] == (128, 128)

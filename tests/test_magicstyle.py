@@ -410,3 +410,23 @@ def test_cfg_uncond_treatments(nodes, sd15, tiny, stores):
         assert torch.isfinite(outs[mode]).all()
     assert (outs["fuse"] - outs["plain"]).abs().max() > 1e-3
     assert (outs["plain"] - outs["style_only"]).abs().max() > 1e-3
+
+
+def test_controlnet_still_applies_under_fusion(nodes, sd15, tiny, stores):
+    """Fusion patches attn1 only: a ControlNet in the conditioning still steers the fused sampling."""
+    from nodes import ControlNetApplyAdvanced
+
+    control = tiny.build_sd15_controlnet(seed=12)
+    hint = torch.rand(1, 128, 128, 3, generator=torch.Generator().manual_seed(12))
+    cond = stores["cond"]
+    positive, _ = run_node(ControlNetApplyAdvanced, positive=cond, negative=cond, control_net=control, image=hint,
+                           strength=1.0, start_percent=0.0, end_percent=1.0).result
+    patched = fuse(nodes, sd15, content=stores["content"], style=stores["style"])
+
+    def run(conditioning):
+        return run_node(nodes["MagicPortrait_SampleInverted"], model=patched, inversion=stores["record"], cfg=1.0,
+                        measure_error=False, positive=conditioning).result[0]["samples"]
+
+    plain, controlled = run(cond), run(positive)
+    assert all(p.calls > 0 for p in ffa_patches(patched).values())
+    assert (plain - controlled).abs().max() > 1e-3
