@@ -79,13 +79,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
     qh, kh, vh = _split_heads(q, heads), _split_heads(k, heads), _split_heads(v, heads)
     scale = tau / math.sqrt(qh.shape[-1])
     mask = None
-    if log_bias is not None and log_bias.dim() == 1:
-        # A per-key-column bias rides along as one extra q/k dimension (q: 1, k: bias / scale), so SDPA keeps its
-        # fused kernel; a [B, heads, queries, keys] mask would be materialised and take the slow path.
-        bias = _bias4d(log_bias, b, tq, kh.shape[2])[0, 0, 0].to(device=q.device, dtype=q.dtype)
-        qh = torch.cat([qh, qh.new_ones(*qh.shape[:-1], 1)], dim=-1)
-        kh = torch.cat([kh, (bias / scale).view(1, 1, -1, 1).expand(*kh.shape[:-1], 1)], dim=-1)
-    elif log_bias is not None:
+    if log_bias is not None:
         mask = _bias4d(log_bias, b, tq, kh.shape[2]).to(device=q.device, dtype=q.dtype)
     out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
     return out.transpose(1, 2).reshape(b, tq, -1)
