@@ -220,6 +220,7 @@ class InversionRecord:
     cfg: float
     positive: object = None
     negative: object = None
+    latent_format: object = None  # the model's latent format: maps partner/latents between LATENT and model space
     round_trip_error: float | None = None
 
     @property

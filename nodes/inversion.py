@@ -183,6 +183,7 @@ class DDIMInvert(io.ComfyNode):
             latent=inverted, trajectory=trajectory, sigmas=outcome.sigmas, mode=mode,
             refine_iterations=refine_iterations if mode == "fixed_point" else 0, edict_mix=edict_mix, partner=partner,
             model_id=model_identity(model), family=model_family(model), cfg=cfg, positive=positive, negative=negative,
+            latent_format=model.get_model_object("latent_format"),
         )
         report = (f"inverted {samples.shape[0]} latent(s) {tuple(samples.shape[2:])} with {mode} over {source}: "
                   f"{len(outcome.sigmas) - 1} steps, {outcome.model_calls} model calls, {elapsed:.2f} s")
@@ -294,16 +295,9 @@ class InvertedSampler(io.ComfyNode):
             return io.NodeOutput(comfy.samplers.KSAMPLER(reverse_sampler_function("ddim", inv.EDICT_DEFAULT_MIX)))
         if not isinstance(inversion, inv.InversionRecord):
             raise NodeInputError(cls.define_schema().node_id, "inversion", "expected a MAGIC_INVERSION record")
-        fn = reverse_sampler_function(inversion.mode, inversion.edict_mix, inversion.partner, _latent_process_in(inversion))
+        fn = reverse_sampler_function(inversion.mode, inversion.edict_mix, inversion.partner,
+                                      inversion.latent_format.process_in)
         return io.NodeOutput(comfy.samplers.KSAMPLER(fn))
-
-
-def _latent_process_in(record):
-    # The partner is kept in LATENT space; inside the sampler it must be in model space like x.
-    import comfy.latent_formats
-
-    fmt = comfy.latent_formats.SDXL() if record.family == "sdxl" else comfy.latent_formats.SD15()
-    return fmt.process_in
 
 
 NODES = [DDIMInvert, SampleInverted, InversionSampler, InvertedSampler]

@@ -166,3 +166,16 @@ def test_record_from_another_model_is_refused(nodes, sd15, tiny):
     record = invert(nodes, other, tiny.sd15_cond(11), latent(11), steps=3, measure=False).result[1]
     with pytest.raises(ValueError, match="another model"):
         run_node(nodes["MagicPortrait_SampleInverted"], model=sd15, inversion=record, cfg=1.0, measure_error=False)
+
+
+def test_inverted_sampler_follows_an_edict_record_inside_sampler_custom(nodes, sd15, tiny, pack):
+    """EDICT's second sequence travels in the record, so the core SamplerCustom still reverses it exactly."""
+    from comfy_extras.nodes_custom_sampler import SamplerCustom
+
+    cond, lat = tiny.sd15_cond(12), latent(12)
+    out = invert(nodes, sd15, cond, lat, mode="edict", steps=6, measure=False)
+    inverted, record, sigmas = out.result[0], out.result[1], out.result[2]
+    reverse = run_node(nodes["MagicPortrait_InvertedSampler"], inversion=record).result[0]
+    back = run_node(SamplerCustom, model=sd15, add_noise=False, noise_seed=0, cfg=1.0, positive=cond, negative=cond,
+                    sampler=reverse, sigmas=sigmas, latent_image=inverted).result[0]["samples"]
+    assert pack.magic_core.inversion.relative_error(back, lat["samples"]) < 1e-3
