@@ -112,6 +112,15 @@ class Workflow:
                 return
         raise KeyError(f"{target.type} has no input {input_name!r}")
 
+    def decode_and_save(self, latent: tuple[NodeRef, int] | NodeRef, vae: tuple[NodeRef, int], prefix: str) -> NodeRef:
+        """VAEDecode the latent and SaveImage it under `prefix`; returns the save node."""
+        decode = self.node("VAEDecode")
+        self.connect(latent, decode, "samples")
+        self.connect(vae, decode, "vae")
+        save = self.node("SaveImage", filename_prefix=prefix)
+        self.connect(decode.out(0), save, "images")
+        return save
+
     def to_json(self) -> dict:
         return {
             "last_node_id": len(self.nodes),

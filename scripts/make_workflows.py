@@ -45,11 +45,7 @@ def invert_reconstruct(classes) -> Workflow:
     wf.connect(ckpt.out("MODEL"), back, "model")
     wf.connect(invert.out("inversion"), back, "inversion")
     wf.column = 3
-    decode = wf.node("VAEDecode")
-    wf.connect(back.out(0), decode, "samples")
-    wf.connect(ckpt.out("VAE"), decode, "vae")
-    save = wf.node("SaveImage", filename_prefix="magic_portrait/reconstruction")
-    wf.connect(decode.out(0), save, "images")
+    wf.decode_and_save(back.out(0), ckpt.out("VAE"), "magic_portrait/reconstruction")
     return wf
 
 
@@ -73,11 +69,7 @@ def invert_with_core_sampler_custom(classes) -> Workflow:
         wf.connect(sigmas.out(0), node, "sigmas")
         wf.connect(latent, node, "latent_image")
     wf.column = 4
-    decode = wf.node("VAEDecode")
-    wf.connect(back.out(0), decode, "samples")
-    wf.connect(ckpt.out("VAE"), decode, "vae")
-    save = wf.node("SaveImage", filename_prefix="magic_portrait/reconstruction_sampler_custom")
-    wf.connect(decode.out(0), save, "images")
+    wf.decode_and_save(back.out(0), ckpt.out("VAE"), "magic_portrait/reconstruction_sampler_custom")
     return wf
 
 

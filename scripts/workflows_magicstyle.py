@@ -54,11 +54,7 @@ def magicstyle_portrait(classes) -> Workflow:
     wf.connect(inv_c.out("inversion"), sample, "inversion")
     wf.connect(adain.out(0), sample, "start_latent")
     wf.column = 4
-    decode = wf.node("VAEDecode")
-    wf.connect(sample.out(0), decode, "samples")
-    wf.connect(ckpt.out("VAE"), decode, "vae")
-    save = wf.node("SaveImage", filename_prefix="magic_portrait/magicstyle")
-    wf.connect(decode.out(0), save, "images")
+    wf.decode_and_save(sample.out(0), ckpt.out("VAE"), "magic_portrait/magicstyle")
     return wf
 
 

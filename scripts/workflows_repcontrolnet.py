@@ -36,11 +36,7 @@ def repcontrolnet_apply(classes) -> Workflow:
     wf.connect(negative.out(0), sampler, "negative")
     wf.connect(empty.out(0), sampler, "latent_image")
     wf.column = 3
-    decode = wf.node("VAEDecode")
-    wf.connect(sampler.out(0), decode, "samples")
-    wf.connect(ckpt.out("VAE"), decode, "vae")
-    save = wf.node("SaveImage", filename_prefix="magic_portrait/repcontrolnet")
-    wf.connect(decode.out(0), save, "images")
+    wf.decode_and_save(sampler.out(0), ckpt.out("VAE"), "magic_portrait/repcontrolnet")
     merged = wf.node("CheckpointSave", filename_prefix="checkpoints/magic_portrait_repcontrolnet_merged",
                      title="Save merged checkpoint (bypassed: enable to write it)")
     wf.connect(apply.out(0), merged, "model")
@@ -83,11 +79,7 @@ def repcontrolnet_train(classes) -> Workflow:
     wf.connect(prompt.out(0), sampler, "negative")
     wf.connect(empty.out(0), sampler, "latent_image")
     wf.column = 4
-    decode = wf.node("VAEDecode")
-    wf.connect(sampler.out(0), decode, "samples")
-    wf.connect(ckpt.out("VAE"), decode, "vae")
-    save = wf.node("SaveImage", filename_prefix="magic_portrait/repcontrolnet_trained")
-    wf.connect(decode.out(0), save, "images")
+    wf.decode_and_save(sampler.out(0), ckpt.out("VAE"), "magic_portrait/repcontrolnet_trained")
     return wf
 
 
