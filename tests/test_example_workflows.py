@@ -9,6 +9,9 @@ import cv2
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+# ComfyUI's own socket and widget types (LOSS_MAP is its training nodes' loss type, which LossGraphNode plots)
+CORE_TYPES = {"MODEL", "CLIP", "VAE", "CONDITIONING", "LATENT", "IMAGE", "MASK", "SIGMAS", "SAMPLER", "LOSS_MAP",
+              "INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 EXAMPLES = sorted((REPO / "example_workflows").glob("*.json"))
 
 
@@ -136,3 +139,17 @@ def test_magicstyle_examples_run_through_the_headless_runner(comfy, models_dir, 
     images = [f for f in result.files if f.suffix == ".png"]
     assert len(images) == 1, result.files
     assert cv2.imread(str(images[0])).shape[:2] == (128, 128)
+
+
+def test_every_node_serialises_for_the_frontend(comfy):
+    """What /object_info sends the frontend: every pack node's schema, JSON-serialisable, prefixed, categorised."""
+    ours = {cls.define_schema().node_id: cls for cls in comfy.pack.nodes.NODE_LIST}
+    assert len(ours) == len(comfy.pack.nodes.NODE_LIST)  # ids are unique
+    for node_id, cls in ours.items():
+        info = json.loads(json.dumps(cls.GET_NODE_INFO_V1()))
+        assert node_id.startswith("MagicPortrait_") and info["name"] == node_id
+        assert info["category"].startswith("Magic Portrait") and info["description"], node_id
+        types = set(info["output"]) | {spec[0] for group in ("required", "optional")
+                                        for spec in info["input"].get(group, {}).values() if isinstance(spec[0], str)}
+        foreign = {t for t in types if t not in CORE_TYPES and not t.startswith("MAGIC_")}
+        assert not foreign, f"{node_id}: custom types must carry the MAGIC_ prefix: {foreign}"
