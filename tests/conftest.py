@@ -71,6 +71,14 @@ def pack(comfy):
 
 
 @pytest.fixture(scope="session")
+def nodes(pack):
+    """The pack's node classes by node id."""
+    from helpers import node_classes
+
+    return node_classes(pack)
+
+
+@pytest.fixture(scope="session")
 def tiny(comfy):
     from magic_portrait import tiny as tiny_models
 

@@ -2,14 +2,9 @@
 
 import pytest
 import torch
-from helpers import assert_same_snapshot, latent, model_snapshot, node_classes, run_node
+from helpers import assert_same_snapshot, latent, model_snapshot, run_node
 
 STEPS = 12
-
-
-@pytest.fixture(scope="module")
-def nodes(pack):
-    return node_classes(pack)
 
 
 def invert(nodes, model, cond, lat, mode="ddim", k=0, steps=STEPS, strength=1.0, measure=True, **extra):

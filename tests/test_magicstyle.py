@@ -7,16 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_same_snapshot, latent, model_snapshot, node_classes, run_node
+from helpers import assert_same_snapshot, latent, model_snapshot, run_node
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 4
 FFA = "MagicPortrait_FeatureFusionAttention"
-
-
-@pytest.fixture(scope="module")
-def nodes(pack):
-    return node_classes(pack)
 
 
 @pytest.fixture(scope="module")

@@ -12,17 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_same_snapshot, model_snapshot, node_classes, run_node
+from helpers import assert_same_snapshot, model_snapshot, run_node
 
 REPO = Path(__file__).resolve().parent.parent
 APPLY = "MagicPortrait_ApplyRepControlNet"
 LOAD = "MagicPortrait_LoadRepControlNet"
 TRAIN = "MagicPortrait_TrainRepControlNet"
-
-
-@pytest.fixture(scope="module")
-def nodes(pack):
-    return node_classes(pack)
 
 
 @pytest.fixture(scope="module")
