@@ -13,6 +13,17 @@ CONDITION_IMAGE = "condition.png"
 MODE_BYPASS = 4
 
 
+def _sample_512(wf: Workflow, model, positive, negative):
+    """An empty 512x512 latent and a 25-step KSampler on the controlled model."""
+    empty = wf.node("EmptyLatentImage", width=512, height=512, batch_size=1)
+    sampler = wf.node("KSampler", seed=0, steps=25, cfg=7.0, sampler_name="euler", scheduler="normal", denoise=1.0)
+    wf.connect(model.out(0), sampler, "model")
+    wf.connect(positive.out(0), sampler, "positive")
+    wf.connect(negative.out(0), sampler, "negative")
+    wf.connect(empty.out(0), sampler, "latent_image")
+    return sampler
+
+
 def repcontrolnet_apply(classes) -> Workflow:
     wf = Workflow(classes)
     wf.column = 0
@@ -29,12 +40,7 @@ def repcontrolnet_apply(classes) -> Workflow:
     negative = wf.node("CLIPTextEncode", text="blurry, low quality", title="Negative prompt")
     wf.connect(ckpt.out("CLIP"), negative, "clip")
     wf.column = 2
-    empty = wf.node("EmptyLatentImage", width=512, height=512, batch_size=1)
-    sampler = wf.node("KSampler", seed=0, steps=25, cfg=7.0, sampler_name="euler", scheduler="normal", denoise=1.0)
-    wf.connect(apply.out(0), sampler, "model")
-    wf.connect(positive.out(0), sampler, "positive")
-    wf.connect(negative.out(0), sampler, "negative")
-    wf.connect(empty.out(0), sampler, "latent_image")
+    sampler = _sample_512(wf, apply, positive, negative)
     wf.column = 3
     wf.decode_and_save(sampler.out(0), ckpt.out("VAE"), "magic_portrait/repcontrolnet")
     merged = wf.node("CheckpointSave", filename_prefix="checkpoints/magic_portrait_repcontrolnet_merged",
@@ -72,12 +78,7 @@ def repcontrolnet_train(classes) -> Workflow:
     wf.connect(train.out(0), apply, "repcontrolnet")
     wf.connect(cond.out("IMAGE"), apply, "image")
     wf.column = 3
-    empty = wf.node("EmptyLatentImage", width=512, height=512, batch_size=1)
-    sampler = wf.node("KSampler", seed=0, steps=25, cfg=7.0, sampler_name="euler", scheduler="normal", denoise=1.0)
-    wf.connect(apply.out(0), sampler, "model")
-    wf.connect(prompt.out(0), sampler, "positive")
-    wf.connect(prompt.out(0), sampler, "negative")
-    wf.connect(empty.out(0), sampler, "latent_image")
+    sampler = _sample_512(wf, apply, prompt, prompt)
     wf.column = 4
     wf.decode_and_save(sampler.out(0), ckpt.out("VAE"), "magic_portrait/repcontrolnet_trained")
     return wf
