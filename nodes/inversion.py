@@ -154,11 +154,8 @@ class DDIMInvert(io.ComfyNode):
         if cfg != 1.0 and negative is None:
             raise NodeInputError(node, "negative", f"cfg is {cfg}: connect a negative conditioning or set cfg to 1")
         if sigmas is not None:
-            try:
-                inv.inversion_sigmas(sigmas)
-            except ValueError as err:
-                raise NodeInputError(node, "sigmas", str(err)) from None
             sampling_sigmas, source = sigmas.cpu().float(), "the SIGMAS input (scheduler, steps, strength unused)"
+            schedule_input = "sigmas"
         else:
             if steps < 1:
                 raise NodeInputError(node, "steps", f"must be at least 1, got {steps}")
@@ -166,8 +163,13 @@ class DDIMInvert(io.ComfyNode):
                 raise NodeInputError(node, "strength", f"must be in (0, 1], got {strength}")
             sampling_sigmas = schedule(model, scheduler, steps, strength)
             source = f"{scheduler}, {steps} steps, strength {strength}"
-        if len(inv.inversion_sigmas(sampling_sigmas)) < 2:
-            raise NodeInputError(node, "strength", "covers less than one inversion step; raise strength or steps")
+            schedule_input = "strength"
+        try:
+            steps_covered = len(inv.inversion_sigmas(sampling_sigmas)) - 1
+        except ValueError as err:
+            raise NodeInputError(node, schedule_input, str(err)) from None
+        if steps_covered < 1:
+            raise NodeInputError(node, schedule_input, "covers less than one inversion step; raise strength or steps")
 
         started = time.perf_counter()
         run_model, store = model, None
