@@ -506,3 +506,78 @@ def fusion_inputs(
     if not keys:
         raise ValueError("fused attention has no key/value source (style and content both absent or weighted 0)")
     return FusionInputs(q=q, keys=keys, values=values, weights=weights, tau=float(params.tau))
+
+
+def hidden_fusion_inputs(
+    params: FusionParams,
+    n_x: torch.Tensor,
+    to_q,
+    to_k,
+    to_v,
+    content_n: torch.Tensor | None,
+    style_n: torch.Tensor | None,
+    branch: str = "cond",
+    context: torch.Tensor | None = None,
+    value: torch.Tensor | None = None,
+) -> FusionInputs | None:
+    """``fusion_inputs`` from hidden states: the current pass's ``n_x`` and the stores' ``content_n``/``style_n``
+    ([1 or B, tokens, C]), projected here with the layer's own (affine) to_q/to_k/to_v.
+
+    Projects only what the fusion reads, which saves three of the eight projections the q/k/v route needs:
+    - the current pass's k/v only for ``include_self`` (from ``context``/``value`` when given, as attn1 does);
+    - one query projection: an affine map keeps affine combinations, so
+      ``to_q(gamma * n_c + (1 - gamma) * n_x) == gamma * to_q(n_c) + (1 - gamma) * to_q(n_x)``
+      (not with ``adain_qk``, which renormalises the current query before the mix).
+    ``hidden_fusion_inputs(...).attend(heads)`` equals ``fusion_inputs(...)`` on the projected q/k/v to float
+    rounding. Returns None for plain attention, like ``fusion_inputs``.
+    """
+    if branch not in ("cond", "uncond"):
+        raise ValueError(f"branch must be 'cond' or 'uncond', got {branch!r}")
+    if branch == "uncond" and params.uncond_mode == "plain":
+        return None
+    b = n_x.shape[0]
+    style_only = branch == "uncond" and params.uncond_mode == "style_only"
+    if style_only and style_n is None:
+        return None
+    if not style_only:
+        _require_sources(params, content_n, style_n)
+    preserve = not style_only and params.gamma > 0
+
+    def self_kv():
+        kv_in = n_x if context is None else context
+        return to_k(kv_in), to_v(kv_in if value is None else value)
+
+    k_self = v_self = None
+    if params.include_self:
+        k_self, v_self = self_kv()
+    if params.adain_qk:
+        q = adain(to_q(n_x), to_q(style_n), dims=1)
+        if k_self is not None:
+            k_self = adain(k_self, to_k(style_n), dims=1)
+        if preserve:
+            q_c = _to_batch(to_q(content_n), b, "q_c")
+            q = q_c if params.gamma == 1.0 else params.gamma * q_c + (1.0 - params.gamma) * q
+    elif preserve:
+        n_c = _to_batch(content_n.to(n_x.dtype), b, "content hidden state")
+        if n_c.shape != n_x.shape:
+            raise ValueError(f"content hidden state {tuple(n_c.shape)} does not match the current one "
+                             f"{tuple(n_x.shape)}")
+        q = to_q(n_c if params.gamma == 1.0 else torch.lerp(n_x, n_c, params.gamma))
+    else:
+        q = to_q(n_x)
+    keys, values, weights = [], [], []
+    if params.use_style_kv or style_only:
+        keys.append(to_k(style_n))
+        values.append(to_v(style_n))
+        weights.append(1.0)
+    if not style_only and params.use_content_kv and params.content_weight > 0 and content_n is not None:
+        keys.append(to_k(content_n))
+        values.append(to_v(content_n))
+        weights.append(float(params.content_weight))
+    if params.include_self:
+        keys.append(k_self)
+        values.append(v_self)
+        weights.append(1.0)
+    if not keys:
+        raise ValueError("fused attention has no key/value source (style and content both absent or weighted 0)")
+    return FusionInputs(q=q, keys=keys, values=values, weights=weights, tau=float(params.tau))

@@ -3,11 +3,14 @@
 - The KV Feature Store node outputs an immutable *spec*; DDIM Invert calls ``spec.begin(...)`` to get a model clone
   whose attn1_patch records the normalised hidden state ``n`` entering the selected attn1 layers on the one model call
   per sigma the inversion's capture gate marks, and ``spec.finish(...)`` to check the store is complete.
-- Feature Fusion Attention patches a clone with one attn1 replace per selected layer. Each holds that layer's attn1
-  module and recomputes q/k/v of the stored states with its to_q/to_k/to_v. Replaces already in the slot (another
-  pack's) are chained: they run on inactive steps/branches, and on active ones they compute the fused attention from
-  FFA's q/k/v (tau folded into q, the content weight realised by repeating key/value groups). An OUTER_SAMPLE wrapper
-  refuses a sampling run whose latent size, batch or schedule the stores were not recorded for.
+- Feature Fusion Attention patches a clone. Where a selected layer's attn1 replace slot is free (the usual case) a
+  ``FusedAttn1`` stands in for the attn1 module (a ModelPatcher object patch, the same projection children, so
+  weight keys and LoRAs are untouched): it fuses from the hidden states, projecting one blended query and the
+  stored states' k/v, never the current pass's unused k/v. Where another pack's replace already holds the slot,
+  fusion goes into the slot instead and chains it: the other replace runs on inactive steps/branches, and on active
+  ones computes the fused attention from FFA's q/k/v (tau folded into q, the content weight realised by repeating
+  key/value groups). An OUTER_SAMPLE wrapper refuses a sampling run whose latent size, batch or schedule the stores
+  were not recorded for.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ class AttnLayer:
     channels: int  # width of n entering attn1
     inner_dim: int  # heads * dim_head of q/k/v
     level: int  # number of 2x downsamplings of the latent grid at this layer
+    path: str  # attn1's attribute path from the BaseModel, as ModelPatcher object patches name it
 
 
 def _transformer_blocks(block) -> list:
@@ -70,13 +74,14 @@ def unet_attention_layers(model) -> dict[lay.LayerKey, AttnLayer]:
     if not all(hasattr(unet, name) for name in ("input_blocks", "middle_block", "output_blocks")):
         raise ValueError(f"{type(unet).__name__} is not a UNet with input/middle/output blocks (SD1.5/SDXL)")
     found: dict[lay.LayerKey, AttnLayer] = {}
+    names = {id(module): name for name, module in unet.named_modules()}
 
     def add(block_name, number, block, level):
         for index, tb in enumerate(_transformer_blocks(block)):
-            attn1 = tb.attn1
+            attn1 = _unwrapped(tb.attn1)
             found[(block_name, number, index)] = AttnLayer((block_name, number, index), attn1,
                                                           int(attn1.to_q.in_features), int(attn1.to_q.out_features),
-                                                          level)
+                                                          level, f"diffusion_model.{names[id(tb)]}.attn1")
 
     level = 0
     for number, block in enumerate(unet.input_blocks):
@@ -216,7 +221,12 @@ def _default_attention(q, k, v, extra):
 
 
 class FusionAttn1:
-    """attn1 replace for one layer: Feature Fusion Attention on active steps, else the previous replace / default."""
+    """Feature Fusion Attention for one layer, on active steps; other steps and plain branches run unchanged.
+
+    Two ways in: as the layer's attn1 replace (``__call__`` on ComfyUI's q/k/v, chaining another pack's replace that
+    was already in the slot) or, when the slot is free, through ``FusedAttn1`` in place of the attn1 module
+    (``hidden``), which projects only what fusion reads instead of ComfyUI's unused k/v of the current pass.
+    """
 
     def __init__(self, key, attn1, params: ff.FusionParams, content, style, previous, steps: frozenset, node: str):
         self.key, self.attn1, self.params = key, attn1, params
@@ -231,7 +241,12 @@ class FusionAttn1:
             return self.previous(q, k, v, extra)
         return _default_attention(q, k, v, extra)
 
-    def _source(self, store, sigma, b, dtype, device, need_q, need_kv):
+    def _active_sigma(self, extra):
+        sigma = extra.get("sigmas")
+        idx = None if sigma is None else self.ref.step_index(sigma)
+        return None if idx is None or idx not in self.steps else sigma
+
+    def _stored(self, store, sigma, b, dtype, device):
         if store is None:
             return None
         n = store.get(self.key, sigma, device=device, dtype=dtype)
@@ -239,32 +254,40 @@ class FusionAttn1:
             raise kvs.StoreMismatchError(
                 f"[{self.node}] a KV store holds {n.shape[0]} images but the sampling batch has {b}: use a batch of "
                 f"{n.shape[0]} or a store of one image (shared by every image)")
-        a = self.attn1
-        q = a.to_q(n) if need_q else None
-        k = a.to_k(n) if need_kv else None
-        v = a.to_v(n) if need_kv else None
-        return (q, k, v)
+        return n
+
+    def _sources(self, sigma, b, dtype, device):
+        """The stored hidden states (content, style) this call fuses, each [1 or b, tokens, C] or None."""
+        p = self.params
+        return (self._stored(self.content if p.needs_content else None, sigma, b, dtype, device),
+                self._stored(self.style if p.needs_style else None, sigma, b, dtype, device))
+
+    def _groups(self, rows: int, b: int, cou: list, extra: dict):
+        """(rows, branch, options) per separately fused part of the batch: one part unless uncond is treated apart."""
+        if self.params.uncond_mode == "fuse" or all(c != 1 for c in cou):
+            return [(slice(0, rows), "cond", extra)]
+        return [(slice(j * b, (j + 1) * b), "uncond" if c == 1 else "cond", {**extra, "cond_or_uncond": [c]})
+                for j, c in enumerate(cou)]
 
     def __call__(self, q, k, v, extra):
-        sigma = extra.get("sigmas")
-        idx = None if sigma is None else self.ref.step_index(sigma)
-        if idx is None or idx not in self.steps:
+        sigma = self._active_sigma(extra)
+        if sigma is None:
             return self._plain(q, k, v, extra)
         p = self.params
         cou = list(extra.get("cond_or_uncond") or [0])
         rows = q.shape[0]
         b = kvs.chunk_batch(rows, cou)
-        content = self._source(self.content if p.needs_content else None, sigma, b, q.dtype, q.device,
-                               p.gamma > 0, p.use_content_kv and p.content_weight > 0)
-        style = self._source(self.style if p.needs_style else None, sigma, b, q.dtype, q.device, p.adain_qk, True)
+        content_n, style_n = self._sources(sigma, b, q.dtype, q.device)
+        a = self.attn1
+        content = None if content_n is None else (
+            a.to_q(content_n) if p.gamma > 0 else None,
+            *((a.to_k(content_n), a.to_v(content_n)) if p.use_content_kv and p.content_weight > 0 else (None, None)))
+        style = None if style_n is None else (a.to_q(style_n) if p.adain_qk else None, a.to_k(style_n),
+                                              a.to_v(style_n))
         self.calls += 1
         heads = extra["n_heads"]
-        same = p.uncond_mode == "fuse" or all(c != 1 for c in cou)
-        groups = [(slice(0, rows), "cond", extra)] if same else [
-            (slice(j * b, (j + 1) * b), "uncond" if c == 1 else "cond", {**extra, "cond_or_uncond": [c]})
-            for j, c in enumerate(cou)]
         outs = []
-        for sl, branch, sub in groups:
+        for sl, branch, sub in self._groups(rows, b, cou, extra):
             qs, ks, vs = q[sl], k[sl], v[sl]
             n_rows = qs.shape[0]
             plan = ff.fusion_inputs(p, qs, ks, vs, _rows(content, n_rows, b), _rows(style, n_rows, b), branch)
@@ -281,11 +304,79 @@ class FusionAttn1:
                 outs.append(self.previous(fq, fk, fv, sub))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
+    def hidden(self, x, context, value, transformer_options: dict, heads: int):
+        """The fused attention (before to_out) from attn1's own inputs, or None on steps where fusion is off."""
+        sigma = self._active_sigma(transformer_options)
+        if sigma is None:
+            return None
+        a = self.attn1
+        cou = list(transformer_options.get("cond_or_uncond") or [0])
+        rows = x.shape[0]
+        b = kvs.chunk_batch(rows, cou)
+        content_n, style_n = self._sources(sigma, b, x.dtype, x.device)
+        self.calls += 1
+        outs = []
+        for sl, branch, sub in self._groups(rows, b, cou, transformer_options):
+            xs = x[sl]
+            ctx = None if context is None else context[sl]
+            val = None if value is None else value[sl]
+            n_rows = xs.shape[0]
+            plan = ff.hidden_fusion_inputs(self.params, xs, a.to_q, a.to_k, a.to_v, _rows1(content_n, n_rows, b),
+                                           _rows1(style_n, n_rows, b), branch, context=ctx, value=val)
+            if plan is None:
+                kv_in = xs if ctx is None else ctx
+                outs.append(_default_attention(a.to_q(xs), a.to_k(kv_in), a.to_v(kv_in if val is None else val),
+                                               {**sub, "n_heads": heads,
+                                                "attn_precision": getattr(a, "attn_precision", None)}))
+            else:
+                outs.append(plan.attend(heads))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+
     def __copy__(self):
         return self
 
     def __deepcopy__(self, memo):
         return self
+
+
+class FusedAttn1(torch.nn.Module):
+    """Stands in for one attn1 module (a ModelPatcher object patch, reverted when another clone loads).
+
+    Its projections are the original module's own children under the same names, so state-dict keys, weight
+    patches (LoRA) and casting are untouched; steps where fusion is off run the original module itself.
+    """
+
+    def __init__(self, fusion: FusionAttn1, original: torch.nn.Module):
+        super().__init__()
+        self.to_q, self.to_k, self.to_v, self.to_out = original.to_q, original.to_k, original.to_v, original.to_out
+        self.heads = original.heads
+        self.dim_head = getattr(original, "dim_head", None)
+        self.attn_precision = getattr(original, "attn_precision", None)
+        # plain attributes, not submodules: the original's parameters are already registered through ours
+        object.__setattr__(self, "original", original)
+        object.__setattr__(self, "fusion", fusion)
+
+    def forward(self, x, context=None, value=None, mask=None, transformer_options={}, **kwargs):  # noqa: B006
+        if mask is not None:
+            raise ValueError(f"[{self.fusion.node}] Feature Fusion Attention got a self-attention mask at "
+                             f"{lay.format_layers([self.fusion.key])}; SD1.5/SDXL UNets pass none")
+        out = self.fusion.hidden(x, context, value, transformer_options, self.heads)
+        if out is None:  # fusion off at this step: the original module, with whatever a newer ComfyUI passes
+            return self.original(x, context=context, value=value, transformer_options=transformer_options, **kwargs)
+        return self.to_out(out)
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+def _unwrapped(attn1: torch.nn.Module) -> torch.nn.Module:
+    while isinstance(attn1, FusedAttn1):
+        attn1 = attn1.original
+    return attn1
+
+
+def _rows1(t, rows: int, b: int):
+    return None if t is None else _rows((t,), rows, b)[0]
 
 
 def _rows(src, rows: int, b: int):
@@ -404,8 +495,13 @@ def patch_model(model, params: ff.FusionParams, layers_choice: str, custom_layer
     patches = {}
     for key in keys:
         previous = existing.get(key) or existing.get(key[:2])
-        patch = FusionAttn1(key, layers[key].attn1, params, content, style, previous, frozenset(steps), node)
-        clone.set_model_attn1_replace(patch, key[0], key[1], key[2])
+        path = layers[key].path
+        attn1 = _unwrapped(clone.get_model_object(path))
+        patch = FusionAttn1(key, attn1, params, content, style, previous, frozenset(steps), node)
+        if previous is None:
+            clone.add_object_patch(path, FusedAttn1(patch, attn1))
+        else:  # another pack's replace owns the slot: fuse inside it (ComfyUI would skip the module)
+            clone.set_model_attn1_replace(patch, key[0], key[1], key[2])
         patches[key] = patch
     stores = [(name, s) for name, s in (("content_store", content), ("style_store", style)) if s is not None]
     clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY,

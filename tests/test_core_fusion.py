@@ -483,3 +483,59 @@ def test_project_qkv_recomputes_from_stored_hidden_state():
     # feeding the current pass's own hidden state as the style source gives plain self-attention
     out = ff.fuse_for_preset(ff.get_preset("styleid", gamma=0.0, tau=1.0), q, k, v, None, (q, k, v), HEADS)
     torch.testing.assert_close(out, ff.attention(q, k, v, HEADS), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("preset", ff.FUSION_PRESET_NAMES)
+@pytest.mark.parametrize("uncond_mode", ff.UNCOND_MODES)
+@pytest.mark.parametrize("branch", ["cond", "uncond"])
+def test_hidden_state_route_equals_the_qkv_route(preset, uncond_mode, branch):
+    """Fusing from hidden states (one blended query projection, no unused current k/v) gives what fusing the
+    projected q/k/v gives, for every preset and branch treatment, with biased (affine) projections, partial
+    query preservation, a shared style image and the current k/v coming from a separate context/value."""
+    g = torch.Generator().manual_seed(5)
+    to_q, to_k, to_v = (torch.nn.Linear(INNER, INNER, bias=True).double() for _ in range(3))
+    for lin in (to_q, to_k, to_v):
+        lin.bias.data = torch.randn(INNER, generator=g, dtype=D64)
+    params = ff.get_preset(preset, uncond_mode=uncond_mode)
+    if params.gamma == 0 and params.needs_content:
+        params = params.replace(gamma=0.4)  # exercise the blended query on the content-reading presets too
+    n_x, ctx, val = rand(2, 6, INNER, seed=31), rand(2, 6, INNER, seed=32), rand(2, 6, INNER, seed=33)
+    n_c, n_s = rand(2, 6, INNER, seed=34), rand(1, 5, INNER, seed=35)
+    before = snapshot(n_x, ctx, val, n_c, n_s)
+    content = (to_q(n_c), to_k(n_c), to_v(n_c))
+    style = (to_q(n_s), to_k(n_s), to_v(n_s))
+    for context, value in ((None, None), (ctx, val)):
+        k_in = n_x if context is None else context
+        v_in = k_in if value is None else value
+        via_qkv = ff.fusion_inputs(params, to_q(n_x), to_k(k_in), to_v(v_in), content, style, branch)
+        via_hidden = ff.hidden_fusion_inputs(params, n_x, to_q, to_k, to_v, n_c, n_s, branch, context, value)
+        assert (via_qkv is None) == (via_hidden is None)
+        if via_qkv is not None:
+            assert via_hidden.weights == via_qkv.weights and via_hidden.tau == via_qkv.tau
+            torch.testing.assert_close(via_hidden.attend(HEADS), via_qkv.attend(HEADS), rtol=1e-10, atol=1e-10)
+    assert_unchanged(before, [n_x, ctx, val, n_c, n_s])
+
+
+def test_hidden_state_route_projects_only_what_it_reads():
+    """magicstyle (gamma > 0, style + content K/V): one query projection on the blended state, k/v of the two
+    stored states, nothing of the current pass's k/v; plain attention on a 'plain' uncond branch projects nothing."""
+    calls = {"q": [], "k": [], "v": []}
+
+    def counting(name):
+        lin = torch.nn.Linear(INNER, INNER, bias=False).double()
+        return lambda t: calls[name].append(t) or lin(t)
+
+    to_q, to_k, to_v = counting("q"), counting("k"), counting("v")
+    n_x, n_c, n_s = rand(1, 6, INNER, seed=40), rand(1, 6, INNER, seed=41), rand(1, 6, INNER, seed=42)
+    params = ff.get_preset("magicstyle")
+    plan = ff.hidden_fusion_inputs(params, n_x, to_q, to_k, to_v, n_c, n_s)
+    assert [len(calls[n]) for n in "qkv"] == [1, 2, 2] and len(plan.keys) == 2
+    torch.testing.assert_close(calls["q"][0], 0.75 * n_c + 0.25 * n_x, rtol=1e-12, atol=1e-12)
+    assert all(t is n_s or t is n_c for t in calls["k"] + calls["v"])
+    assert ff.hidden_fusion_inputs(params.replace(uncond_mode="plain"), n_x, to_q, to_k, to_v, n_c, n_s,
+                                   "uncond") is None
+    assert [len(calls[n]) for n in "qkv"] == [1, 2, 2]
+    with pytest.raises(ValueError, match="content KV store"):
+        ff.hidden_fusion_inputs(params, n_x, to_q, to_k, to_v, None, n_s)
+    with pytest.raises(ValueError, match="does not match"):
+        ff.hidden_fusion_inputs(params, n_x, to_q, to_k, to_v, rand(1, 4, INNER, seed=43), n_s)

@@ -45,8 +45,11 @@ def sample(nodes, model, record, start=None):
 
 
 def ffa_patches(model) -> dict:
-    attn1 = model.model_options["transformer_options"]["patches_replace"]["attn1"]
-    return {k: p for k, p in attn1.items() if type(p).__name__ == "FusionAttn1"}
+    """{layer: FusionAttn1}: fusion sits in attn1's place (an object patch) or, chained, in its replace slot."""
+    found = {o.fusion.key: o.fusion for o in model.object_patches.values() if type(o).__name__ == "FusedAttn1"}
+    attn1 = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
+    found.update({k: p for k, p in attn1.items() if type(p).__name__ == "FusionAttn1"})
+    return found
 
 
 # ----------------------------------------------------------------------------------- a store of the very pass
@@ -253,6 +256,33 @@ def test_input_model_is_never_changed(nodes, sd15, tiny, stores):
     sample(nodes, patched, stores["record"])
     assert_same_snapshot(before, model_snapshot(sd15))
     assert model_snapshot(sd15)["transformer_options"] == before["transformer_options"]
+
+
+def test_fused_layers_stand_in_for_attn1_and_are_reverted(nodes, pack, sd15, tiny, stores):
+    """With the attn1 slots free, fusion replaces the selected attn1 modules through ModelPatcher object patches:
+    while the fused model runs they sit in the UNet under the same state-dict keys (so weight patches such as LoRAs
+    reach their projections), and the plain model afterwards is bit-identical to the plain model before."""
+    tb = sd15.model.diffusion_model.output_blocks[11][1].transformer_blocks[0]
+    keys_before = list(sd15.model.state_dict())
+    plain_before = sample(nodes, sd15, stores["record"])
+    patched = fuse(nodes, sd15, content=stores["content"], style=stores["style"])
+    assert sorted(type(o).__name__ for o in patched.object_patches.values()) == ["FusedAttn1"] * 6
+    assert not patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1")
+    fused = sample(nodes, patched, stores["record"])
+    assert type(tb.attn1).__name__ == "FusedAttn1"
+    assert list(sd15.model.state_dict()) == keys_before
+    assert (fused - plain_before).abs().max() > 1e-3
+    # a weight patch on a fused layer's query projection reaches through the stand-in module
+    lora = patched.clone()
+    key = "diffusion_model.output_blocks.11.1.transformer_blocks.0.attn1.to_q.weight"
+    delta = torch.randn(tb.attn1.to_q.weight.shape, generator=torch.Generator().manual_seed(3))
+    lora.add_patches({key: (delta,)}, 1.0)
+    reverse = pack.nodes.inversion.run_reverse  # the node rightly refuses the record for a re-weighted model
+    with torch.inference_mode():
+        assert (reverse(lora, stores["record"], stores["cond"], None, 1.0) - fused).abs().max() > 1e-3
+    torch.testing.assert_close(sample(nodes, patched, stores["record"]), fused, rtol=0, atol=0)
+    assert torch.equal(sample(nodes, sd15, stores["record"]), plain_before)
+    assert type(tb.attn1).__name__ == "CrossAttention"
 
 
 def test_other_packs_attn1_and_attn2_replaces_still_run(nodes, sd15, tiny, stores):
