@@ -1,15 +1,17 @@
 """MagicStyle benchmark, measured side by side in one run (run by hand: python bench/bench_magicstyle.py).
 
-On an SD1.5-architecture model with SD1.5's full 16-attention-layer structure (narrow: --width channels instead of
-320, 2 heads instead of 8, so it fits a CPU) at a 64x64 latent (512x512 px):
+On SD1.5's UNet architecture with random weights (by default exactly SD1.5's: model_channels 320, channel_mult
+1,2,4,4, 8 heads, 16 attention layers; narrower with --width/--channel-mult for a quick run) at a 64x64 latent
+(512x512 px):
 
 - KV store bytes of the default layers (KV Feature Store default: decoder) for a 50-step schedule, storing the
   normalised hidden state n, against storing q, k and v (goal <= 0.34). Measured on an inversion of --steps steps
   (every stored tensor counted) and scaled per step to 50 steps; the store's own 50-step plan is printed next to it.
 - Sampling time with Feature Fusion Attention (magicstyle preset) over plain sampling (goal <= 1.25), next to the
-  StyleAligned way: the reference image runs in the same batch (batch 2) with shared attention in every layer.
+  same fusion through attn1 replaces (its route when another pack's replace holds the slot) and the StyleAligned
+  way: the reference image runs in the same batch (batch 2) with shared attention in every layer.
   All runs use the exact reverse DDIM sampler through ComfyUI's guider, cfg 1, the same --steps schedule; each
-  variant is timed --repeats times interleaved and the best time is kept.
+  variant runs once to warm up, then --repeats interleaved rounds with the order rotated; the best time is kept.
 """
 
 from __future__ import annotations
@@ -29,9 +31,11 @@ from magic_portrait import comfy_env  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=64, help="latent size (64 = 512 px)")
-    parser.add_argument("--width", type=int, default=64, help="model_channels (SD1.5: 320)")
-    parser.add_argument("--steps", type=int, default=8, help="sampling steps timed (the store is scaled to 50)")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--width", type=int, default=320, help="model_channels (SD1.5: 320)")
+    parser.add_argument("--channel-mult", default="1,2,4,4", help="channel multipliers per level (SD1.5: 1,2,4,4)")
+    parser.add_argument("--heads", type=int, default=8, help="attention heads (SD1.5: 8)")
+    parser.add_argument("--steps", type=int, default=4, help="sampling steps timed (the store is scaled to 50)")
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--comfy-attention", choices=["same", "sdpa", "default"], default="same",
                         help="same: ComfyUI's own attention uses FFA's attention kernel, so the ratio measures FFA's "
                         "overhead, not a kernel difference (on CPU ComfyUI's default is sub-quadratic attention and "
@@ -57,7 +61,9 @@ def main() -> None:
     common, inversion_nodes = pack.nodes.common, pack.nodes.inversion
     torch.set_grad_enabled(False)
 
-    model = tiny.build_sd15_model(seed=0, model_channels=args.width)
+    channel_mult = [int(m) for m in args.channel_mult.split(",")]
+    model = tiny.build_sd15_model(seed=0, model_channels=args.width, channel_mult=channel_mult, num_heads=args.heads)
+    n_params = sum(p.numel() for p in model.model.diffusion_model.parameters())
     cond = tiny.sd15_cond(0)
     g = torch.Generator().manual_seed(0)
     z_c = torch.randn(1, 4, args.size, args.size, generator=g) * 4
@@ -99,6 +105,13 @@ def main() -> None:
                                 heads)
         return torch.cat([ref, sa], dim=0)
 
+    # the same fusion through attn1 replaces (the route used when another pack's replace holds the slot): ComfyUI
+    # projects the current pass's q/k/v first, and the stored states are projected to q, k and v separately
+    replace_route = model.clone()
+    for key, patch in patches.items():
+        replace_route.set_model_attn1_replace(
+            ms.FusionAttn1(key, patch.attn1, params, content, style, None, patch.steps, "bench"), *key)
+
     aligned = model.clone()
     for key in layers:
         aligned.set_model_attn1_replace(shared_attention, *key)
@@ -113,18 +126,22 @@ def main() -> None:
             common.guided_run(m, cond, None, 1.0, x, sampler, descending)
         return time.perf_counter() - start
 
-    run(model, zt)  # warm-up
-    times = {"plain": [], "ffa": [], "stylealigned": []}
-    for _ in range(args.repeats):
-        times["plain"].append(run(model, zt))
-        times["ffa"].append(run(fused, zt))
-        times["stylealigned"].append(run(aligned, batch2))
+    variants = {"plain": (model, zt), "ffa": (fused, zt), "ffa_replace": (replace_route, zt),
+                "stylealigned": (aligned, batch2)}
+    for variant in variants.values():  # warm-up: the first run of each pays for first-touch allocations
+        run(*variant)
+    times = {name: [] for name in variants}
+    names = list(variants)
+    for r in range(args.repeats):  # interleaved, order rotated each round: what ran before shifts a time here
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            times[name].append(run(*variants[name]))
     best = {k: min(v) for k, v in times.items()}
     print("all timings (s):", {k: [round(t, 2) for t in v] for k, v in times.items()})
     assert all(p.calls > 0 for p in patches.values())
 
     n_layers = len(content.layers)
-    print(f"MagicStyle bench: SD1.5 structure (16 attention layers), width {args.width} (SD1.5: 320), 2 heads, "
+    print(f"MagicStyle bench: SD1.5 UNet structure (16 attention layers), model_channels {args.width}, channel_mult "
+          f"{channel_mult}, {args.heads} heads ({n_params / 1e6:.0f} M parameters; SD1.5: 320, [1, 2, 4, 4], 8, 860 M), "
           f"latent {args.size}x{args.size} ({args.size * 8} px), {args.steps} steps timed, best of {args.repeats}, "
           f"CPU threads {torch.get_num_threads()}, ComfyUI attention: {args.comfy_attention}")
     print()
@@ -138,6 +155,8 @@ def main() -> None:
     print(f"| FFA sampling (magicstyle: {len(patches)} layers, gamma {params.gamma}, w_c {params.content_weight}, "
           f"tau {params.tau}) | {best['ffa']:.2f} s | |")
     print(f"| FFA / plain | {best['ffa'] / best['plain']:.3f} | <= 1.25 |")
+    print(f"| same fusion through attn1 replaces (used when another pack's replace holds the slot) / plain | "
+          f"{best['ffa_replace'] / best['plain']:.3f} | |")
     print(f"| StyleAligned way (reference in the batch, shared attention, 16 layers) | {best['stylealigned']:.2f} s "
           "| |")
     print(f"| StyleAligned / plain | {best['stylealigned'] / best['plain']:.3f} | |")
