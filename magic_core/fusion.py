@@ -458,6 +458,47 @@ class FusionInputs:
         return q, torch.cat(keys, dim=1), torch.cat(values, dim=1), exact
 
 
+def _fusion_mode(params: FusionParams, branch: str, has_style: bool) -> str | None:
+    """How one chunk attends: "fuse", "style_only" or None (plain attention)."""
+    if branch not in ("cond", "uncond"):
+        raise ValueError(f"branch must be 'cond' or 'uncond', got {branch!r}")
+    if branch == "cond" or params.uncond_mode == "fuse":
+        return "fuse"
+    if params.uncond_mode == "style_only" and has_style:
+        return "style_only"
+    return None
+
+
+def _column_groups(params: FusionParams, q: torch.Tensor, style_only: bool, has_content: bool, style_kv, content_kv,
+                   self_kv) -> FusionInputs:
+    """FusionInputs over the key/value groups `params` enables; style_kv/content_kv/self_kv are called (to project
+    lazily) only for the groups used."""
+    keys, values, weights = [], [], []
+    groups = (
+        (params.use_style_kv or style_only, style_kv, 1.0),
+        (not style_only and params.use_content_kv and params.content_weight > 0 and has_content, content_kv,
+         float(params.content_weight)),
+        (params.include_self, self_kv, 1.0),
+    )
+    for used, kv, weight in groups:
+        if used:
+            k, v = kv()
+            keys.append(k)
+            values.append(v)
+            weights.append(weight)
+    if not keys:
+        raise ValueError("fused attention has no key/value source (style and content both absent or weighted 0)")
+    return FusionInputs(q=q, keys=keys, values=values, weights=weights, tau=float(params.tau))
+
+
+def _preserve_query(gamma: float, q_c: torch.Tensor, q: torch.Tensor, what: str) -> torch.Tensor:
+    """gamma * q_c + (1 - gamma) * q, q_c of batch 1 (shared) or q's batch."""
+    q_c = _to_batch(q_c.to(q.dtype), q.shape[0], what)
+    if q_c.shape != q.shape:
+        raise ValueError(f"content {what} {tuple(q_c.shape)} does not match the current one {tuple(q.shape)}")
+    return q_c if gamma == 1.0 else torch.lerp(q, q_c, gamma)
+
+
 def fusion_inputs(
     params: FusionParams,
     q_x: torch.Tensor,
@@ -474,38 +515,17 @@ def fusion_inputs(
     content q when gamma > 0, content k/v when content K/V are used, style q only for adain_qk).
     ``fusion_inputs(...).attend(heads)`` equals ``fuse_for_preset(...)`` for the same arguments.
     """
-    if branch not in ("cond", "uncond"):
-        raise ValueError(f"branch must be 'cond' or 'uncond', got {branch!r}")
-    if branch == "uncond" and params.uncond_mode == "plain":
+    mode = _fusion_mode(params, branch, style is not None)
+    if mode is None:
         return None
-    b = q_x.shape[0]
-    style_only = branch == "uncond" and params.uncond_mode == "style_only"
-    if style_only and style is None:
-        return None
+    style_only = mode == "style_only"
     if not style_only:
         _require_sources(params, content, style)
     q, k_self = _adain_qk(params, q_x, k_x, style)
     if not style_only and params.gamma > 0:
-        q_c = _to_batch(content[0], b, "q_c")
-        if q_c.shape != q.shape:
-            raise ValueError(f"content query {tuple(q_c.shape)} does not match the current query {tuple(q.shape)}")
-        q = q_c if params.gamma == 1.0 else params.gamma * q_c + (1.0 - params.gamma) * q
-    keys, values, weights = [], [], []
-    if params.use_style_kv or style_only:
-        keys.append(style[1])
-        values.append(style[2])
-        weights.append(1.0)
-    if not style_only and params.use_content_kv and params.content_weight > 0 and content is not None:
-        keys.append(content[1])
-        values.append(content[2])
-        weights.append(float(params.content_weight))
-    if params.include_self:
-        keys.append(k_self)
-        values.append(v_x)
-        weights.append(1.0)
-    if not keys:
-        raise ValueError("fused attention has no key/value source (style and content both absent or weighted 0)")
-    return FusionInputs(q=q, keys=keys, values=values, weights=weights, tau=float(params.tau))
+        q = _preserve_query(params.gamma, content[0], q, "query")
+    return _column_groups(params, q, style_only, content is not None, lambda: (style[1], style[2]),
+                          lambda: (content[1], content[2]), lambda: (k_self, v_x))
 
 
 def hidden_fusion_inputs(
@@ -531,53 +551,23 @@ def hidden_fusion_inputs(
     ``hidden_fusion_inputs(...).attend(heads)`` equals ``fusion_inputs(...)`` on the projected q/k/v to float
     rounding. Returns None for plain attention, like ``fusion_inputs``.
     """
-    if branch not in ("cond", "uncond"):
-        raise ValueError(f"branch must be 'cond' or 'uncond', got {branch!r}")
-    if branch == "uncond" and params.uncond_mode == "plain":
+    mode = _fusion_mode(params, branch, style_n is not None)
+    if mode is None:
         return None
-    b = n_x.shape[0]
-    style_only = branch == "uncond" and params.uncond_mode == "style_only"
-    if style_only and style_n is None:
-        return None
+    style_only = mode == "style_only"
     if not style_only:
         _require_sources(params, content_n, style_n)
     preserve = not style_only and params.gamma > 0
-
-    def self_kv():
-        kv_in = n_x if context is None else context
-        return to_k(kv_in), to_v(kv_in if value is None else value)
-
-    k_self = v_self = None
-    if params.include_self:
-        k_self, v_self = self_kv()
+    kv_in = n_x if context is None else context
+    k_self = to_k(kv_in) if params.include_self else None
     if params.adain_qk:
         q = adain(to_q(n_x), to_q(style_n), dims=1)
         if k_self is not None:
             k_self = adain(k_self, to_k(style_n), dims=1)
         if preserve:
-            q_c = _to_batch(to_q(content_n), b, "q_c")
-            q = q_c if params.gamma == 1.0 else params.gamma * q_c + (1.0 - params.gamma) * q
-    elif preserve:
-        n_c = _to_batch(content_n.to(n_x.dtype), b, "content hidden state")
-        if n_c.shape != n_x.shape:
-            raise ValueError(f"content hidden state {tuple(n_c.shape)} does not match the current one "
-                             f"{tuple(n_x.shape)}")
-        q = to_q(n_c if params.gamma == 1.0 else torch.lerp(n_x, n_c, params.gamma))
+            q = _preserve_query(params.gamma, to_q(content_n), q, "query")
     else:
-        q = to_q(n_x)
-    keys, values, weights = [], [], []
-    if params.use_style_kv or style_only:
-        keys.append(to_k(style_n))
-        values.append(to_v(style_n))
-        weights.append(1.0)
-    if not style_only and params.use_content_kv and params.content_weight > 0 and content_n is not None:
-        keys.append(to_k(content_n))
-        values.append(to_v(content_n))
-        weights.append(float(params.content_weight))
-    if params.include_self:
-        keys.append(k_self)
-        values.append(v_self)
-        weights.append(1.0)
-    if not keys:
-        raise ValueError("fused attention has no key/value source (style and content both absent or weighted 0)")
-    return FusionInputs(q=q, keys=keys, values=values, weights=weights, tau=float(params.tau))
+        q = to_q(_preserve_query(params.gamma, content_n, n_x, "hidden state") if preserve else n_x)
+    return _column_groups(params, q, style_only, content_n is not None, lambda: (to_k(style_n), to_v(style_n)),
+                          lambda: (to_k(content_n), to_v(content_n)),
+                          lambda: (k_self, to_v(kv_in if value is None else value)))
