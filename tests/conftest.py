@@ -93,3 +93,20 @@ def sd15(tiny):
 @pytest.fixture(scope="session")
 def sdxl(tiny):
     return tiny.build_sdxl_model(seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny, tmp_path_factory):
+    """Place the tiny SD1.5 checkpoint (seed 0, full blocks; written once per session) at a path: a symlink, as a
+    user's models folder may hold. Returns the placed path."""
+    written = []
+
+    def place(target: Path) -> Path:
+        if not written:
+            written.append(tiny.write_tiny_sd15_checkpoint(tmp_path_factory.mktemp("tiny_ckpt") / "tiny_sd15.safetensors",
+                                                           seed=0))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.symlink_to(written[0])
+        return target
+
+    return place

@@ -16,7 +16,7 @@ EXAMPLES = sorted((REPO / "example_workflows").glob("*.json"))
 
 
 @pytest.fixture(scope="module")
-def models_dir(comfy, tmp_path_factory, tiny):
+def models_dir(comfy, tmp_path_factory, tiny_checkpoint):
     """A models folder holding a tiny checkpoint under each name the examples use, and tiny RepControlNet files."""
     root = tmp_path_factory.mktemp("models")
     names = {"checkpoints": set(), "magic_repcontrolnet": set()}
@@ -28,12 +28,8 @@ def models_dir(comfy, tmp_path_factory, tiny):
                 names["magic_repcontrolnet"].add(node["widgets_values"][0])
     first = None
     for name in sorted(names["checkpoints"]):
-        target = root / "checkpoints" / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if first is None:
-            first = tiny.write_tiny_sd15_checkpoint(target, seed=0)
-        else:
-            target.symlink_to(first)
+        placed = tiny_checkpoint(root / "checkpoints" / name)
+        first = first or placed
     for name in sorted(names["magic_repcontrolnet"]):
         comfy.pack.magic_core.repcontrolnet.write_tiny_repcontrolnet(root / "magic_repcontrolnet" / name, str(first))
     return root

@@ -362,7 +362,7 @@ def test_sdxl_works(nodes, sdxl, tiny):
 
 # ----------------------------------------------------------------------------------- single node and workflows
 @pytest.fixture(scope="module")
-def checkpoint(comfy, tiny, tmp_path_factory):
+def checkpoint(comfy, tiny_checkpoint, tmp_path_factory):
     """A tiny SD1.5 checkpoint under the examples' checkpoint name, loaded once; input/output dirs in tmp."""
     import comfy.sd
     import folder_paths
@@ -374,7 +374,7 @@ def checkpoint(comfy, tiny, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("magicstyle")
     name = "v1-5-pruned-emaonly-fp16.safetensors"
-    path = tiny.write_tiny_sd15_checkpoint(root / "models" / "checkpoints" / name, seed=0)
+    path = tiny_checkpoint(root / "models" / "checkpoints" / name)
     old_in, old_out = folder_paths.get_input_directory(), folder_paths.get_output_directory()
     comfy_env.boot(models_dir=root / "models", input_dir=root / "input", output_dir=root / "output")
     for file, image in (("astronaut.png", data.astronaut()), ("style.png", data.chelsea())):

@@ -305,13 +305,11 @@ def test_find_pairs_by_suffix(R, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_files(comfy, R, tmp_path_factory):
+def tiny_files(comfy, R, tmp_path_factory, tiny_checkpoint):
     from PIL import Image
 
-    from magic_portrait.tiny import write_tiny_sd15_checkpoint
-
     root = tmp_path_factory.mktemp("rcn_models")
-    ckpt = write_tiny_sd15_checkpoint(root / "checkpoints" / "v1-5-pruned-emaonly-fp16.safetensors", seed=0)
+    ckpt = tiny_checkpoint(root / "checkpoints" / "v1-5-pruned-emaonly-fp16.safetensors")
     rcn_file = R.write_tiny_repcontrolnet(root / "magic_repcontrolnet" / "repcontrolnet_landmarks_sd15.safetensors",
                                           ckpt, seed=0)
     inputs_dir = root / "input"
