@@ -424,15 +424,24 @@ def test_example_workflow_runs_through_the_executor(comfy, checkpoint, name):
 
 
 
-def test_cfg_uncond_treatments(nodes, sd15, tiny, stores):
-    """With cfg 2 the batch holds cond and uncond chunks: each uncond treatment runs and they differ."""
+def test_cfg_uncond_treatments(nodes, pack, sd15, tiny, stores):
+    """With cfg 2 the batch holds cond and uncond chunks: each uncond treatment runs, they differ, and the stand-in
+    modules (hidden-state route) give what the same fusion gives through attn1 replaces (q/k/v route)."""
     outs = {}
+    reverse = pack.nodes.inversion.run_reverse
     for mode in ("fuse", "plain", "style_only"):
         patched = fuse(nodes, sd15, content=stores["content"], style=stores["style"], uncond=mode)
         outs[mode] = run_node(nodes["MagicPortrait_SampleInverted"], model=patched, inversion=stores["record"],
                               cfg=2.0, measure_error=False, positive=stores["cond"],
                               negative=tiny.sd15_cond(99)).result[0]["samples"]
         assert torch.isfinite(outs[mode]).all()
+        via_replaces = sd15.clone()
+        for key, f in ffa_patches(patched).items():
+            via_replaces.set_model_attn1_replace(
+                type(f)(key, f.attn1, f.params, f.content, f.style, None, f.steps, f.node), *key)
+        with torch.inference_mode():
+            other = reverse(via_replaces, stores["record"], stores["cond"], tiny.sd15_cond(99), 2.0)
+        torch.testing.assert_close(other, outs[mode], rtol=1e-4, atol=1e-4)
     assert (outs["fuse"] - outs["plain"]).abs().max() > 1e-3
     assert (outs["plain"] - outs["style_only"]).abs().max() > 1e-3
 
