@@ -63,14 +63,19 @@ def _bias4d(log_bias: torch.Tensor, b: int, tq: int, tk: int) -> torch.Tensor:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
-              log_bias: torch.Tensor | None = None, tau: float = 1.0) -> torch.Tensor:
+              log_bias: torch.Tensor | None = None, tau: float = 1.0, upcast: bool = False) -> torch.Tensor:
     """softmax(tau * q.k / sqrt(dim_head) + log_bias) v per head, on [B, tokens, heads*dim] tensors.
 
     k and v may have batch 1 (broadcast). `log_bias` is an additive logit bias: [keys] (a weight per key column),
-    [B, keys], [B, queries, keys] or [B, heads, queries, keys]. Returns [B, queries, heads*dim_head].
+    [B, keys], [B, queries, keys] or [B, heads, queries, keys]. `upcast`: compute in float32 and return q's dtype
+    (what a model asking for fp32 attention precision, like SD2.x, needs in fp16/bf16). Returns
+    [B, queries, heads*dim_head].
     """
     if tau <= 0:
         raise ValueError(f"tau must be > 0, got {tau}")
+    if upcast and q.dtype in (torch.float16, torch.bfloat16):
+        bias = None if log_bias is None else log_bias.float()
+        return attention(q.float(), k.float(), v.float(), heads, bias, tau).to(q.dtype)
     b, tq, _ = q.shape
     k = _to_batch(k, b, "k")
     v = _to_batch(v, b, "v")
@@ -426,7 +431,8 @@ class FusionInputs:
     weights: list[float]
     tau: float = 1.0
 
-    def attend(self, heads: int) -> torch.Tensor:
+    def attend(self, heads: int, upcast: bool = False) -> torch.Tensor:
+        """The fused attention; `upcast` computes it in float32 (see ``attention``)."""
         b = self.q.shape[0]
         keys = [_to_batch(k, b, "k") for k in self.keys]
         values = [_to_batch(v, b, "v") for v in self.values]
@@ -434,9 +440,9 @@ class FusionInputs:
         v = values[0] if len(values) == 1 else torch.cat(values, dim=1)
         log_bias = None
         if len(keys) > 1 and any(w != 1.0 for w in self.weights):
-            log_bias = torch.cat([torch.full((kk.shape[1],), math.log(w), device=self.q.device, dtype=self.q.dtype)
+            log_bias = torch.cat([torch.full((kk.shape[1],), math.log(w), device=self.q.device)
                                   for kk, w in zip(keys, self.weights, strict=True)])
-        return attention(self.q, k, v, heads, log_bias=log_bias, tau=self.tau)
+        return attention(self.q, k, v, heads, log_bias=log_bias, tau=self.tau, upcast=upcast)
 
     def as_plain_qkv(self, max_denominator: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
         """(q, k, v, exact): plain attention over these gives the fused result. Column weights are rational

@@ -220,6 +220,14 @@ def _default_attention(q, k, v, extra):
                                                transformer_options=extra)
 
 
+def _upcast(attn_precision, dtype) -> bool:
+    """Whether ComfyUI's policy (the model's attn_precision, --force-upcast-attention, --dont-upcast-attention)
+    asks for float32 attention at this dtype."""
+    from comfy.ldm.modules import attention as comfy_attention
+
+    return comfy_attention.get_attn_precision(attn_precision, dtype) == torch.float32
+
+
 class FusionAttn1:
     """Feature Fusion Attention for one layer, on active steps; other steps and plain branches run unchanged.
 
@@ -294,7 +302,7 @@ class FusionAttn1:
             if plan is None:
                 outs.append(self._plain(qs, ks, vs, sub))
             elif self.previous is None:
-                outs.append(plan.attend(heads))
+                outs.append(plan.attend(heads, _upcast(extra.get("attn_precision"), qs.dtype)))
             else:
                 fq, fk, fv, exact = plan.as_plain_qkv()
                 if not exact and not self._warned:
@@ -329,7 +337,7 @@ class FusionAttn1:
                                                {**sub, "n_heads": heads,
                                                 "attn_precision": getattr(a, "attn_precision", None)}))
             else:
-                outs.append(plan.attend(heads))
+                outs.append(plan.attend(heads, _upcast(getattr(a, "attn_precision", None), xs.dtype)))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
     def __copy__(self):

@@ -539,3 +539,19 @@ def test_hidden_state_route_projects_only_what_it_reads():
         ff.hidden_fusion_inputs(params, n_x, to_q, to_k, to_v, None, n_s)
     with pytest.raises(ValueError, match="does not match"):
         ff.hidden_fusion_inputs(params, n_x, to_q, to_k, to_v, rand(1, 4, INNER, seed=43), n_s)
+
+
+def test_upcast_computes_half_precision_attention_in_float32():
+    """upcast=True: fp16/bf16 inputs are attended in float32 and the result cast back, exactly."""
+    q, k, v = (t.float() for t in qkv(2, 6, 50))
+    bias = torch.tensor([0.0, 0.0, 0.0, math.log(0.5), math.log(0.5), math.log(0.5)])
+    for dtype in (torch.float16, torch.bfloat16):
+        q16, k16, v16 = q.to(dtype), k.to(dtype), v.to(dtype)
+        out = ff.attention(q16, k16, v16, HEADS, log_bias=bias, tau=1.5, upcast=True)
+        expected = ff.attention(q16.float(), k16.float(), v16.float(), HEADS, log_bias=bias, tau=1.5).to(dtype)
+        assert out.dtype == dtype and torch.equal(out, expected)
+        plan = ff.FusionInputs(q=q16, keys=[k16[:, :3], k16[:, 3:]], values=[v16[:, :3], v16[:, 3:]],
+                               weights=[1.0, 0.5], tau=1.5)
+        assert torch.equal(plan.attend(HEADS, upcast=True), expected)
+    # float32 inputs are left as they are
+    assert torch.equal(ff.attention(q, k, v, HEADS, upcast=True), ff.attention(q, k, v, HEADS))

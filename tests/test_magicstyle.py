@@ -285,6 +285,39 @@ def test_fused_layers_stand_in_for_attn1_and_are_reverted(nodes, pack, sd15, tin
     assert type(tb.attn1).__name__ == "CrossAttention"
 
 
+def test_fused_attention_follows_the_models_attention_precision(nodes, ms, sd15, stores, monkeypatch):
+    """A layer asking for float32 attention (SD2.x's attn_precision) gets FFA upcast in fp16, on both routes; without
+    it (SD1.5, or an fp32 model) nothing is upcast."""
+    import copy
+
+    seen = []
+    attend = ms.ff.FusionInputs.attend
+
+    def spy(self, heads, upcast=False):
+        seen.append((self.q.dtype, upcast))
+        return attend(self, heads, upcast)
+
+    monkeypatch.setattr(ms.ff.FusionInputs, "attend", spy)
+    patched = fuse(nodes, sd15, content=stores["content"], style=stores["style"])
+    sample(nodes, patched, stores["record"])
+    assert seen and {upcast for _, upcast in seen} == {False}
+    f = ffa_patches(patched)[("output", 11, 0)]
+    half = copy.deepcopy(f.attn1).half()
+    half.attn_precision = torch.float32
+    g = type(f)(f.key, half, f.params, f.content, f.style, None, f.steps, f.node)
+    sigma = torch.tensor([float(f.content.sigmas[min(f.steps)])])
+    x = f.content.get(f.key, sigma, dtype=torch.float16)
+    opts = {"sigmas": sigma, "cond_or_uncond": [0]}
+    with torch.inference_mode():
+        out = ms.FusedAttn1(g, half)(x, transformer_options=opts)
+        assert out.dtype == torch.float16 and torch.isfinite(out).all() and seen[-1] == (torch.float16, True)
+        g(half.to_q(x), half.to_k(x), half.to_v(x), {**opts, "n_heads": half.heads, "attn_precision": torch.float32})
+        assert seen[-1] == (torch.float16, True)
+        half.attn_precision = None
+        ms.FusedAttn1(g, half)(x, transformer_options=opts)
+        assert seen[-1] == (torch.float16, False)
+
+
 def test_other_packs_attn1_and_attn2_replaces_still_run(nodes, sd15, tiny, stores):
     from comfy.ldm.modules import attention as comfy_attention
 
