@@ -464,13 +464,14 @@ class FusionInputs:
         return q, torch.cat(keys, dim=1), torch.cat(values, dim=1), exact
 
 
-def _fusion_mode(params: FusionParams, branch: str, has_style: bool) -> str | None:
-    """How one chunk attends: "fuse", "style_only" or None (plain attention)."""
+def _fusion_mode(params: FusionParams, branch: str, content, style) -> str | None:
+    """How one chunk attends: "fuse" (its required sources checked), "style_only" or None (plain attention)."""
     if branch not in ("cond", "uncond"):
         raise ValueError(f"branch must be 'cond' or 'uncond', got {branch!r}")
     if branch == "cond" or params.uncond_mode == "fuse":
+        _require_sources(params, content, style)
         return "fuse"
-    if params.uncond_mode == "style_only" and has_style:
+    if params.uncond_mode == "style_only" and style is not None:
         return "style_only"
     return None
 
@@ -521,12 +522,10 @@ def fusion_inputs(
     content q when gamma > 0, content k/v when content K/V are used, style q only for adain_qk).
     ``fusion_inputs(...).attend(heads)`` equals ``fuse_for_preset(...)`` for the same arguments.
     """
-    mode = _fusion_mode(params, branch, style is not None)
+    mode = _fusion_mode(params, branch, content, style)
     if mode is None:
         return None
     style_only = mode == "style_only"
-    if not style_only:
-        _require_sources(params, content, style)
     q, k_self = _adain_qk(params, q_x, k_x, style)
     if not style_only and params.gamma > 0:
         q = _preserve_query(params.gamma, content[0], q, "query")
@@ -557,12 +556,10 @@ def hidden_fusion_inputs(
     ``hidden_fusion_inputs(...).attend(heads)`` equals ``fusion_inputs(...)`` on the projected q/k/v to float
     rounding. Returns None for plain attention, like ``fusion_inputs``.
     """
-    mode = _fusion_mode(params, branch, style_n is not None)
+    mode = _fusion_mode(params, branch, content_n, style_n)
     if mode is None:
         return None
     style_only = mode == "style_only"
-    if not style_only:
-        _require_sources(params, content_n, style_n)
     preserve = not style_only and params.gamma > 0
     kv_in = n_x if context is None else context
     k_self = to_k(kv_in) if params.include_self else None

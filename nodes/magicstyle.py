@@ -24,6 +24,7 @@ import comfy.patcher_extension
 import comfy.samplers
 import comfy.utils
 import torch
+from comfy.ldm.modules import attention as comfy_attention
 from comfy_api.latest import io, ui
 
 from ..magic_core import fusion as ff
@@ -214,8 +215,6 @@ class KVStoreSpec:
 
 # ------------------------------------------------------------------------------------------------ fusion
 def _default_attention(q, k, v, extra):
-    from comfy.ldm.modules import attention as comfy_attention
-
     return comfy_attention.optimized_attention(q, k, v, extra["n_heads"], attn_precision=extra.get("attn_precision"),
                                                transformer_options=extra)
 
@@ -223,8 +222,6 @@ def _default_attention(q, k, v, extra):
 def _upcast(attn_precision, dtype) -> bool:
     """Whether ComfyUI's policy (the model's attn_precision, --force-upcast-attention, --dont-upcast-attention)
     asks for float32 attention at this dtype."""
-    from comfy.ldm.modules import attention as comfy_attention
-
     return comfy_attention.get_attn_precision(attn_precision, dtype) == torch.float32
 
 
@@ -249,11 +246,6 @@ class FusionAttn1:
             return self.previous(q, k, v, extra)
         return _default_attention(q, k, v, extra)
 
-    def _active_sigma(self, extra):
-        sigma = extra.get("sigmas")
-        idx = None if sigma is None else self.ref.step_index(sigma)
-        return None if idx is None or idx not in self.steps else sigma
-
     def _stored(self, store, sigma, b, dtype, device):
         if store is None:
             return None
@@ -270,6 +262,17 @@ class FusionAttn1:
         return (self._stored(self.content if p.needs_content else None, sigma, b, dtype, device),
                 self._stored(self.style if p.needs_style else None, sigma, b, dtype, device))
 
+    def _begin(self, extra: dict, rows: int, dtype, device):
+        """None on steps where fusion is off; else (cond_or_uncond, per-chunk batch, content_n, style_n), counted."""
+        sigma = extra.get("sigmas")
+        idx = None if sigma is None else self.ref.step_index(sigma)
+        if idx is None or idx not in self.steps:
+            return None
+        cou = list(extra.get("cond_or_uncond") or [0])
+        b = kvs.chunk_batch(rows, cou)
+        self.calls += 1
+        return (cou, b, *self._sources(sigma, b, dtype, device))
+
     def _groups(self, rows: int, b: int, cou: list, extra: dict):
         """(rows, branch, options) per separately fused part of the batch: one part unless uncond is treated apart."""
         if self.params.uncond_mode == "fuse" or all(c != 1 for c in cou):
@@ -278,21 +281,18 @@ class FusionAttn1:
                 for j, c in enumerate(cou)]
 
     def __call__(self, q, k, v, extra):
-        sigma = self._active_sigma(extra)
-        if sigma is None:
-            return self._plain(q, k, v, extra)
-        p = self.params
-        cou = list(extra.get("cond_or_uncond") or [0])
         rows = q.shape[0]
-        b = kvs.chunk_batch(rows, cou)
-        content_n, style_n = self._sources(sigma, b, q.dtype, q.device)
+        begun = self._begin(extra, rows, q.dtype, q.device)
+        if begun is None:
+            return self._plain(q, k, v, extra)
+        cou, b, content_n, style_n = begun
+        p = self.params
         a = self.attn1
         content = None if content_n is None else (
             a.to_q(content_n) if p.gamma > 0 else None,
             *((a.to_k(content_n), a.to_v(content_n)) if p.use_content_kv and p.content_weight > 0 else (None, None)))
         style = None if style_n is None else (a.to_q(style_n) if p.adain_qk else None, a.to_k(style_n),
                                               a.to_v(style_n))
-        self.calls += 1
         heads = extra["n_heads"]
         outs = []
         for sl, branch, sub in self._groups(rows, b, cou, extra):
@@ -314,15 +314,12 @@ class FusionAttn1:
 
     def hidden(self, x, context, value, transformer_options: dict, heads: int):
         """The fused attention (before to_out) from attn1's own inputs, or None on steps where fusion is off."""
-        sigma = self._active_sigma(transformer_options)
-        if sigma is None:
-            return None
-        a = self.attn1
-        cou = list(transformer_options.get("cond_or_uncond") or [0])
         rows = x.shape[0]
-        b = kvs.chunk_batch(rows, cou)
-        content_n, style_n = self._sources(sigma, b, x.dtype, x.device)
-        self.calls += 1
+        begun = self._begin(transformer_options, rows, x.dtype, x.device)
+        if begun is None:
+            return None
+        cou, b, content_n, style_n = begun
+        a = self.attn1
         outs = []
         for sl, branch, sub in self._groups(rows, b, cou, transformer_options):
             xs = x[sl]
