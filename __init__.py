@@ -1,11 +1,12 @@
 """Magic Portrait: MagicStyle, MagicID and RepControlNet nodes for ComfyUI (V3 extension entry point).
 
 ComfyUI's API is imported inside the entry point so that importing the package outside ComfyUI (tools, tests)
-has no side effects."""
+has no side effects. The pack imports the numbered API (comfy_api.v0_0_2), which ComfyUI keeps backward
+compatible, not `comfy_api.latest`, which is still under development."""
 
 
 async def comfy_entrypoint():
-    from comfy_api.latest import ComfyExtension
+    from comfy_api.v0_0_2 import ComfyExtension
 
     from .nodes import NODE_LIST
 

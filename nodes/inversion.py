@@ -6,7 +6,7 @@ import time
 
 import comfy.samplers
 import torch
-from comfy_api.latest import io, ui
+from comfy_api.v0_0_2 import io, ui
 
 from ..magic_core import inversion as inv
 from .common import CATEGORY, PREFIX, NodeInputError, check_latent, guided_run, model_family, model_identity, schedule

@@ -25,7 +25,7 @@ import comfy.samplers
 import comfy.utils
 import torch
 from comfy.ldm.modules import attention as comfy_attention
-from comfy_api.latest import io, ui
+from comfy_api.v0_0_2 import io, ui
 
 from ..magic_core import fusion as ff
 from ..magic_core import inversion as inv
