@@ -1,0 +1,121 @@
+"""Core tier: MGMICA's per-layer maths (magic_core.mgmica) and regions on token grids (magic_core.regions)."""
+
+import math
+
+import pytest
+import torch
+
+from magic_core import mgmica
+from magic_core import regions as reg
+
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def _reference(q, terms, heads):
+    """sum_i w_i * M_i * softmax(Q K_i^T / sqrt(d)) V_i, written out densely."""
+    rows, length, inner = q.shape
+    d = inner // heads
+    out = torch.zeros(rows, length, inner, dtype=torch.float64)
+    for t in terms:
+        k = t.k.expand(rows, -1, -1).double()
+        v = t.v.expand(rows, -1, -1).double()
+        qh = q.double().view(rows, length, heads, d).transpose(1, 2)
+        kh = k.view(rows, -1, heads, d).transpose(1, 2)
+        vh = v.view(rows, -1, heads, d).transpose(1, 2)
+        att = torch.softmax(qh @ kh.transpose(-1, -2) / math.sqrt(d), dim=-1) @ vh
+        att = att.transpose(1, 2).reshape(rows, length, inner)
+        out += t.weight * t.mask.double().expand(rows, length).unsqueeze(-1) * att
+    return out
+
+
+def _terms(g, rows, length, inner, masks, weights, tokens=4):
+    return [mgmica.IdentityTerm(torch.randn(1, tokens, inner, generator=g), torch.randn(1, tokens, inner, generator=g),
+                                m, w) for m, w in zip(masks, weights, strict=True)]
+
+
+@pytest.mark.parametrize("share", [0.1, 0.9])  # the gathered route and the dense route
+def test_identity_attention_matches_the_dense_formula(share):
+    g = torch.Generator().manual_seed(0)
+    rows, length, inner, heads = 3, 50, 16, 2
+    q = torch.randn(rows, length, inner, generator=g)
+    masks = []
+    for _ in range(3):
+        m = (torch.rand(1, length, generator=g) < share).float() * torch.rand(1, length, generator=g)
+        masks.append(m)
+    terms = _terms(g, rows, length, inner, masks, [1.0, 0.5, 2.0])
+    out = mgmica.identity_attention(q, terms, heads)
+    ref = _reference(q, terms, heads)
+    scale = ref.abs().max().item()
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=64 * EPS32 * max(scale, 1.0))
+
+
+def test_no_mask_or_no_weight_adds_nothing():
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 30, 8, generator=g)
+    zero = _terms(g, 2, 30, 8, [torch.zeros(1, 30)], [1.0])
+    assert mgmica.identity_attention(q, zero, 2) is None
+    unweighted = _terms(g, 2, 30, 8, [torch.ones(1, 30)], [0.0])
+    assert mgmica.identity_attention(q, unweighted, 2) is None
+
+
+def test_identity_changes_only_its_own_tokens():
+    g = torch.Generator().manual_seed(2)
+    rows, length, inner = 2, 40, 8
+    q = torch.randn(rows, length, inner, generator=g)
+    raw = torch.rand(2, 1, length, generator=g)
+    masks = mgmica.resolve_overlaps(raw * (raw > 0.3), "exclusive")
+    terms = _terms(g, rows, length, inner, list(masks), [1.0, 1.0])
+    changed = [terms[0], mgmica.IdentityTerm(terms[1].k * 3 + 1, terms[1].v - 2, terms[1].mask, 1.0)]
+    diff = (mgmica.identity_attention(q, terms, 2) - mgmica.identity_attention(q, changed, 2)).abs().amax(dim=(0, 2))
+    inside = masks[1, 0] > 0
+    assert diff[~inside].max() == 0  # bit-identical outside identity 1's tokens
+    assert diff[inside].min() > 0
+
+
+def test_overlap_modes():
+    masks = torch.tensor([[[1.0, 0.6, 0.5, 0.0]], [[0.2, 0.6, 0.9, 0.0]]])
+    exclusive = mgmica.resolve_overlaps(masks, "exclusive")
+    expected = torch.tensor([[[1.0, 0.6, 0.0, 0.0]], [[0.0, 0.0, 0.9, 0.0]]])  # the tie at token 1 -> index 0
+    assert torch.equal(exclusive, expected)
+    assert ((exclusive > 0).sum(dim=0) <= 1).all()
+    assert torch.equal(mgmica.resolve_overlaps(masks, "weighted"), masks)
+    normalized = mgmica.resolve_overlaps(masks, "normalized")
+    assert (normalized.sum(dim=0) <= 1 + 1e-6).all()
+    torch.testing.assert_close(normalized[:, 0, 3], torch.zeros(2))
+    torch.testing.assert_close(normalized[:, 0, 1], torch.tensor([0.5, 0.5]))
+    with pytest.raises(ValueError, match="exclusive"):
+        mgmica.resolve_overlaps(masks, "max")
+
+
+@pytest.mark.parametrize(("latent", "tokens", "grid"), [((64, 64), 64 * 64, (64, 64)), ((104, 152), 13 * 19, (13, 19)),
+                                                         ((80, 48), 20 * 12, (20, 12)), ((105, 77), 14 * 10, (14, 10))])
+def test_grid_for_tokens_follows_stride_two_convs(latent, tokens, grid):
+    assert mgmica.grid_for_tokens(tokens, *latent) == grid
+
+
+def test_grid_for_tokens_refuses_a_foreign_count():
+    with pytest.raises(ValueError, match="tokens"):
+        mgmica.grid_for_tokens(1000, 64, 64)
+
+
+def test_box_on_grid_is_exact_cell_coverage():
+    box = reg.Box(0.1, 0.25, 0.6, 0.9)
+    for h, w in ((7, 11), (13, 19), (64, 64)):
+        cov = reg.box_on_grid(box, h, w).view(h, w)
+        assert cov.min() >= 0 and cov.max() <= 1
+        assert math.isclose(cov.sum().item() / (h * w), 0.5 * 0.65, rel_tol=1e-5)
+    cov = reg.box_on_grid(reg.Box(0.0, 0.0, 0.5, 0.5), 4, 4).view(4, 4)
+    assert cov[:2, :2].eq(1).all() and cov[2:].eq(0).all() and cov[:, 2:].eq(0).all()
+    with pytest.raises(ValueError, match="left"):
+        reg.Box(0.5, 0.0, 0.4, 1.0)
+
+
+def test_mask_on_grid_cuts_like_comfyui_and_keeps_untouched_cells_zero():
+    mask = torch.zeros(1, 120, 200)  # 5:3 picture, latent 3:2 -> ComfyUI cuts the sides
+    mask[:, 30:60, 80:120] = 1
+    cut = reg.center_crop_to_aspect(mask, 48, 72)
+    assert cut.shape[-2:] == (120, 180)  # round((200 - 200 * (1.5 / (5/3))) / 2) = 10 px off each side
+    on_grid = reg.mask_on_grid(mask, 12, 18, 48, 72).view(12, 18)
+    touched = torch.nn.functional.adaptive_max_pool2d(cut[:, None], (12, 18))[0, 0] > 0
+    assert on_grid[~touched].eq(0).all() and on_grid[touched].gt(0).all()
+    assert math.isclose(on_grid.mean().item(), cut.mean().item(), rel_tol=1e-5)
