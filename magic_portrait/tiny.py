@@ -9,6 +9,7 @@ Everything here is deterministic: the same seed gives the same weights, conditio
 - `sd15_cond` / `sdxl_cond`: random CONDITIONING lists in ComfyUI's format, so tests can condition without CLIP.
 - `write_tiny_sd15_checkpoint`: a single-file SD1.5 `.safetensors` (UNet + CLIP-L + TAESD-layout VAE) that
   `CheckpointLoaderSimple` loads and detects as SD15.
+- `write_tiny_sd15_controlnet`: a ControlNet `.safetensors` for that checkpoint that `ControlNetLoader` loads.
 - `init_weights_`: ComfyUI's ops skip weight initialisation; this initialises every parameter from a seed.
 - `attention_layout`: {(block, number): transformer depth} of any ComfyUI UNet, and the expected
   `SD15_ATTENTION_BLOCKS` / `SDXL_ATTENTION_BLOCKS`.
@@ -543,6 +544,39 @@ def write_tiny_sd15_checkpoint(
     state.update(_random_state_dict(taesd, seed, "first_stage_model.", dtype, seed_prefix="first_stage_model."))
     del unet, clip, taesd
 
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp), metadata=metadata)
+    tmp.replace(path)
+    return path
+
+
+def write_tiny_sd15_controlnet(path, seed: int = 0, *, dtype: torch.dtype = torch.float16, hint_channels: int = 3,
+                               overwrite: bool = True) -> Path:
+    """Write a random, seeded SD1.5 ControlNet (`.safetensors`, the original `control_model`-less key layout:
+    `input_blocks.*`, `zero_convs.*`, `input_hint_block.*`, `middle_block_out.*`) that ComfyUI's ControlNetLoader
+    loads and detects as SD15, with the block structure of `write_tiny_sd15_checkpoint(full_blocks=True)`
+    (model_channels 320, channel_mult [1, 1, 1, 1], 8 heads): ~48 M parameters, ~91 MiB in fp16.
+    Its zero convolutions are random like every weight, so the control changes the output (noise, like the
+    checkpoint's)."""
+    ensure_comfy()
+    import comfy.cldm.cldm
+    import comfy.ops
+    import comfy.supported_models
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    metadata = {"magic_portrait.tiny": "sd15-controlnet", "magic_portrait.tiny.format": _CHECKPOINT_FORMAT,
+                "seed": str(int(seed)), "dtype": str(dtype).removeprefix("torch."), "hint_channels": str(hint_channels)}
+    if not overwrite and path.is_file() and _existing_metadata(path) == metadata:
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    config = dict(_sd15_unet_config(320, True))
+    config.update(comfy.supported_models.SD15.unet_extra_config)
+    config.pop("out_channels")
+    control = comfy.cldm.cldm.ControlNet(**config, hint_channels=hint_channels, device=torch.device("meta"),
+                                         operations=comfy.ops.disable_weight_init)
+    state = _random_state_dict(control, seed, "", dtype, seed_prefix="control_model.")
+    del control
     tmp = path.with_name(path.name + ".tmp")
     save_file(state, str(tmp), metadata=metadata)
     tmp.replace(path)

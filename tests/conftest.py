@@ -110,3 +110,19 @@ def tiny_checkpoint(tiny, tmp_path_factory):
         return target
 
     return place
+
+
+@pytest.fixture(scope="session")
+def tiny_controlnet_file(tiny, tmp_path_factory):
+    """Place the tiny SD1.5 ControlNet (seed 0, matches the tiny checkpoint; written once per session) at a path."""
+    written = []
+
+    def place(target: Path) -> Path:
+        if not written:
+            written.append(tiny.write_tiny_sd15_controlnet(tmp_path_factory.mktemp("tiny_cn") / "tiny_cn.safetensors",
+                                                           seed=0))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.symlink_to(written[0])
+        return target
+
+    return place
