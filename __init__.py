@@ -9,9 +9,11 @@ async def comfy_entrypoint():
     from comfy_api.v0_0_2 import ComfyExtension
 
     from .nodes import NODE_LIST
+    from .nodes.example_inputs import install_example_inputs
 
     class MagicPortraitExtension(ComfyExtension):
         async def get_node_list(self):
+            install_example_inputs()  # so the example workflows run as opened from the templates
             return list(NODE_LIST)
 
     return MagicPortraitExtension()

@@ -1,5 +1,10 @@
 """Build UI-format workflow JSON (what the ComfyUI frontend saves) from node schemas, so example workflows
-always match the nodes' current inputs and widget order. Needs a booted ComfyUI (comfy_env.boot)."""
+always match the nodes' current inputs and widget order. Needs a booted ComfyUI (comfy_env.boot).
+
+Layout: nodes go into columns (``Workflow.column`` or ``column=``) in the order they are made; at ``to_json`` each
+column is as wide as its widest node and nodes are stacked with their title bars and a gap, so nothing overlaps.
+Sizes are estimated the way the frontend sizes nodes (title, slot rows, one row per widget, taller multiline text
+and image previews). ``note`` adds a Note node; ``group`` frames whole columns under a title."""
 
 from __future__ import annotations
 
@@ -8,6 +13,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+# The frontend's geometry (LiteGraph): the title bar sits above a node's pos; one row per slot and per widget.
+TITLE_HEIGHT = 30
+SLOT_HEIGHT = 20
+WIDGET_HEIGHT = 24
+MULTILINE_HEIGHT = 84
+IMAGE_PREVIEW_HEIGHT = 240
+NODE_WIDTH = 320
+COLUMN_GAP = 70
+ROW_GAP = 30
+GROUP_PADDING = 20
+GROUP_TITLE_HEIGHT = 40
+ORIGIN = (60, 100)
 
 
 def _is_widget(spec) -> bool:
@@ -42,6 +59,8 @@ class Workflow:
         self.nodes: list[dict] = []
         self.links: list[list] = []
         self.column = 0
+        self.columns: dict[int, int] = {}  # node id -> column
+        self.groups: list[dict] = []
 
     def node(self, node_type: str, title: str | None = None, column: int | None = None, **widgets) -> NodeRef:
         cls = self.classes[node_type]
@@ -80,12 +99,18 @@ class Workflow:
         values.extend(trailing)
         node_id = len(self.nodes) + 1
         col = self.column if column is None else column
-        row = sum(1 for n in self.nodes if n["pos"][0] == 60 + 360 * col)
+        height = max(sum(1 for i in inputs if "widget" not in i), len(_output_types(cls))) * SLOT_HEIGHT + 10
+        for input_spec in all_inputs.values():
+            if _is_widget(input_spec):
+                options = input_spec[1] if len(input_spec) > 1 else {}
+                height += MULTILINE_HEIGHT if options.get("multiline") else WIDGET_HEIGHT
+                height += IMAGE_PREVIEW_HEIGHT if options.get("image_upload") else 0
+        label = title or node_type
         data = {
             "id": node_id,
             "type": node_type,
-            "pos": [60 + 360 * col, 60 + 260 * row],
-            "size": [320, 200],
+            "pos": [0, 0],  # placed by to_json()
+            "size": [max(NODE_WIDTH, 8 * len(label) + 40), height],
             "flags": {},
             "order": node_id - 1,
             "mode": 0,
@@ -98,7 +123,51 @@ class Workflow:
         if title:
             data["title"] = title
         self.nodes.append(data)
+        self.columns[node_id] = col
         return NodeRef(node_id, node_type, data)
+
+    def note(self, text: str, title: str = "Note", column: int | None = None, width: int = 2 * NODE_WIDTH) -> NodeRef:
+        """A Note node (frontend only: never executed) holding `text`."""
+        node_id = len(self.nodes) + 1
+        chars_per_line = max(20, width // 8)
+        lines = sum(max(1, -(-len(line) // chars_per_line)) for line in text.splitlines() or [""])
+        data = {"id": node_id, "type": "Note", "pos": [0, 0], "size": [width, 20 * lines + 40], "flags": {},
+                "order": node_id - 1, "mode": 0, "inputs": [], "outputs": [], "title": title,
+                "properties": {"text": ""}, "widgets_values": [text], "color": "#432", "bgcolor": "#653"}
+        self.nodes.append(data)
+        self.columns[node_id] = self.column if column is None else column
+        return NodeRef(node_id, "Note", data)
+
+    def group(self, title: str, columns, color: str = "#3f789e") -> None:
+        """Frame every node of these columns under `title` (placed by to_json)."""
+        self.groups.append({"title": title, "columns": sorted(set(columns)), "color": color})
+
+    def layout(self) -> None:
+        """Columns left to right, each as wide as its widest node; nodes stacked in the order they were made."""
+        by_column: dict[int, list[dict]] = {}
+        for data in self.nodes:
+            by_column.setdefault(self.columns[data["id"]], []).append(data)
+        x = ORIGIN[0]
+        self.column_x: dict[int, tuple[int, int]] = {}
+        for col in sorted(by_column):
+            width = max(n["size"][0] for n in by_column[col])
+            y = ORIGIN[1] + GROUP_TITLE_HEIGHT + TITLE_HEIGHT
+            for data in by_column[col]:
+                data["pos"] = [x, y]
+                y += data["size"][1] + TITLE_HEIGHT + ROW_GAP
+            self.column_x[col] = (x, width)
+            x += width + COLUMN_GAP
+
+    def _group_json(self, group: dict) -> dict:
+        members = [n for n in self.nodes if self.columns[n["id"]] in group["columns"]]
+        if not members:
+            raise ValueError(f"group {group['title']!r} frames columns {group['columns']} that hold no node")
+        left = min(n["pos"][0] for n in members) - GROUP_PADDING
+        top = min(n["pos"][1] for n in members) - TITLE_HEIGHT - GROUP_TITLE_HEIGHT
+        right = max(n["pos"][0] + n["size"][0] for n in members) + GROUP_PADDING
+        bottom = max(n["pos"][1] + n["size"][1] for n in members) + GROUP_PADDING
+        return {"title": group["title"], "bounding": [left, top, right - left, bottom - top], "color": group["color"],
+                "font_size": 24, "flags": {}}
 
     def connect(self, source: tuple[NodeRef, int] | NodeRef, target: NodeRef, input_name: str) -> None:
         src, slot = source if isinstance(source, tuple) else (source, 0)
@@ -122,12 +191,13 @@ class Workflow:
         return save
 
     def to_json(self) -> dict:
+        self.layout()
         return {
             "last_node_id": len(self.nodes),
             "last_link_id": len(self.links),
             "nodes": self.nodes,
             "links": self.links,
-            "groups": [],
+            "groups": [self._group_json(g) for g in self.groups],
             "config": {},
             "extra": {},
             "version": 0.4,

@@ -15,8 +15,8 @@ from magic_portrait import comfy_env  # noqa: E402
 from magic_portrait.workflow_builder import Workflow  # noqa: E402
 
 CHECKPOINT = "v1-5-pruned-emaonly-fp16.safetensors"
-CONTENT_IMAGE = "astronaut.png"
-STYLE_IMAGE = "style.png"
+CONTENT_IMAGE = "magic_portrait_astronaut.png"
+STYLE_IMAGE = "magic_portrait_style.png"
 
 
 def base(wf: Workflow, image: str = CONTENT_IMAGE, prompt: str = ""):
@@ -34,6 +34,11 @@ def base(wf: Workflow, image: str = CONTENT_IMAGE, prompt: str = ""):
 
 def invert_reconstruct(classes) -> Workflow:
     wf = Workflow(classes)
+    wf.note("DDIM inversion round trip (Magic Portrait).\n\nThe portrait is encoded, inverted to noise along a 50-step "
+            "schedule with fixed-point refinement (3 extra solves per step), then sampled back exactly. Both nodes "
+            "show the measured round-trip error. Try mode = edict for an exact round trip, or ddim for the fastest.\n\n"
+            "Needs an SD1.5 checkpoint (v1-5-pruned-emaonly-fp16.safetensors or any other) in models/checkpoints.",
+            column=0)
     ckpt, text, encode = base(wf)
     wf.column = 2
     invert = wf.node("MagicPortrait_DDIMInvert", steps=50, mode="fixed_point", refine_iterations=3,
@@ -46,12 +51,19 @@ def invert_reconstruct(classes) -> Workflow:
     wf.connect(invert.out("inversion"), back, "inversion")
     wf.column = 3
     wf.decode_and_save(back.out(0), ckpt.out("VAE"), "magic_portrait/reconstruction")
+    wf.group("Load and encode", [0, 1])
+    wf.group("Invert, then sample back", [2])
+    wf.group("Decode and save", [3])
     return wf
 
 
 def invert_with_core_sampler_custom(classes) -> Workflow:
     """The inversion as SAMPLERs inside ComfyUI's own SamplerCustom (add_noise off), invert then reverse."""
     wf = Workflow(classes)
+    wf.note("DDIM inversion inside ComfyUI's own SamplerCustom (Magic Portrait).\n\nThe first SamplerCustom uses the "
+            "DDIM Inversion Sampler to turn the encoded portrait into noise (add_noise off); the second uses the "
+            "Inverted Latent Sampler to sample it back exactly on the same BasicScheduler sigmas.\n\nNeeds an SD1.5 "
+            "checkpoint in models/checkpoints.", column=0)
     ckpt, text, encode = base(wf)
     wf.column = 2
     sigmas = wf.node("BasicScheduler", steps=30)
@@ -70,6 +82,10 @@ def invert_with_core_sampler_custom(classes) -> Workflow:
         wf.connect(latent, node, "latent_image")
     wf.column = 4
     wf.decode_and_save(back.out(0), ckpt.out("VAE"), "magic_portrait/reconstruction_sampler_custom")
+    wf.group("Load and encode", [0, 1])
+    wf.group("Schedule and samplers", [2])
+    wf.group("Invert, then sample back (SamplerCustom)", [3])
+    wf.group("Decode and save", [4])
     return wf
 
 

@@ -30,6 +30,11 @@ def _style_image(wf: Workflow, ckpt=None, encode: bool = True):
 
 def magicstyle_portrait(classes) -> Workflow:
     wf = Workflow(classes)
+    wf.note("MagicStyle, node by node (Magic Portrait).\n\nBoth the portrait and the style image are DDIM-inverted "
+            "while a KV Feature Store keeps their self-attention features. AdaIN moves the portrait's inverted noise "
+            "toward the style's statistics, and Feature Fusion Attention fuses the stored features while the "
+            "portrait is sampled back on the inversion's schedule.\n\nNeeds an SD1.5 checkpoint in "
+            "models/checkpoints. Change the style by loading another style image.", column=0)
     ckpt, text, encode = base(wf)
     style = _style_image(wf, ckpt)
     wf.column = 2
@@ -55,12 +60,20 @@ def magicstyle_portrait(classes) -> Workflow:
     wf.connect(adain.out(0), sample, "start_latent")
     wf.column = 4
     wf.decode_and_save(sample.out(0), ckpt.out("VAE"), "magic_portrait/magicstyle")
+    wf.group("Content and style images", [0, 1])
+    wf.group("DDIM inversion with a KV Feature Store", [2])
+    wf.group("Feature fusion sampling", [3])
+    wf.group("Decode and save", [4])
     return wf
 
 
 def magicstyle_portrait_single_node(classes) -> Workflow:
     wf = Workflow(classes)
     wf.column = 0
+    wf.note("MagicStyle in one node (Magic Portrait).\n\nMagicStyle Portrait encodes the portrait and the style "
+            "image, inverts both keeping their self-attention features, fuses them while sampling back and decodes. "
+            "Its widgets are the same as the separate nodes' (see magicstyle_portrait).\n\nNeeds an SD1.5 "
+            "checkpoint in models/checkpoints.")
     ckpt = wf.node("CheckpointLoaderSimple", ckpt_name=CHECKPOINT)
     text = wf.node("CLIPTextEncode", text="", title="Prompt (empty)")
     wf.connect(ckpt.out("CLIP"), text, "clip")
@@ -77,6 +90,10 @@ def magicstyle_portrait_single_node(classes) -> Workflow:
     wf.column = 3
     save = wf.node("SaveImage", filename_prefix="magic_portrait/magicstyle_single")
     wf.connect(portrait.out("image"), save, "images")
+    wf.group("Model, prompt and portrait", [0])
+    wf.group("Style image", [1])
+    wf.group("MagicStyle", [2])
+    wf.group("Save", [3])
     return wf
 
 

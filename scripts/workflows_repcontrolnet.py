@@ -9,7 +9,7 @@ from magic_portrait.workflow_builder import Workflow
 
 CHECKPOINT = "v1-5-pruned-emaonly-fp16.safetensors"
 REPCONTROLNET = "repcontrolnet_landmarks_sd15.safetensors"
-CONDITION_IMAGE = "condition.png"
+CONDITION_IMAGE = "magic_portrait_condition.png"
 MODE_BYPASS = 4
 
 
@@ -27,6 +27,11 @@ def _sample_512(wf: Workflow, model, positive, negative):
 def repcontrolnet_apply(classes) -> Workflow:
     wf = Workflow(classes)
     wf.column = 0
+    wf.note("RepControlNet (Magic Portrait).\n\nApply RepControlNet merges the control file's modal weights into a "
+            "clone of the model (reversible) and adds its condition adapter once per run, so control costs what the "
+            "base model costs. The condition image here is Canny edges of a portrait.\n\nNeeds an SD1.5 checkpoint "
+            "in models/checkpoints and a RepControlNet file in models/magic_repcontrolnet (train one with the "
+            "repcontrolnet_train example). The bypassed CheckpointSave writes the merged model when enabled.")
     ckpt = wf.node("CheckpointLoaderSimple", ckpt_name=CHECKPOINT)
     rcn = wf.node("MagicPortrait_LoadRepControlNet", repcontrolnet_name=REPCONTROLNET)
     cond = wf.node("LoadImage", image=CONDITION_IMAGE, title="Condition image (landmarks)")
@@ -49,6 +54,10 @@ def repcontrolnet_apply(classes) -> Workflow:
     wf.connect(ckpt.out("CLIP"), merged, "clip")
     wf.connect(ckpt.out("VAE"), merged, "vae")
     merged.data["mode"] = MODE_BYPASS
+    wf.group("Model, control file and condition", [0])
+    wf.group("Merge and prompts", [1])
+    wf.group("Sample", [2])
+    wf.group("Decode and save", [3])
     return wf
 
 
@@ -60,6 +69,10 @@ def repcontrolnet_train(classes) -> Workflow:
     NAME_condition.png, or images/ + conditions/), plot the loss, then use the result at once."""
     wf = Workflow(classes)
     wf.column = 0
+    wf.note("Train a RepControlNet (Magic Portrait).\n\nPut image/condition pairs in ComfyUI/input/"
+            "repcontrolnet_dataset/ (NAME.png next to NAME_condition.png, or images/ + conditions/). Training keeps "
+            "the base model frozen, saves models/magic_repcontrolnet/<name>.safetensors with checkpoints every N "
+            "steps (resumable), and plots the loss. The trained file is applied right away to sample a picture.")
     ckpt = wf.node("CheckpointLoaderSimple", ckpt_name=CHECKPOINT)
     prompt = wf.node("CLIPTextEncode", text="a portrait photo of a person", title="Training prompt")
     wf.connect(ckpt.out("CLIP"), prompt, "clip")
@@ -81,6 +94,11 @@ def repcontrolnet_train(classes) -> Workflow:
     sampler = _sample_512(wf, apply, prompt, prompt)
     wf.column = 4
     wf.decode_and_save(sampler.out(0), ckpt.out("VAE"), "magic_portrait/repcontrolnet_trained")
+    wf.group("Model and prompt", [0])
+    wf.group("Train", [1])
+    wf.group("Loss and use the result", [2])
+    wf.group("Sample", [3])
+    wf.group("Decode and save", [4])
     return wf
 
 

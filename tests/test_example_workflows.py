@@ -9,10 +9,12 @@ import cv2
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-# ComfyUI's own socket and widget types (LOSS_MAP is its training nodes' loss type, which LossGraphNode plots)
+# ComfyUI's own socket and widget types (LOSS_MAP is its training nodes' loss type, which LossGraphNode plots), and
+# POSE_KEYPOINT, the OpenPose JSON type the common preprocessor packs (comfyui_controlnet_aux) output
 CORE_TYPES = {"MODEL", "CLIP", "VAE", "CONDITIONING", "LATENT", "IMAGE", "MASK", "SIGMAS", "SAMPLER", "LOSS_MAP",
-              "INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+              "CONTROL_NET", "CLIP_VISION", "INT", "FLOAT", "STRING", "BOOLEAN", "COMBO", "POSE_KEYPOINT"}
 EXAMPLES = sorted((REPO / "example_workflows").glob("*.json"))
+TITLE_HEIGHT = 30  # LiteGraph's title bar, drawn above a node's pos
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +50,30 @@ def test_every_node_of_the_pack_appears_in_an_example(comfy):
     assert not missing, f"nodes without an example workflow: {sorted(missing)}"
 
 
+@pytest.fixture(scope="module")
+def fresh_input_dir(comfy, pack, tmp_path_factory):
+    """A fresh ComfyUI input folder as the pack leaves it on load: only the example images it copies there."""
+    folder = tmp_path_factory.mktemp("fresh_input")
+    copied = pack.nodes.example_inputs.install_example_inputs(folder)
+    assert sorted(p.name for p in copied) == sorted(p.name for p in folder.iterdir())
+    return folder
+
+
+def test_pack_load_copies_example_inputs_once_and_never_overwrites(pack, tmp_path):
+    install = pack.nodes.example_inputs.install_example_inputs
+    shipped = pack.nodes.example_inputs.example_inputs()
+    assert shipped and all(p.name.startswith("magic_portrait_") for p in shipped)
+    first = install(tmp_path)
+    assert {p.name for p in first} == {p.name for p in shipped}
+    own = tmp_path / shipped[0].name
+    own.write_bytes(b"the user's own file")
+    assert install(tmp_path) == []  # nothing copied again
+    assert own.read_bytes() == b"the user's own file"
+
+
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
-def test_example_converts_and_passes_comfyui_validation(comfy, models_dir, path):
+def test_example_converts_and_passes_comfyui_validation(comfy, models_dir, fresh_input_dir, path):
+    """As opened from the templates on a fresh ComfyUI: its images come from the input folder the pack filled."""
     import execution
     import folder_paths
 
@@ -57,7 +81,7 @@ def test_example_converts_and_passes_comfyui_validation(comfy, models_dir, path)
     from magic_portrait import comfy_env
     from magic_portrait.workflow import ui_to_api
 
-    comfy_env.boot(models_dir=models_dir, input_dir=REPO / "example_workflows")
+    comfy_env.boot(models_dir=models_dir, input_dir=fresh_input_dir)
     folder_paths.filename_list_cache.clear()
     prompt = ui_to_api(json.loads(path.read_text()), nodes.NODE_CLASS_MAPPINGS)
     valid = asyncio.run(execution.validate_prompt("example", prompt, None))
@@ -68,7 +92,7 @@ def test_inversion_example_runs_through_the_headless_runner(comfy, models_dir, t
     from magic_portrait.runner import run_workflow
 
     small = tmp_path / "astronaut_small.png"
-    cv2.imwrite(str(small), cv2.resize(cv2.imread(str(REPO / "example_workflows" / "astronaut.png")), (128, 128)))
+    cv2.imwrite(str(small), cv2.resize(cv2.imread(str(REPO / "example_workflows" / "magic_portrait_astronaut.png")), (128, 128)))
     result = run_workflow(
         REPO / "example_workflows" / "ddim_invert_reconstruct.json",
         sets=[f"Content image.image={small}", "MagicPortrait_DDIMInvert.steps=4",
@@ -90,7 +114,7 @@ def test_training_example_runs_through_the_headless_runner(comfy, models_dir, tm
 
     pairs = tmp_path / "in" / "repcontrolnet_dataset"
     pairs.mkdir(parents=True)
-    for name, target in (("astronaut.png", "portrait.png"), ("condition.png", "portrait_condition.png")):
+    for name, target in (("magic_portrait_astronaut.png", "portrait.png"), ("magic_portrait_condition.png", "portrait_condition.png")):
         image = cv2.imread(str(REPO / "example_workflows" / name))
         cv2.imwrite(str(pairs / target), cv2.resize(image, (64, 64), interpolation=cv2.INTER_AREA))
     result = run_workflow(
@@ -120,7 +144,7 @@ def test_magicstyle_examples_run_through_the_headless_runner(comfy, models_dir, 
     """The astronaut portrait styled by the painterly style image, at 128 px and 3 steps to stay quick."""
     from magic_portrait.runner import run_workflow
 
-    for image, target in (("astronaut.png", "content_small.png"), ("style.png", "style_small.png")):
+    for image, target in (("magic_portrait_astronaut.png", "content_small.png"), ("magic_portrait_style.png", "style_small.png")):
         cv2.imwrite(str(tmp_path / target), cv2.resize(cv2.imread(str(REPO / "example_workflows" / image)),
                                                       (128, 128), interpolation=cv2.INTER_AREA))
     result = run_workflow(
@@ -149,3 +173,38 @@ def test_every_node_serialises_for_the_frontend(comfy):
                                         for spec in info["input"].get(group, {}).values() if isinstance(spec[0], str)}
         foreign = {t for t in types if t not in CORE_TYPES and not t.startswith("MAGIC_")}
         assert not foreign, f"{node_id}: custom types must carry the MAGIC_ prefix: {foreign}"
+
+
+def _rect(node):
+    """A node's rectangle as the frontend draws it: its title bar sits above pos."""
+    x, y = node["pos"]
+    w, h = node["size"]
+    return x, y - TITLE_HEIGHT, x + w, y + h
+
+
+def _overlap(a, b) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_example_layout_nodes_apart_groups_and_a_note(path):
+    data = json.loads(path.read_text())
+    nodes = data["nodes"]
+    rects = {n["id"]: _rect(n) for n in nodes}
+    for i, a in enumerate(nodes):
+        for b in nodes[i + 1:]:
+            assert not _overlap(rects[a["id"]], rects[b["id"]]), f"{path.name}: nodes {a['id']} and {b['id']} overlap"
+    notes = [n for n in nodes if n["type"] in ("Note", "MarkdownNote")]
+    assert notes and all(len(n["widgets_values"][0]) > 80 for n in notes), "a Note says what the example does"
+    groups = data["groups"]
+    assert groups, "groups explain the parts of the workflow"
+    boxes = [(g["bounding"][0], g["bounding"][1], g["bounding"][0] + g["bounding"][2],
+              g["bounding"][1] + g["bounding"][3]) for g in groups]
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert not _overlap(a, b), f"{path.name}: groups overlap"
+    for node in nodes:
+        r = rects[node["id"]]
+        inside = [g for g, box in zip(groups, boxes, strict=True)
+                  if box[0] <= r[0] and box[1] <= r[1] and r[2] <= box[2] and r[3] <= box[3]]
+        assert len(inside) == 1, f"{path.name}: node {node['id']} ({node['type']}) is in {len(inside)} groups"

@@ -316,7 +316,7 @@ def tiny_files(comfy, R, tmp_path_factory, tiny_checkpoint):
     inputs_dir.mkdir()
     g = torch.Generator().manual_seed(0)
     Image.fromarray((torch.rand(64, 64, 3, generator=g).numpy() * 255).astype("uint8")).save(
-        inputs_dir / "condition.png")
+        inputs_dir / "magic_portrait_condition.png")
     yield {"models": root, "checkpoint": Path(ckpt), "rcn": Path(rcn_file), "input": inputs_dir}
     shutil.rmtree(root, ignore_errors=True)
 
