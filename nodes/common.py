@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import os
 
 import comfy.model_base
 import comfy.sample
 import comfy.samplers
+import folder_paths
 import latent_preview
 import torch
 
@@ -19,6 +21,20 @@ class NodeInputError(ValueError):
 
     def __init__(self, node: str, input_name: str, message: str):
         super().__init__(f"[{node}] input '{input_name}': {message}")
+
+
+def register_model_folder(name: str, extensions) -> None:
+    """Register ``models/<name>`` with folder_paths (idempotent). Paths a user's extra_model_paths.yaml gave the same
+    name (read before custom nodes load) stay first; the default folder is appended and the extensions merged."""
+    default = os.path.join(folder_paths.models_dir, name)
+    entry = folder_paths.folder_names_and_paths.get(name)
+    if entry is None:
+        folder_paths.folder_names_and_paths[name] = ([default], set(extensions))
+        return
+    paths, exts = entry
+    if default not in paths:
+        paths.append(default)
+    folder_paths.folder_names_and_paths[name] = (paths, set(exts) | set(extensions))
 
 
 def model_family(model) -> str:

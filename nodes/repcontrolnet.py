@@ -25,7 +25,7 @@ from comfy_api.v0_0_2 import io, ui
 
 from ..magic_core import repcontrolnet as rcn
 from ..magic_core import repcontrolnet_train as rcn_train
-from .common import CATEGORY, PREFIX, NodeInputError, model_family
+from .common import CATEGORY, PREFIX, NodeInputError, model_family, register_model_folder
 
 FOLDER = "magic_repcontrolnet"
 EXTENSIONS = {".safetensors"}
@@ -40,18 +40,7 @@ write_tiny_repcontrolnet = rcn.write_tiny_repcontrolnet  # for the headless runn
 
 def register_folder() -> None:
     """Register ``models/magic_repcontrolnet`` (idempotent; keeps paths a user's extra_model_paths added first)."""
-    default = os.path.join(folder_paths.models_dir, FOLDER)
-    entry = folder_paths.folder_names_and_paths.get(FOLDER)
-    if entry is None:
-        folder_paths.folder_names_and_paths[FOLDER] = ([default], set(EXTENSIONS))
-        return
-    paths, exts = entry
-    if default not in paths:
-        paths.append(default)
-    if isinstance(exts, set):
-        exts.update(EXTENSIONS)
-    else:
-        folder_paths.folder_names_and_paths[FOLDER] = (paths, set(exts) | EXTENSIONS)
+    register_model_folder(FOLDER, EXTENSIONS)
 
 
 register_folder()
