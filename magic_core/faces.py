@@ -7,6 +7,10 @@
 - ``to_rgb_uint8``: any ComfyUI-style image (H, W, C) with C in 1 (grey), 3 (RGB) or 4 (RGBA), float in [0, 1] or
   uint8, to a contiguous H x W x 3 uint8 RGB array, which is what the detectors take.
 
+Coordinates are the back-ends' pixel coordinates (x right, y down, in pixels of the analysed image); drawing and
+masks treat them as continuous positions (pixel j covers [j, j + 1)), a half-pixel convention difference that is
+below what any of them resolves.
+
 The 5 keypoints follow insightface (and InstantID / FaceID's alignment): 0 = the eye on the image's left (the
 person's right eye), 1 = the eye on the image's right, 2 = nose tip, 3 = mouth corner on the image's left, 4 = mouth
 corner on the image's right. ``kps_from_68`` derives them from iBUG 68 landmarks the same way.
@@ -61,6 +65,7 @@ class Face:
     embedding: np.ndarray | None = None  # float32 [D], L2-normalised
     embedding_kind: str | None = None  # ARCFACE_512, DLIB_128, ...
     backend: str = ""  # e.g. "dlib (hog)", "insightface antelopev2"
+    embedding_norm: float | None = None  # the L2 norm the back-end's embedding had (raw = embedding * norm)
 
     def __post_init__(self):
         bbox = np.asarray(self.bbox, dtype=np.float32).reshape(-1)
@@ -76,6 +81,8 @@ class Face:
             if not np.isfinite(emb).all() or norm == 0:
                 raise ValueError("embedding must be finite and non-zero")
             object.__setattr__(self, "embedding", emb / norm)
+            if self.embedding_norm is None:
+                object.__setattr__(self, "embedding_norm", norm)
         object.__setattr__(self, "score", float(self.score))
 
     @property

@@ -377,3 +377,33 @@ def tokens_at(family: str, block: str, number: int, latent_h: int, latent_w: int
     for _ in range(int(round(math.log2(down)))):
         h, w = (h + 1) // 2, (w + 1) // 2
     return h, w
+
+
+def parse_layer_weights(
+    text: str, family: str, depths: Mapping[tuple[str, int], int] | None = None
+) -> dict[LayerKey, float]:
+    """Per-layer weights from ``LAYERS = WEIGHT`` entries separated by ``;`` or new lines, e.g.
+    ``"all = 0; instantstyle_style = 1"`` (InstantStyle-style block targeting) or ``"input = 0.5\\noutput 3-5 = 1"``.
+    ``LAYERS`` is a preset or a custom list (commas allowed); entries apply in order, a later one overriding an
+    earlier one; layers no entry names get 0; a bare number ``W`` means ``all = W``. Returns every layer of the
+    model with its weight."""
+    if not isinstance(text, str) or not text.strip():
+        raise LayerSpecError("the layer weights are empty; write e.g. 'all = 1' or 'all = 0; instantstyle_style = 1'")
+    weights = dict.fromkeys(all_layers(family, depths), 0.0)
+    for raw in re.split(r"[;\n]", text):
+        entry = raw.strip()
+        if not entry:
+            continue
+        spec, sep, value = entry.rpartition("=")
+        if not sep:
+            spec, value = "all", entry
+        try:
+            weight = float(value)
+        except ValueError:
+            raise LayerSpecError(f"layer weight entry {entry!r}: write LAYERS = NUMBER, e.g. 'output 3-5 = 0.8'") \
+                from None
+        if not math.isfinite(weight):
+            raise LayerSpecError(f"layer weight entry {entry!r}: the weight must be a finite number")
+        for key in resolve_layers(spec.strip(), family, depths):
+            weights[key] = weight
+    return weights

@@ -581,3 +581,64 @@ def write_tiny_sd15_controlnet(path, seed: int = 0, *, dtype: torch.dtype = torc
     save_file(state, str(tmp), metadata=metadata)
     tmp.replace(path)
     return path
+
+
+# ------------------------------------------------------------------------------------------------------ CLIP vision
+TINY_CLIP_VISION = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2, "num_hidden_layers": 3,
+                    "projection_dim": 48}
+
+
+def clip_vision_config(**overrides) -> dict:
+    """A CLIP vision config in ComfyUI's JSON form: ViT-*/14 at 224 px (257 tokens) with tiny widths by default."""
+    config = {"attention_dropout": 0.0, "dropout": 0.0, "hidden_act": "quick_gelu", "image_size": 224,
+              "initializer_factor": 1.0, "initializer_range": 0.02, "layer_norm_eps": 1e-05,
+              "model_type": "clip_vision_model", "num_channels": 3, "patch_size": 14, "torch_dtype": "float32",
+              **TINY_CLIP_VISION}
+    config.update(overrides)
+    return config
+
+
+def build_tiny_clip_vision(seed: int = 0, config_dir=None, **overrides):
+    """A tiny random CLIP vision model as ComfyUI's `comfy.clip_vision.ClipVisionModel` (what CLIPVisionLoader
+    returns): encode_image gives image_embeds [B, projection_dim] and penultimate_hidden_states [B, 257, hidden].
+    ComfyUI builds it from a JSON config file, written to `config_dir` (a temporary folder by default)."""
+    import json
+    import tempfile
+
+    ensure_comfy()
+    import comfy.clip_vision
+
+    folder = Path(config_dir or tempfile.mkdtemp(prefix="magic_tiny_clip_vision_"))
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "tiny_clip_vision.json"
+    path.write_text(json.dumps(clip_vision_config(**overrides)))
+    model = comfy.clip_vision.ClipVisionModel(str(path))
+    init_weights_(model.model, seed)
+    return model
+
+
+def write_clip_vision_vitl(path, seed: int = 0, *, dtype: torch.dtype = torch.float16, overwrite: bool = True) -> Path:
+    """A random CLIP vision file in ViT-L/14's layout (24 layers of 1024, 303 M parameters, ~580 MiB in fp16): the
+    smallest layout ComfyUI's CLIPVisionLoader recognises (it tells models apart by their layer count), for smoke
+    runs of workflows that load a CLIP vision model. Its outputs are noise: hidden size 1024, image_embeds 768."""
+    ensure_comfy()
+    import comfy.clip_model
+    import comfy.ops
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    metadata = {"magic_portrait.tiny": "clip-vision-vitl", "magic_portrait.tiny.format": _CHECKPOINT_FORMAT,
+                "seed": str(int(seed)), "dtype": str(dtype).removeprefix("torch.")}
+    if not overwrite and path.is_file() and _existing_metadata(path) == metadata:
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    config = clip_vision_config(hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
+                                num_hidden_layers=24, projection_dim=768)
+    model = comfy.clip_model.CLIPVisionModelProjection(config, torch.float32, torch.device("meta"),
+                                                       comfy.ops.disable_weight_init)
+    state = _random_state_dict(model, seed, "", dtype, seed_prefix="clip_vision.")
+    del model
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp), metadata=metadata)
+    tmp.replace(path)
+    return path

@@ -47,6 +47,16 @@ def model_family(model) -> str:
     return type(base).__name__.lower()
 
 
+def layer_family(model, node: str, input_name: str = "model") -> str:
+    """The layer-table family of a UNet model: sd15 (SD1.x and SD2.x share block positions) or sdxl."""
+    family = model_family(model)
+    if family in ("sd15", "sdxl"):
+        return family
+    if family == "sd2x":
+        return "sd15"  # same block positions as SD1.5
+    raise NodeInputError(node, input_name, f"this node supports SD1.5/SD2.x/SDXL UNets, not {family}")
+
+
 def model_identity(model) -> str:
     """A stable id for the weights a MODEL computes with: architecture, prediction type, a hash of two layers,
     and the weight patches (LoRAs, merges) attached to this clone. Clones of one checkpoint share it."""

@@ -31,7 +31,16 @@ from ..magic_core import fusion as ff
 from ..magic_core import inversion as inv
 from ..magic_core import kv_store as kvs
 from ..magic_core import layers as lay
-from .common import CATEGORY, PREFIX, NodeInputError, check_latent, guided_run, model_family, model_identity, schedule
+from .common import (
+    CATEGORY,
+    PREFIX,
+    NodeInputError,
+    check_latent,
+    guided_run,
+    layer_family,
+    model_identity,
+    schedule,
+)
 from .inversion import KVStoreSpecType, KVStoreType, reverse_sampler_function, run_inversion
 
 log = logging.getLogger(__name__)
@@ -102,15 +111,6 @@ def depths_of(layers: dict[lay.LayerKey, AttnLayer]) -> dict[tuple[str, int], in
     for b, n, _ in layers:
         depths[(b, n)] = depths.get((b, n), 0) + 1
     return depths
-
-
-def layer_family(model, node: str, input_name: str = "model") -> str:
-    family = model_family(model)
-    if family in ("sd15", "sdxl"):
-        return family
-    if family == "sd2x":
-        return "sd15"  # same block positions as SD1.5
-    raise NodeInputError(node, input_name, f"MagicStyle supports SD1.5/SD2.x/SDXL UNets, not {family}")
 
 
 def resolve_model_layers(model, preset: str, custom: str, node: str, input_name: str = "layers"):

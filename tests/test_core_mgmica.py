@@ -119,3 +119,17 @@ def test_mask_on_grid_cuts_like_comfyui_and_keeps_untouched_cells_zero():
     touched = torch.nn.functional.adaptive_max_pool2d(cut[:, None], (12, 18))[0, 0] > 0
     assert on_grid[~touched].eq(0).all() and on_grid[touched].gt(0).all()
     assert math.isclose(on_grid.mean().item(), cut.mean().item(), rel_tol=1e-5)
+
+
+def test_layer_weights_apply_in_order_and_unnamed_layers_get_zero():
+    from magic_core import layers as lay
+
+    w = lay.parse_layer_weights("all = 0; instantstyle_style = 1", "sdxl")
+    assert {k for k, v in w.items() if v} == {("output", 1, i) for i in range(10)} and len(w) == 70
+    w = lay.parse_layer_weights("input = 0.5\noutput 3-5, middle 0 = 1", "sd15")
+    assert w[("input", 7, 0)] == 0.5 and w[("middle", 0, 0)] == 1 and w[("output", 4, 0)] == 1
+    assert w[("output", 9, 0)] == 0
+    assert set(lay.parse_layer_weights("0.7", "sd15").values()) == {0.7}
+    for bad in ("", "output 3 = x", "output 42 = 1", "all = inf"):
+        with pytest.raises(lay.LayerSpecError):
+            lay.parse_layer_weights(bad, "sd15")
