@@ -85,6 +85,12 @@ class Face:
                 object.__setattr__(self, "embedding_norm", norm)
         object.__setattr__(self, "score", float(self.score))
 
+    def __repr__(self) -> str:  # short: faces end up in error messages
+        dense = "68" if self.landmarks68 is not None else "106" if self.landmarks106 is not None else "no"
+        box = ", ".join(f"{v:.0f}" for v in self.bbox)
+        return (f"Face(box [{box}], score {self.score:.2f}, {dense} landmarks, "
+                f"embedding {self.embedding_kind or 'none'}, {self.backend or 'unknown back-end'})")
+
     @property
     def landmarks(self) -> np.ndarray | None:
         """The dense landmarks: iBUG 68 when known (what OpenPose-style drawing uses), else the 106."""
