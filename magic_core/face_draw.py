@@ -610,3 +610,33 @@ def draw_magicid_condition(faces, pose_frame, height: int, width: int, face_styl
         else:
             _draw_face_contours(canvas, face, thickness, True, True)
     return canvas
+
+
+# ------------------------------------------------------------------------------------------------ detection preview
+PREVIEW_COLORS = ((255, 64, 64), (64, 200, 64), (64, 128, 255), (255, 200, 0), (230, 64, 230), (0, 210, 210))
+
+
+def draw_detections_preview(rgb: np.ndarray, faces) -> np.ndarray:
+    """The image with every face's box, index (left to right from 0), score, 5 keypoints and dense landmarks drawn
+    on it, a colour per index; a copy, the input is not changed."""
+    canvas = np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8)[..., :3]).copy()
+    h, w = canvas.shape[:2]
+    line = max(1, round(max(h, w) / 400))
+    for index, face in enumerate(_faces(faces)):
+        color = PREVIEW_COLORS[index % len(PREVIEW_COLORS)]
+        x0, y0, x1, y1 = (int(round(v)) for v in face.bbox)
+        cv2.rectangle(canvas, (x0, y0), (x1, y1), color, line, cv2.LINE_AA)
+        dense = face.landmarks
+        if dense is not None:
+            for x, y in dense:
+                cv2.circle(canvas, (int(round(x)), int(round(y))), line, color, -1, cv2.LINE_AA)
+        for x, y in face.kps:
+            cv2.circle(canvas, (int(round(x)), int(round(y))), 2 * line + 1, (255, 255, 255), -1, cv2.LINE_AA)
+            cv2.circle(canvas, (int(round(x)), int(round(y))), 2 * line + 1, color, line, cv2.LINE_AA)
+        label = f"{index} ({face.score:.2f})"
+        scale = max(0.4, max(h, w) / 1000)
+        (tw, th), base = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, scale, line)
+        ty = y0 - 4 if y0 - th - 6 >= 0 else min(h - 1, y1 + th + 4)
+        cv2.rectangle(canvas, (x0, ty - th - 2), (x0 + tw + 2, ty + base), color, -1)
+        cv2.putText(canvas, label, (x0 + 1, ty), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), line, cv2.LINE_AA)
+    return canvas
