@@ -43,6 +43,7 @@ SUMMARY_NAME = "run_summary.json"
 KNOWN_MODEL_INPUTS = {
     ("CheckpointLoaderSimple", "ckpt_name"): "checkpoints",
     ("MagicPortrait_LoadRepControlNet", "repcontrolnet_name"): "magic_repcontrolnet",
+    ("MagicPortrait_LoadIPAdapter", "ipadapter_file"): "ipadapter",
     ("CheckpointLoader", "ckpt_name"): "checkpoints",
     ("ImageOnlyCheckpointLoader", "ckpt_name"): "checkpoints",
     ("unCLIPCheckpointLoader", "ckpt_name"): "checkpoints",
@@ -666,7 +667,7 @@ def run_workflow(
             looked = ([] if input_dir in cleanup else [input_dir]) + search
             missing = find_missing_files(prompt, node_classes, looked)
             if make_tiny_checkpoint_name is not None:
-                _write_tiny_checkpoints(make_tiny_checkpoint_name, missing, Path(models_dir), log, runtime)
+                _write_tiny_checkpoints(make_tiny_checkpoint_name, missing, Path(models_dir), log, runtime, prompt)
                 folder_paths.filename_list_cache.clear()
                 missing = find_missing_files(prompt, node_classes, looked)
             if missing:
@@ -703,8 +704,11 @@ def run_workflow(
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def _write_tiny_checkpoints(name: str, missing: list[dict], models_dir: Path, log, runtime=None) -> None:
-    """Write tiny checkpoints, then tiny RepControlNet files made for the first of them (both are noise)."""
+def _write_tiny_checkpoints(name: str, missing: list[dict], models_dir: Path, log, runtime=None,
+                            prompt: dict | None = None) -> None:
+    """Write tiny checkpoints, then tiny stand-ins made for the first of them (all noise) for the other missing model
+    files the workflow names: RepControlNet files, ControlNets, CLIP vision models, IP-Adapters and insightface
+    packs."""
     names = [name] if name else sorted({m["value"] for m in missing if m["kind"] == "model"
                                         and m["folder"] == "checkpoints"})
     if not names:
@@ -717,14 +721,86 @@ def _write_tiny_checkpoints(name: str, missing: list[dict], models_dir: Path, lo
             print(TINY_NOTE, file=log)
             continue
         make_tiny_checkpoint(target, seed=0, log=log)
-    control_files = sorted({m["value"] for m in missing if m["kind"] == "model"
-                            and m["folder"] == "magic_repcontrolnet"})
-    if control_files and runtime is not None:
-        writer = runtime.pack.magic_core.repcontrolnet.write_tiny_repcontrolnet
-        for file_name in control_files:
-            target = models_dir / "magic_repcontrolnet" / file_name
-            writer(target, str(models_dir / "checkpoints" / names[0]), seed=0)
-            print(f"wrote tiny RepControlNet {target} for {names[0]} (noise, for smoke runs)", file=log)
+    if runtime is None:
+        return
+    for folder, file_name in sorted({(m["folder"], m["value"]) for m in missing if m["kind"] == "model"}):
+        target = models_dir / folder / file_name
+        written = _write_tiny_stand_in(folder, target, models_dir / "checkpoints" / names[0], runtime)
+        if written:
+            print(f"wrote tiny {written} {target} for {names[0]} (noise, for smoke runs)", file=log)
+    for pack in _missing_insightface_packs(prompt or {}, runtime):
+        target = models_dir / "insightface" / "models" / pack
+        from .tiny_insightface import write_tiny_insightface_pack
+
+        write_tiny_insightface_pack(target, layout="buffalo_l" if pack == "buffalo_l" else "antelopev2")
+        print(f"wrote tiny insightface stand-in pack {target} (noise, for smoke runs)", file=log)
+
+
+# What a tiny IP-Adapter is made for: the tiny SD1.5 checkpoint (16 cross-attention layers of width 320) and the
+# CLIP vision stand-in (ViT-L layout: hidden size 1024, image_embeds 768).
+TINY_CLIP_HIDDEN, TINY_CLIP_EMBEDS = 1024, 768
+
+
+def ipadapter_variant_for_name(name: str) -> str:
+    """The IP-Adapter variant a file name announces (how the public files are named)."""
+    low = name.lower().replace("_", "-")
+    for marker, variant in (("faceid-plusv2", "faceid-plusv2"), ("faceid-plus", "faceid-plus"),
+                            ("faceid-portrait", "faceid-portrait"), ("faceid", "faceid"), ("plus-face", "plus-face"),
+                            ("full-face", "full-face"), ("plus", "plus")):
+        if marker in low:
+            return variant
+    return "base"
+
+
+def _write_tiny_stand_in(folder: str, target: Path, checkpoint: Path, runtime) -> str | None:
+    """One tiny model file of `folder`'s kind at `target`; returns what it is, or None for kinds it cannot make."""
+    from . import tiny
+    from .tiny_ipadapter import write_tiny_ipadapter
+
+    if folder == "magic_repcontrolnet":
+        runtime.pack.magic_core.repcontrolnet.write_tiny_repcontrolnet(target, str(checkpoint), seed=0)
+        return "RepControlNet"
+    if folder == "controlnet":
+        _write_as(target, lambda p: tiny.write_tiny_sd15_controlnet(p, seed=0))
+        return "SD1.5 ControlNet"
+    if folder == "clip_vision":
+        _write_as(target, lambda p: tiny.write_clip_vision_vitl(p, seed=0))
+        return "CLIP vision (ViT-L layout, 580 MiB: the smallest ComfyUI's CLIPVisionLoader recognises)"
+    if folder == "ipadapter":
+        variant = ipadapter_variant_for_name(target.name)
+        write_tiny_ipadapter(target, variant=variant, family="sd15", layer_inner_dims=[320] * 16,
+                             clip_hidden_dim=TINY_CLIP_HIDDEN, clip_embed_dim=TINY_CLIP_EMBEDS, seed=0,
+                             fmt="safetensors" if target.suffix.lower() == ".safetensors" else "bin")
+        return f"IP-Adapter ({variant})"
+    return None
+
+
+def _write_as(target: Path, write) -> None:
+    """Write a safetensors stand-in at `target`, or a torch file (a plain state dict) for .pth/.pt/.ckpt/.bin names."""
+    if target.suffix.lower() not in TORCH_SUFFIXES:
+        write(target)
+        return
+    import torch
+    from safetensors.torch import load_file
+
+    staging = target.with_name(target.name + ".safetensors.tmp")
+    try:
+        write(staging)
+        torch.save(load_file(str(staging)), str(target))
+    finally:
+        staging.unlink(missing_ok=True)
+
+
+def _missing_insightface_packs(prompt: dict, runtime) -> list[str]:
+    faces = runtime.pack.nodes.faces
+    packs = []
+    for node in prompt.values():
+        inputs = node.get("inputs", {})
+        if node.get("class_type") == "MagicPortrait_FaceAnalysisLoader" and inputs.get("backend") == faces.INSIGHTFACE:
+            pack = inputs.get("insightface_pack")
+            if isinstance(pack, str) and not any((root / "models" / pack).exists() for root in faces.insightface_roots()):
+                packs.append(pack)
+    return sorted(set(packs))
 
 
 def _write_summary(result: RunResult, workflow: str | None, runtime, output_dir: Path) -> None:

@@ -13,17 +13,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
-# The frontend's geometry (LiteGraph): the title bar sits above a node's pos; one row per slot and per widget.
+# The frontend's geometry (LiteGraph, measured in ComfyUI's frontend 1.35): the title bar sits above a node's pos;
+# on load a node is grown to computeSize() = 20 per slot row (at least 1) + (each widget's height + 4, + 8 when there
+# are widgets) + 6, where a widget is 20 high, a multiline text 50 and an image preview 220; its width is at least
+# 210 with widgets, the title's width + 40 and the longest widget label + 104.
 TITLE_HEIGHT = 30
 SLOT_HEIGHT = 20
-WIDGET_HEIGHT = 24
-MULTILINE_HEIGHT = 84
-IMAGE_PREVIEW_HEIGHT = 240
+WIDGET_HEIGHT = 20
+MULTILINE_HEIGHT = 50
+IMAGE_PREVIEW_HEIGHT = 220
+WIDGET_GAP = 4
+TITLE_CHAR_WIDTH = 8.3  # 14 px Inter, measured
+WIDGET_LABEL_CHAR_WIDTH = 7.0
 NODE_WIDTH = 320
 COLUMN_GAP = 70
 ROW_GAP = 30
 GROUP_PADDING = 20
-GROUP_TITLE_HEIGHT = 40
+GROUP_TITLE_HEIGHT = 60  # the group's 34 px title bar plus room for a custom node's badge (drawn 22 px above it)
+GROUP_TITLE_CHAR_WIDTH = 11.5  # 24 px group titles
 ORIGIN = (60, 100)
 
 
@@ -99,18 +106,29 @@ class Workflow:
         values.extend(trailing)
         node_id = len(self.nodes) + 1
         col = self.column if column is None else column
-        height = max(sum(1 for i in inputs if "widget" not in i), len(_output_types(cls))) * SLOT_HEIGHT + 10
-        for input_spec in all_inputs.values():
+        widget_heights = []
+        for name, input_spec in all_inputs.items():
             if _is_widget(input_spec):
                 options = input_spec[1] if len(input_spec) > 1 else {}
-                height += MULTILINE_HEIGHT if options.get("multiline") else WIDGET_HEIGHT
-                height += IMAGE_PREVIEW_HEIGHT if options.get("image_upload") else 0
-        label = title or node_type
+                widget_heights.append(MULTILINE_HEIGHT if options.get("multiline") else WIDGET_HEIGHT)
+                control = options.get("control_after_generate")
+                if control or (control is None and input_spec[0] == "INT" and name in ("seed", "noise_seed")):
+                    widget_heights.append(WIDGET_HEIGHT)  # the control_after_generate combo
+                if options.get("image_upload"):
+                    widget_heights += [WIDGET_HEIGHT, IMAGE_PREVIEW_HEIGHT]  # upload button, then the preview
+        rows = max(1, sum(1 for i in inputs if "widget" not in i), len(_output_types(cls)))
+        height = rows * SLOT_HEIGHT + 6
+        if widget_heights:
+            height += sum(h + WIDGET_GAP for h in widget_heights) + 8
+        shown = title or _display_name(node_type)
+        labels = [len(n) for n, spec in all_inputs.items() if _is_widget(spec)]
+        width = max(NODE_WIDTH, round(TITLE_CHAR_WIDTH * len(shown) + 60),
+                    round(WIDGET_LABEL_CHAR_WIDTH * max(labels, default=0) + 140))
         data = {
             "id": node_id,
             "type": node_type,
             "pos": [0, 0],  # placed by to_json()
-            "size": [max(NODE_WIDTH, 8 * len(label) + 40), height],
+            "size": [width, height],
             "flags": {},
             "order": node_id - 1,
             "mode": 0,
@@ -131,7 +149,7 @@ class Workflow:
         node_id = len(self.nodes) + 1
         chars_per_line = max(20, width // 8)
         lines = sum(max(1, -(-len(line) // chars_per_line)) for line in text.splitlines() or [""])
-        data = {"id": node_id, "type": "Note", "pos": [0, 0], "size": [width, 20 * lines + 40], "flags": {},
+        data = {"id": node_id, "type": "Note", "pos": [0, 0], "size": [width, max(88, 20 * lines + 40)], "flags": {},
                 "order": node_id - 1, "mode": 0, "inputs": [], "outputs": [], "title": title,
                 "properties": {"text": ""}, "widgets_values": [text], "color": "#432", "bgcolor": "#653"}
         self.nodes.append(data)
@@ -143,20 +161,25 @@ class Workflow:
         self.groups.append({"title": title, "columns": sorted(set(columns)), "color": color})
 
     def layout(self) -> None:
-        """Columns left to right, each as wide as its widest node; nodes stacked in the order they were made."""
+        """Columns left to right, each as wide as its widest node (and wide enough for the title of a group framing
+        it alone, or its share of a wider group's title); nodes stacked in the order they were made."""
         by_column: dict[int, list[dict]] = {}
         for data in self.nodes:
             by_column.setdefault(self.columns[data["id"]], []).append(data)
+        widths = {col: max(n["size"][0] for n in members) for col, members in by_column.items()}
+        for group in self.groups:
+            cols = [c for c in group["columns"] if c in widths]
+            need = GROUP_TITLE_CHAR_WIDTH * len(group["title"]) + 20 - 2 * GROUP_PADDING
+            have = sum(widths[c] for c in cols) + COLUMN_GAP * (len(cols) - 1)
+            if cols and need > have:
+                widths[cols[-1]] += round(need - have)
         x = ORIGIN[0]
-        self.column_x: dict[int, tuple[int, int]] = {}
         for col in sorted(by_column):
-            width = max(n["size"][0] for n in by_column[col])
             y = ORIGIN[1] + GROUP_TITLE_HEIGHT + TITLE_HEIGHT
             for data in by_column[col]:
                 data["pos"] = [x, y]
                 y += data["size"][1] + TITLE_HEIGHT + ROW_GAP
-            self.column_x[col] = (x, width)
-            x += width + COLUMN_GAP
+            x += widths[col] + COLUMN_GAP
 
     def _group_json(self, group: dict) -> dict:
         members = [n for n in self.nodes if self.columns[n["id"]] in group["columns"]]
@@ -165,6 +188,7 @@ class Workflow:
         left = min(n["pos"][0] for n in members) - GROUP_PADDING
         top = min(n["pos"][1] for n in members) - TITLE_HEIGHT - GROUP_TITLE_HEIGHT
         right = max(n["pos"][0] + n["size"][0] for n in members) + GROUP_PADDING
+        right = max(right, round(left + GROUP_TITLE_CHAR_WIDTH * len(group["title"]) + 20))
         bottom = max(n["pos"][1] + n["size"][1] for n in members) + GROUP_PADDING
         return {"title": group["title"], "bounding": [left, top, right - left, bottom - top], "color": group["color"],
                 "font_size": 24, "flags": {}}
@@ -205,6 +229,13 @@ class Workflow:
 
     def save(self, path: Path) -> None:
         Path(path).write_text(json.dumps(self.to_json(), indent=2) + "\n")
+
+
+def _display_name(node_type: str) -> str:
+    """The title the frontend shows for a node without one of its own."""
+    import nodes
+
+    return nodes.NODE_DISPLAY_NAME_MAPPINGS.get(node_type) or node_type
 
 
 def _socket_type(input_spec) -> str:

@@ -195,7 +195,8 @@ class IDEmbedsNode(io.ComfyNode):
         if crops_shown is None:
             crops_shown = _to_image([ip.align_face(rgb, f.kps, CLIP_SIZE) for rgb, f in zip(rgbs, chosen,
                                                                                                 strict=True)])
-        label = (f"{adapter.variant}: {refs} reference(s) {combine}d, {positive.shape[1]} tokens"
+        refs_text = "1 reference" if refs == 1 else f"{refs} references {'averaged' if combine == 'average' else 'stacked'}"
+        label = (f"{adapter.variant}: {refs_text}, {positive.shape[1]} tokens"
                  + (f", face {face_index}" if chosen is not None else ""))
         embeds_out = IDEmbeds(adapter, positive.float().cpu(), negative.float().cpu(), label)
         return io.NodeOutput(embeds_out, crops_shown, ui=ui.PreviewText(label))

@@ -18,22 +18,31 @@ TITLE_HEIGHT = 30  # LiteGraph's title bar, drawn above a node's pos
 
 
 @pytest.fixture(scope="module")
-def models_dir(comfy, tmp_path_factory, tiny_checkpoint):
-    """A models folder holding a tiny checkpoint under each name the examples use, and tiny RepControlNet files."""
+def models_dir(comfy, tmp_path_factory, tiny_checkpoint, tiny_controlnet_file):
+    """A models folder holding a tiny checkpoint under each name the examples use, and the runner's tiny stand-ins
+    for every other model file they name (RepControlNet, ControlNet, CLIP vision, IP-Adapter)."""
+    import nodes
+    from magic_portrait import comfy_env, runner
+    from magic_portrait.workflow import ui_to_api
+
     root = tmp_path_factory.mktemp("models")
-    names = {"checkpoints": set(), "magic_repcontrolnet": set()}
+    comfy_env.boot(models_dir=root)
+    wanted = {}
     for path in EXAMPLES:
-        for node in json.loads(path.read_text())["nodes"]:
-            if node["type"] == "CheckpointLoaderSimple":
-                names["checkpoints"].add(node["widgets_values"][0])
-            if node["type"] == "MagicPortrait_LoadRepControlNet":
-                names["magic_repcontrolnet"].add(node["widgets_values"][0])
+        prompt = ui_to_api(json.loads(path.read_text()), nodes.NODE_CLASS_MAPPINGS)
+        for m in runner.find_missing_files(prompt, nodes.NODE_CLASS_MAPPINGS):
+            if m["kind"] == "model":
+                wanted[(m["folder"], m["value"])] = None
     first = None
-    for name in sorted(names["checkpoints"]):
-        placed = tiny_checkpoint(root / "checkpoints" / name)
-        first = first or placed
-    for name in sorted(names["magic_repcontrolnet"]):
-        comfy.pack.magic_core.repcontrolnet.write_tiny_repcontrolnet(root / "magic_repcontrolnet" / name, str(first))
+    for folder, name in sorted(wanted):
+        if folder == "checkpoints":
+            placed = tiny_checkpoint(root / "checkpoints" / name)
+            first = first or placed
+    for folder, name in sorted(wanted):
+        if folder == "controlnet":
+            tiny_controlnet_file(root / folder / name)
+        elif folder != "checkpoints":
+            assert runner._write_tiny_stand_in(folder, root / folder / name, first, comfy), (folder, name)
     return root
 
 
@@ -208,3 +217,25 @@ def test_example_layout_nodes_apart_groups_and_a_note(path):
         inside = [g for g, box in zip(groups, boxes, strict=True)
                   if box[0] <= r[0] and box[1] <= r[1] and r[2] <= box[2] and r[3] <= box[3]]
         assert len(inside) == 1, f"{path.name}: node {node['id']} ({node['type']}) is in {len(inside)} groups"
+
+
+@pytest.mark.parametrize(
+    ("name", "sets"),
+    [
+        ("magicid_landmark_controlnet.json", ["EmptyLatentImage.width=128", "EmptyLatentImage.height=128"]),
+        ("magicid_group_photo.json", ["EmptyLatentImage.width=192", "EmptyLatentImage.height=128"]),
+    ],
+)
+def test_magicid_examples_run_through_the_headless_runner(comfy, models_dir, tmp_path, name, sets):
+    """As shipped (the portrait, the second reference and the layout from the pack, the offline face back-end), on
+    tiny stand-in weights, at a small size and 2 steps."""
+    from magic_portrait.runner import run_workflow
+
+    result = run_workflow(REPO / "example_workflows" / name, sets=["KSampler.steps=2", *sets], models_dir=models_dir,
+                          output_dir=tmp_path / "out", input_dir=tmp_path / "in")
+    saved = [f for f in result.files if f.suffix == ".png" and "previews" not in f.parts]
+    assert len(saved) == 1
+    texts = " ".join(str(t) for t in result.texts)
+    assert "face(s)" in texts and "mask covers" in texts
+    if "group" in name:
+        assert "image 0: 2 face(s)" in texts and "2 identities over 16 cross-attention layers" in texts

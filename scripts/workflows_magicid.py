@@ -1,0 +1,159 @@
+"""MagicID example workflows (collected by scripts/make_workflows.py): the landmark ControlNet on a portrait's faces,
+and a group photo with one identity per person (MGMICA) plus the landmark ControlNet on a layout.
+
+Both use the offline face back-end (dlib: no download) so they run as opened; insightface is one widget away."""
+
+from __future__ import annotations
+
+from magic_portrait.workflow_builder import Workflow
+
+CHECKPOINT = "v1-5-pruned-emaonly-fp16.safetensors"
+CONTROLNET = "control_v11p_sd15_openpose_fp16.safetensors"
+CLIP_VISION = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
+IPADAPTER = "ip-adapter-plus-face_sd15.safetensors"
+PORTRAIT = "magic_portrait_astronaut.png"
+REFERENCE_2 = "magic_portrait_reference_2.png"
+LAYOUT = "magic_portrait_group_layout.png"
+OFFLINE = "offline (dlib: no download)"
+
+
+def _detect(wf: Workflow, analysis, image, title: str):
+    detect = wf.node("MagicPortrait_DetectFaces", title=title)
+    wf.connect(analysis.out(0), detect, "face_analysis")
+    wf.connect(image.out("IMAGE"), detect, "image")
+    return detect
+
+
+def _faces_to_control(wf: Workflow, detect, ckpt, controlnet, positive_text: str, width: int, height: int,
+                      columns: tuple[int, int]):
+    """Face masks + OpenPose face condition of the detected faces, applied as a region-masked landmark ControlNet."""
+    wf.column = columns[0]
+    masks = wf.node("MagicPortrait_FaceMasks", shape="ellipse", grow=24, feather=8.0)
+    wf.connect(detect.out("faces"), masks, "faces")
+    draw = wf.node("MagicPortrait_DrawFaceCondition", style="openpose_face", width=width, height=height)
+    wf.connect(detect.out("faces"), draw, "faces")
+    show = wf.node("PreviewImage", title="Condition image")
+    wf.connect(draw.out(0), show, "images")
+    wf.column = columns[1]
+    positive = wf.node("CLIPTextEncode", text=positive_text, title="Positive prompt")
+    wf.connect(ckpt.out("CLIP"), positive, "clip")
+    negative = wf.node("CLIPTextEncode", text="blurry, deformed face, low quality", title="Negative prompt")
+    wf.connect(ckpt.out("CLIP"), negative, "clip")
+    apply = wf.node("MagicPortrait_ApplyLandmarkControlNet", strength=0.8, start_percent=0.0, end_percent=0.8)
+    wf.connect(positive.out(0), apply, "positive")
+    wf.connect(negative.out(0), apply, "negative")
+    wf.connect(controlnet.out(0), apply, "control_net")
+    wf.connect(draw.out(0), apply, "image")
+    wf.connect(masks.out("union"), apply, "mask")
+    return apply
+
+
+def _sample(wf: Workflow, model, apply, ckpt, width: int, height: int, prefix: str, columns: tuple[int, int]):
+    wf.column = columns[0]
+    empty = wf.node("EmptyLatentImage", width=width, height=height, batch_size=1)
+    sampler = wf.node("KSampler", seed=42, steps=30, cfg=6.0, sampler_name="dpmpp_2m", scheduler="karras",
+                      denoise=1.0)
+    wf.connect(model, sampler, "model")
+    wf.connect(apply.out("positive"), sampler, "positive")
+    wf.connect(apply.out("negative"), sampler, "negative")
+    wf.connect(empty.out(0), sampler, "latent_image")
+    wf.column = columns[1]
+    wf.decode_and_save(sampler.out(0), ckpt.out("VAE"), prefix)
+
+
+def landmark_controlnet(classes) -> Workflow:
+    wf = Workflow(classes)
+    wf.column = 0
+    wf.note("Landmark ControlNet on the faces of a portrait (Magic Portrait, MagicID).\n\nDetect Faces finds the faces "
+            "(offline dlib back-end: no download; switch the loader to insightface for antelopev2/buffalo_l) and "
+            "shows them numbered left to right. Draw Face Condition draws OpenPose face points where the landmarks "
+            "are, and Apply Landmark ControlNet applies an OpenPose ControlNet with them, confined by Face Masks to "
+            "the face regions, so the rest of the picture follows the prompt freely.\n\nNeeds an SD1.5 checkpoint "
+            f"(models/checkpoints) and an OpenPose ControlNet such as {CONTROLNET} (models/controlnet). Load your "
+            "own photo in the portrait node.")
+    ckpt = wf.node("CheckpointLoaderSimple", ckpt_name=CHECKPOINT)
+    portrait = wf.node("LoadImage", image=PORTRAIT, title="Portrait (its faces steer the picture)")
+    controlnet = wf.node("ControlNetLoader", control_net_name=CONTROLNET)
+    wf.column = 1
+    analysis = wf.node("MagicPortrait_FaceAnalysisLoader", backend=OFFLINE)
+    detect = _detect(wf, analysis, portrait, "Detect Faces")
+    preview = wf.node("PreviewImage", title="Faces found (numbered left to right)")
+    wf.connect(detect.out("preview"), preview, "images")
+    apply = _faces_to_control(wf, detect, ckpt, controlnet, "a portrait photo of a woman in a garden, soft light",
+                              512, 512, (2, 3))
+    _sample(wf, ckpt.out("MODEL"), apply, ckpt, 512, 512, "magic_portrait/landmark_controlnet", (4, 5))
+    wf.group("Model, portrait and ControlNet", [0])
+    wf.group("Find the faces", [1])
+    wf.group("Face masks and condition image", [2])
+    wf.group("Prompt and landmark control", [3])
+    wf.group("Sample", [4])
+    wf.group("Decode and save", [5])
+    return wf
+
+
+def group_photo(classes) -> Workflow:
+    wf = Workflow(classes)
+    wf.column = 0
+    wf.note("A group photo with one identity per person (Magic Portrait, MagicID: MGMICA).\n\nEach person's reference "
+            "portrait gives ID tokens through the IP-Adapter (ID Embeds, using the detected face). Add Identity puts "
+            "each person in a region - here a box: the left and the right half of the picture - and Multi-ID "
+            "Attention carries every identity in one patch, each confined to its own region, so faces do not blend. "
+            "The faces of the group layout image steer where the faces go through the landmark ControlNet.\n\n"
+            f"Needs an SD1.5 checkpoint, {IPADAPTER} (models/ipadapter), {CLIP_VISION} (models/clip_vision) and an "
+            f"OpenPose ControlNet ({CONTROLNET}). The offline face back-end needs no download; FaceID IP-Adapters "
+            "need the insightface back-end (antelopev2 in models/insightface/models/). Replace the two references "
+            "and the layout with your own photos.")
+    ckpt = wf.node("CheckpointLoaderSimple", ckpt_name=CHECKPOINT)
+    clip_vision = wf.node("CLIPVisionLoader", clip_name=CLIP_VISION)
+    ipadapter = wf.node("MagicPortrait_LoadIPAdapter", ipadapter_file=IPADAPTER)
+    controlnet = wf.node("ControlNetLoader", control_net_name=CONTROLNET)
+    wf.column = 1
+    analysis = wf.node("MagicPortrait_FaceAnalysisLoader", backend=OFFLINE)
+    refs = [wf.node("LoadImage", image=PORTRAIT, title="Person 1 (left): reference"),
+            wf.node("LoadImage", image=REFERENCE_2, title="Person 2 (right): reference")]
+    wf.column = 2
+    detections = [_detect(wf, analysis, ref, f"Detect Faces: person {i + 1}") for i, ref in enumerate(refs)]
+    wf.column = 3
+    embeds = []
+    for i, (ref, detect) in enumerate(zip(refs, detections, strict=True)):
+        emb = wf.node("MagicPortrait_IDEmbeds", title=f"ID Embeds: person {i + 1}", face_index=0, image_crop="auto")
+        wf.connect(ipadapter.out(0), emb, "ipadapter")
+        wf.connect(ref.out("IMAGE"), emb, "images")
+        wf.connect(detect.out("faces"), emb, "faces")
+        wf.connect(clip_vision.out(0), emb, "clip_vision")
+        embeds.append(emb)
+    wf.column = 4
+    previous = None
+    for i, (emb, box) in enumerate(zip(embeds, ((0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)), strict=True)):
+        add = wf.node("MagicPortrait_AddIdentity", title=f"Add Identity: person {i + 1}", weight=0.8,
+                      box_left=box[0], box_top=box[1], box_right=box[2], box_bottom=box[3], label=f"person {i + 1}")
+        wf.connect(emb.out("id_embeds"), add, "id_embeds")
+        if previous is not None:
+            wf.connect(previous.out(0), add, "identities")
+        previous = add
+    mgmica = wf.node("MagicPortrait_MultiIDAttention", overlap="exclusive")
+    wf.connect(ckpt.out("MODEL"), mgmica, "model")
+    wf.connect(previous.out(0), mgmica, "identities")
+    wf.column = 5
+    layout = wf.node("LoadImage", image=LAYOUT, title="Group layout (where the faces go)")
+    layout_faces = _detect(wf, analysis, layout, "Detect Faces: layout")
+    apply = _faces_to_control(wf, layout_faces, ckpt, controlnet,
+                              "a photo of two friends side by side, outdoors, natural light", 768, 512, (6, 7))
+    _sample(wf, mgmica.out(0), apply, ckpt, 768, 512, "magic_portrait/group_photo", (8, 9))
+    wf.group("Models", [0])
+    wf.group("References and face back-end", [1])
+    wf.group("Find each person's face", [2])
+    wf.group("ID tokens", [3])
+    wf.group("Identities in regions (MGMICA)", [4])
+    wf.group("Layout faces", [5])
+    wf.group("Face masks and condition image", [6])
+    wf.group("Prompt and landmark control", [7])
+    wf.group("Sample", [8])
+    wf.group("Decode and save", [9])
+    return wf
+
+
+WORKFLOWS = {
+    "magicid_landmark_controlnet.json": landmark_controlnet,
+    "magicid_group_photo.json": group_photo,
+}
