@@ -72,6 +72,75 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, upcast
 
 
 @dataclass(frozen=True)
+class TokenPlan:
+    """Which tokens of a layer's grid get an identity term and from which identity, built once per grid, batch
+    layout and set of active identities (masks and weights do not change during a run).
+
+    ``union`` are the tokens some identity touches (ascending). Each (token, identity) pair with a non-zero mask has
+    its token's position in ``union`` (``pair_pos``) and, per picture of the batch, its weight times mask value
+    (``scale`` [B, P]); pairs are grouped by identity, identity i's being ``pairs[segments[i][0]:segments[i][1]]``,
+    so each identity attends in one call over its own tokens without any attention mask. With exclusive overlaps
+    there is one pair per touched token."""
+
+    tokens: int
+    union: torch.Tensor
+    pair_pos: torch.Tensor
+    segments: tuple[tuple[int, int], ...]
+    scale: torch.Tensor
+
+    @property
+    def all_tokens(self) -> bool:
+        return int(self.union.numel()) == self.tokens
+
+    @property
+    def in_union_order(self) -> bool:
+        """The pairs are the union's tokens in order (one identity, or none overlapping out of order)."""
+        return int(self.pair_pos.numel()) == int(self.union.numel()) and bool(
+            torch.equal(self.pair_pos, torch.arange(self.pair_pos.numel(), device=self.pair_pos.device)))
+
+
+def plan_tokens(masks: torch.Tensor, weights: Sequence[float]) -> TokenPlan | None:
+    """masks [N, B, L] (overlaps already resolved) and one weight per identity -> the TokenPlan, or None when no
+    identity touches a token."""
+    w = torch.as_tensor([float(x) for x in weights], dtype=torch.float32)
+    scaled = masks.float() * w.view(-1, 1, 1)
+    touched = scaled.ne(0).any(dim=1)  # [N, L]
+    pairs = touched.nonzero()  # (identity, token), grouped by identity, tokens ascending
+    if pairs.numel() == 0:
+        return None
+    owner, token = pairs[:, 0], pairs[:, 1]
+    union = torch.unique(token)
+    pair_pos = torch.searchsorted(union, token)
+    counts = torch.bincount(owner, minlength=masks.shape[0]).tolist()
+    bounds = [0]
+    for c in counts:
+        bounds.append(bounds[-1] + int(c))
+    segments = tuple((bounds[i], bounds[i + 1]) for i in range(len(counts)))
+    scale = scaled[owner, :, token].t().contiguous()  # [B, P]
+    return TokenPlan(int(masks.shape[-1]), union, pair_pos, segments, scale)
+
+
+def planned_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: TokenPlan, row_scale: torch.Tensor,
+                      key_segments: Sequence[tuple[int, int]], heads: int, upcast: bool = False) -> torch.Tensor:
+    """sum_i w_i * M_i * Attn(Q, K_i, V_i) on the plan's tokens, [rows, U, inner].
+
+    q [rows, U, inner]: the queries of ``plan.union``; k, v [1 or rows, K, inner]: every active identity's keys and
+    values side by side, identity i's at ``key_segments[i]``; row_scale [rows, P]. One attention call per identity on
+    its own pairs and keys (no attention mask, which would push torch onto a slower kernel)."""
+    rows, _, inner = q.shape
+    ordered = plan.in_union_order
+    qp = q if ordered else q.index_select(1, plan.pair_pos)
+    out = torch.empty(rows, qp.shape[1], inner, dtype=q.dtype, device=q.device)
+    for (start, end), (k_start, k_end) in zip(plan.segments, key_segments, strict=True):
+        if end > start:
+            out[:, start:end] = attend(qp[:, start:end], k[:, k_start:k_end], v[:, k_start:k_end], heads, upcast)
+    out = out.float() * row_scale.to(out.device).unsqueeze(-1)
+    if not ordered:
+        out = torch.zeros(rows, plan.union.numel(), inner, device=out.device).index_add_(1, plan.pair_pos, out)
+    return out.to(q.dtype)
+
+
+@dataclass(frozen=True)
 class IdentityTerm:
     """One identity at one layer: its keys/values [1 or rows, T, inner], its mask on the grid [1 or rows, L] (already
     overlap-resolved) and its weight (identity weight x layer weight)."""
@@ -82,32 +151,29 @@ class IdentityTerm:
     weight: float
 
 
-# Above this share of the tokens, gathering rows costs more than attending with every token.
-DENSE_SHARE = 0.6
-
-
 def identity_attention(q: torch.Tensor, terms: Sequence[IdentityTerm], heads: int, upcast: bool = False
                        ) -> torch.Tensor | None:
-    """sum_i w_i * M_i * Attn(q, K_i, V_i) [rows, L, inner], computed only on the tokens inside each mask;
-    None when no identity touches a token (the caller then adds nothing)."""
-    rows, length, _ = q.shape
-    out = None
-    for term in terms:
-        if term.weight == 0:
-            continue
-        mask = term.mask.to(device=q.device, dtype=torch.float32)
-        inside = mask.gt(0).any(dim=0)  # tokens some row of this identity's region touches
-        count = int(inside.sum())
-        if count == 0:
-            continue
-        if out is None:
-            out = torch.zeros_like(q, dtype=torch.float32)
-        if count >= DENSE_SHARE * length:
-            scale = (term.weight * mask).expand(rows, length).unsqueeze(-1)
-            out += scale * attend(q, term.k, term.v, heads, upcast).float()
-        else:
-            index = inside.nonzero().squeeze(1)
-            part = attend(q.index_select(1, index), term.k, term.v, heads, upcast).float()
-            scale = (term.weight * mask.index_select(1, index)).expand(rows, count).unsqueeze(-1)
-            out.index_add_(1, index, scale * part)
-    return None if out is None else out.to(q.dtype)
+    """sum_i w_i * M_i * Attn(q, K_i, V_i) [rows, L, inner] for full queries q [rows, L, inner], through the same
+    plan and single attention call the MGMICA patch uses; None when no identity touches a token."""
+    rows, length, inner = q.shape
+    terms = [t for t in terms if t.weight != 0]
+    if not terms:
+        return None
+    masks = torch.stack([t.mask.float().expand(rows, length) for t in terms])
+    plan = plan_tokens(masks, [t.weight for t in terms])
+    if plan is None:
+        return None
+    keys = torch.cat([t.k.expand(rows, -1, -1) for t in terms], dim=1)
+    values = torch.cat([t.v.expand(rows, -1, -1) for t in terms], dim=1)
+    z = planned_attention(q.index_select(1, plan.union), keys, values, plan, plan.scale,
+                          key_segments([t.k.shape[1] for t in terms]), heads, upcast)
+    return torch.zeros_like(q).index_add_(1, plan.union, z)
+
+
+def key_segments(token_counts: Sequence[int]) -> list[tuple[int, int]]:
+    """Where each identity's keys sit when their token sets are laid side by side."""
+    out, start = [], 0
+    for count in token_counts:
+        out.append((start, start + int(count)))
+        start += int(count)
+    return out

@@ -80,6 +80,7 @@ class MultiIDAttention:
         self.calls: dict[lay.LayerKey, int] = {}
         self._captured: tuple | None = None  # (layer key, n) of the attn2 call in progress
         self._grid_cache: dict = {}
+        self._plan_cache: dict = {}
         self._kv_cache: dict = {}
 
     # ----- the two list patches -------------------------------------------------------------------------------------
@@ -91,47 +92,44 @@ class MultiIDAttention:
     def __call__(self, n, extra_options):
         captured, self._captured = self._captured, None
         key = lay.layer_key(extra_options)
-        if captured is None or captured[0] != key or self.layer_weights.get(key, 0.0) == 0.0:
+        layer_weight = self.layer_weights.get(key, 0.0)
+        if captured is None or captured[0] != key or layer_weight == 0.0:
             return n
         hidden = captured[1]
-        terms = self._terms(key, hidden, extra_options)
-        if not terms:
-            return n
-        layer = self.layers[key]
-        q = layer.attn2.to_q(hidden)
-        upcast = comfy_attention.get_attn_precision(extra_options.get("attn_precision"), q.dtype) == torch.float32
-        z = mgmica.identity_attention(q, terms, int(extra_options["n_heads"]), upcast)
-        if z is None:
-            return n
-        self.calls[key] = self.calls.get(key, 0) + 1
-        to_out = layer.attn2.to_out[0]
-        # to_out(z) without its bias: the zero row gives exactly the bias the module adds (patched and cast alike)
-        return n + (to_out(z) - to_out(torch.zeros_like(z[:, :1])))
-
-    # ----- per call -----------------------------------------------------------------------------------------------
-    def _terms(self, key, hidden, extra) -> list[mgmica.IdentityTerm]:
-        sigma = extra.get("sigmas")
-        sigma = None if sigma is None else float(sigma.reshape(-1)[0])
-        active = [i for i, ident in enumerate(self.identities)
-                  if ident.weight != 0 and (sigma is None or ident.sigma_end <= sigma <= ident.sigma_start)]
+        active = self._active(extra_options)
         if not active:
-            return []
+            return n
         rows, tokens = hidden.shape[0], hidden.shape[1]
-        cou = list(extra.get("cond_or_uncond") or [0])
+        cou = tuple(extra_options.get("cond_or_uncond") or [0])
         if rows % len(cou):
             raise ValueError(f"[{self.node}] {rows} rows do not split into {len(cou)} cond/uncond chunks")
         b = rows // len(cou)
-        grid = self._grid(extra, tokens)
-        masks = self._masks(grid, tuple(extra["original_shape"][-2:]), b)  # [N, b, L] resolved
-        keep_rows = torch.tensor([c != 1 or self.uncond != "none" for c in cou], dtype=torch.float32)
-        row_scale = keep_rows.repeat_interleave(b).view(rows, 1)
-        terms = []
-        for i in active:
-            ident = self.identities[i]
-            k, v = self._kv(key, i, cou, b, hidden)
-            mask = masks[i].repeat(len(cou), 1) * row_scale.to(masks.device)
-            terms.append(mgmica.IdentityTerm(k, v, mask, ident.weight * self.layer_weights[key]))
-        return terms
+        grid = self._grid(extra_options, tokens)
+        planned = self._plan(grid, tuple(int(v) for v in extra_options["original_shape"][-2:]), b, cou, active,
+                             hidden.device)
+        if planned is None:
+            return n
+        plan, row_scale, segments = planned
+        layer = self.layers[key]
+        union = None if plan.all_tokens else plan.union
+        q = layer.attn2.to_q(hidden if union is None else hidden.index_select(1, union))
+        k, v = self._kv(key, active, cou, b, q)
+        upcast = comfy_attention.get_attn_precision(extra_options.get("attn_precision"), q.dtype) == torch.float32
+        z = mgmica.planned_attention(q, k, v, plan, row_scale, segments, int(extra_options["n_heads"]), upcast)
+        if layer_weight != 1.0:
+            z = z * layer_weight
+        self.calls[key] = self.calls.get(key, 0) + 1
+        to_out = layer.attn2.to_out[0]
+        # to_out(z) without its bias: the zero row gives exactly the bias the module adds (patched and cast alike)
+        delta = (to_out(z) - to_out(torch.zeros_like(z[:, :1]))).to(n.dtype)
+        return n + delta if union is None else n.index_add(1, union, delta)
+
+    # ----- per call -----------------------------------------------------------------------------------------------
+    def _active(self, extra) -> tuple[int, ...]:
+        sigma = extra.get("sigmas")
+        sigma = None if sigma is None else float(sigma.reshape(-1)[0])
+        return tuple(i for i, ident in enumerate(self.identities)
+                     if ident.weight != 0 and (sigma is None or ident.sigma_end <= sigma <= ident.sigma_start))
 
     def _grid(self, extra, tokens: int) -> tuple[int, int]:
         shape = extra.get("activations_shape")
@@ -140,7 +138,29 @@ class MultiIDAttention:
         lat_h, lat_w = extra["original_shape"][-2:]
         return mgmica.grid_for_tokens(tokens, int(lat_h), int(lat_w))
 
+    def _plan(self, grid, latent_hw, b: int, cou: tuple, active: tuple, device):
+        """(TokenPlan, row scale [rows, P], each identity's key segment) of the active identities on this grid, or
+        None; cached per layout."""
+        cache_key = (grid, latent_hw, b, cou, active, device)
+        if cache_key in self._plan_cache:
+            return self._plan_cache[cache_key]
+        masks = self._masks(grid, latent_hw, b)[list(active)]  # [N_active, b, L], overlaps resolved over all
+        plan = mgmica.plan_tokens(masks, [self.identities[i].weight for i in active])
+        planned = None
+        if plan is not None:
+            keep = torch.tensor([0.0 if c == 1 and self.uncond == "none" else 1.0 for c in cou])
+            row_scale = plan.scale.repeat(len(cou), 1) * keep.repeat_interleave(b).view(-1, 1)
+            plan = mgmica.TokenPlan(plan.tokens, plan.union.to(device), plan.pair_pos.to(device), plan.segments,
+                                    plan.scale)
+            tokens = [next(iter(self.identities[i].kv.values()))[0].shape[1] for i in active]
+            planned = (plan, row_scale.to(device), mgmica.key_segments(tokens))
+        if len(self._plan_cache) > 64:
+            self._plan_cache.clear()
+        self._plan_cache[cache_key] = planned
+        return planned
+
     def _masks(self, grid: tuple[int, int], latent_hw: tuple[int, int], b: int) -> torch.Tensor:
+        """Every identity's region on the grid, overlaps resolved: [N, b, L]."""
         cache_key = (grid, latent_hw, b)
         cached = self._grid_cache.get(cache_key)
         if cached is not None:
@@ -162,20 +182,27 @@ class MultiIDAttention:
         self._grid_cache[cache_key] = resolved
         return resolved
 
-    def _kv(self, key, i: int, cou: list, b: int, like: torch.Tensor):
-        """Keys/values of identity i at this layer for the chunks of this call: [1 or rows, T, inner]."""
-        cache_key = (key, i, tuple(cou), b, like.device, like.dtype)
+    def _kv(self, key, active: tuple, cou: tuple, b: int, like: torch.Tensor):
+        """Keys, values [1 or rows, K, inner] of the active identities at this layer side by side (identity order)."""
+        cache_key = (key, active, cou, b, like.device, like.dtype)
         cached = self._kv_cache.get(cache_key)
         if cached is not None:
             return cached
-        k_pos, v_pos, k_neg, v_neg = (t.to(device=like.device, dtype=like.dtype)
-                                      for t in self.identities[i].kv[key])
-        if all(c != 1 for c in cou) or self.uncond != "negative tokens":
-            out = (k_pos, v_pos)  # uncond rows use the positive tokens, or are masked out ("none")
-        else:
-            ks = [k_neg if c == 1 else k_pos for c in cou]
-            vs = [v_neg if c == 1 else v_pos for c in cou]
-            out = (torch.cat([k.expand(b, -1, -1) for k in ks]), torch.cat([v.expand(b, -1, -1) for v in vs]))
+        per_chunk = self.uncond == "negative tokens" and any(c == 1 for c in cou)
+        ks, vs = [], []
+        for i in active:
+            k_pos, v_pos, k_neg, v_neg = (t.to(device=like.device, dtype=like.dtype)
+                                          for t in self.identities[i].kv[key])
+            if per_chunk:  # uncond rows attend to the identity's negative tokens
+                k = torch.cat([(k_neg if c == 1 else k_pos).expand(b, -1, -1) for c in cou])
+                v = torch.cat([(v_neg if c == 1 else v_pos).expand(b, -1, -1) for c in cou])
+            else:  # uncond rows use the positive tokens, or are masked out ("none")
+                k, v = k_pos, v_pos
+            ks.append(k)
+            vs.append(v)
+        out = (torch.cat(ks, dim=1), torch.cat(vs, dim=1))
+        if len(self._kv_cache) > 512:
+            self._kv_cache.clear()
         self._kv_cache[cache_key] = out
         return out
 

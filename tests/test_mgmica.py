@@ -206,6 +206,12 @@ def test_embeds_need_clip_vision_and_faces_where_the_variant_does(nodes, adapter
                  clip_vision=None, combine="average", image_crop="auto", face_margin=0.4, shortcut_scale=1.0)
 
 
+def test_a_clip_vision_of_another_width_is_refused_naming_both(nodes, adapters, tiny, tmp_path):
+    wider = tiny.build_tiny_clip_vision(seed=6, config_dir=tmp_path, hidden_size=96, num_attention_heads=2)
+    with pytest.raises(ValueError, match=r"\[MagicPortrait_IDEmbeds\] input 'clip_vision'.*64.*96|96.*64"):
+        embeds(nodes, adapters["plus-face"], 0, clip_vision=wider)
+
+
 @pytest.mark.parametrize("variant", ["faceid", "plus-face", "base", "faceid-plusv2"])
 def test_embeds_give_tokens_of_the_adapter_shape(nodes, adapters, clip_vision, variant):
     adapter = adapters[variant]
