@@ -7,7 +7,8 @@ It never takes the attn2 replace slot, which another pack's IP-Adapter or a core
 - ``attn2_output_patch`` (``__call__``): adds ``to_out(sum_i w_i * M_i * Attn(Q, K_i, V_i))`` without to_out's bias
   (to_out is affine, so this equals putting the identity term inside attn2's own output), with
   ``Q = attn2.to_q(n)`` (the layer's own projection, LoRAs included) and ``K_i, V_i`` the identity's ID tokens
-  through the layer's ``to_k_ip`` / ``to_v_ip`` of its IP-Adapter.
+  through the layer's ``to_k_ip`` / ``to_v_ip`` of its IP-Adapter. Queries, attention and the output projection
+  run only on the tokens some identity's region touches (``magic_core.mgmica.TokenPlan``, cached per grid).
 
 Whatever computes attn2 itself (ComfyUI, another pack's replace, a later MGMICA node) runs unchanged, and the identity
 term is added after it: both run, in either order of the nodes, and several MGMICA nodes add up.
@@ -15,7 +16,6 @@ term is added after it: both run, in either order of the nodes, and several MGMI
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -25,8 +25,6 @@ from ..magic_core import layers as lay
 from ..magic_core import mgmica
 from ..magic_core import regions as reg
 
-log = logging.getLogger(__name__)
-BLOCK_ORDER = {"input": 0, "output": 1, "middle": 2}  # IP-Adapter numbers cross-attention layers in this order
 UNCOND_MODES = ("negative tokens", "none", "positive tokens")
 
 
@@ -167,6 +165,9 @@ class MultiIDAttention:
             return cached
         per_identity = []
         for ident in self.identities:
+            if ident.weight == 0:  # claims no token, so an overlapping identity keeps them
+                per_identity.append(torch.zeros(b, grid[0] * grid[1]))
+                continue
             if isinstance(ident.region, reg.Box):
                 m = reg.box_on_grid(ident.region, *grid)
             else:

@@ -410,7 +410,7 @@ def checkpoint(comfy, tiny_checkpoint, tmp_path_factory):
     path = tiny_checkpoint(root / "models" / "checkpoints" / name)
     old_in, old_out = folder_paths.get_input_directory(), folder_paths.get_output_directory()
     comfy_env.boot(models_dir=root / "models", input_dir=root / "input", output_dir=root / "output")
-    for file, image in (("astronaut.png", data.astronaut()), ("style.png", data.chelsea())):
+    for file, image in (("magic_portrait_astronaut.png", data.astronaut()), ("magic_portrait_style.png", data.chelsea())):
         Image.fromarray(np.asarray(image)).resize((128, 128)).save(root / "input" / file)
     vae = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=False)[2]
     yield {"root": root, "vae": vae}

@@ -286,6 +286,34 @@ def test_one_identity_with_an_all_ones_mask_is_plain_ip_adapter_attention(nodes,
         assert patch_of(patched).calls[key] == 1
 
 
+def test_weight_patches_added_after_mgmica_reach_its_queries(nodes, sd15, tiny, adapters, faceid_embeds, core):
+    """ComfyUI's UNetCrossAttentionMultiply (weight patches on attn2's to_q/to_out) after MGMICA: the identity term
+    is computed with the patched projections, exactly as plain IP-Adapter attention would be."""
+    from comfy_extras.nodes_attention_multiply import UNetCrossAttentionMultiply
+
+    ip = core.ipadapter
+    emb = faceid_embeds[1]
+    ours = mgmica(nodes, sd15, identity(nodes, emb, mask=torch.ones(1, 128, 128)))
+    multiplied = run_node(UNetCrossAttentionMultiply, model=ours, q=1.7, k=1.0, v=1.0, out=0.6).result[0]
+    rec = Recorder()
+    x, cond = _latent(12), tiny.sd15_cond(12)
+    out = forward(rec.attach(multiplied), x, cond)[0]
+    assert (out - forward(ours, x, cond)[0]).abs().max() > 1e-3
+    forward(rec.attach(multiplied), x, cond)  # the weights stay patched while this model is the loaded one
+    modules = layer_modules(sd15)
+    order = ip.map_layers(adapters["faceid"], list(modules))
+    weights = adapters["faceid"].layer_weights()
+    for key in (("input", 1, 0), ("middle", 0, 0), ("output", 11, 0)):
+        attn2 = modules[key]
+        n, context, extra = rec.inputs[key]
+        with torch.no_grad():
+            q, k, v = attn2.to_q(n), attn2.to_k(context), attn2.to_v(context)
+            wk, wv = weights[order[key]]
+            ids = reference_attention(q, emb.positive @ wk.float().T, emb.positive @ wv.float().T, extra["n_heads"])
+            ref = attn2.to_out(reference_attention(q, k, v, extra["n_heads"]).float() + ids.float())
+        torch.testing.assert_close(rec.outputs[key], ref, rtol=0, atol=256 * EPS32 * max(float(ref.abs().max()), 1.0))
+
+
 def test_changing_one_identity_changes_only_its_region_at_every_layer(nodes, sd15, tiny, faceid_embeds, core):
     """Three identities in exclusive regions; identity 1 gets another face: at each layer, fed the same input, the
     output changes only on the tokens identity 1 owns there."""
