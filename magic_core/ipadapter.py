@@ -907,13 +907,16 @@ def _tensor(x, what: str) -> torch.Tensor:
     return x
 
 
+def _vector_rows(x: torch.Tensor) -> torch.Tensor:
+    """[D] and [B, 1, D] as [B, D] (other shapes unchanged, for the caller to refuse)."""
+    if x.ndim == 3 and x.shape[1] == 1:
+        return x[:, 0]
+    return x[None] if x.ndim == 1 else x
+
+
 def check_clip_embeds(adapter: IPAdapterFile, clip_embeds) -> torch.Tensor:
     """CLIP vision ``image_embeds`` as [B, D] (accepts [D] and [B, 1, D]), D checked against the adapter."""
-    x = _tensor(clip_embeds, "clip_embeds")
-    if x.ndim == 3 and x.shape[1] == 1:
-        x = x[:, 0]
-    if x.ndim == 1:
-        x = x[None]
+    x = _vector_rows(_tensor(clip_embeds, "clip_embeds"))
     if x.ndim != 2:
         raise IPAdapterInputError(
             f"this {adapter.variant} IP-Adapter needs CLIP vision image_embeds [B, {adapter.clip_embed_dim}], got a "
@@ -948,11 +951,7 @@ def check_clip_hidden(adapter: IPAdapterFile, clip_hidden) -> torch.Tensor:
 
 def check_face_embedding(adapter: IPAdapterFile, face_embedding) -> torch.Tensor:
     """A face embedding as [B, 512] (accepts [512] and [B, 1, 512]); a 128-d (dlib) embedding is refused."""
-    x = _tensor(face_embedding, "face_embedding")
-    if x.ndim == 3 and x.shape[1] == 1:
-        x = x[:, 0]
-    if x.ndim == 1:
-        x = x[None]
+    x = _vector_rows(_tensor(face_embedding, "face_embedding"))
     if x.ndim != 2:
         raise IPAdapterInputError(
             f"this {adapter.variant} IP-Adapter needs face embeddings [B, {adapter.face_embed_dim}], got shape "

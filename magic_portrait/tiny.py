@@ -485,6 +485,16 @@ def _existing_metadata(path: Path) -> dict | None:
         return None
 
 
+def _save_atomically(state: dict, path: Path, metadata: dict) -> Path:
+    """Save a state dict as safetensors through a temporary file, so a killed write never leaves a partial file."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp), metadata=metadata)
+    tmp.replace(path)
+    return path
+
+
 def write_tiny_sd15_checkpoint(
     path,
     seed: int = 0,
@@ -514,7 +524,6 @@ def write_tiny_sd15_checkpoint(
     import comfy.sd1_clip
     import comfy.supported_models
     import comfy.taesd.taesd
-    from safetensors.torch import save_file
 
     path = Path(path)
     metadata = _checkpoint_metadata(seed, full_blocks, dtype)
@@ -544,10 +553,7 @@ def write_tiny_sd15_checkpoint(
     state.update(_random_state_dict(taesd, seed, "first_stage_model.", dtype, seed_prefix="first_stage_model."))
     del unet, clip, taesd
 
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata=metadata)
-    tmp.replace(path)
-    return path
+    return _save_atomically(state, path, metadata)
 
 
 def write_tiny_sd15_controlnet(path, seed: int = 0, *, dtype: torch.dtype = torch.float16, hint_channels: int = 3,
@@ -562,7 +568,6 @@ def write_tiny_sd15_controlnet(path, seed: int = 0, *, dtype: torch.dtype = torc
     import comfy.cldm.cldm
     import comfy.ops
     import comfy.supported_models
-    from safetensors.torch import save_file
 
     path = Path(path)
     metadata = {"magic_portrait.tiny": "sd15-controlnet", "magic_portrait.tiny.format": _CHECKPOINT_FORMAT,
@@ -577,10 +582,7 @@ def write_tiny_sd15_controlnet(path, seed: int = 0, *, dtype: torch.dtype = torc
                                          operations=comfy.ops.disable_weight_init)
     state = _random_state_dict(control, seed, "", dtype, seed_prefix="control_model.")
     del control
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata=metadata)
-    tmp.replace(path)
-    return path
+    return _save_atomically(state, path, metadata)
 
 
 # ------------------------------------------------------------------------------------------------------ CLIP vision
@@ -624,7 +626,6 @@ def write_clip_vision_vitl(path, seed: int = 0, *, dtype: torch.dtype = torch.fl
     ensure_comfy()
     import comfy.clip_model
     import comfy.ops
-    from safetensors.torch import save_file
 
     path = Path(path)
     metadata = {"magic_portrait.tiny": "clip-vision-vitl", "magic_portrait.tiny.format": _CHECKPOINT_FORMAT,
@@ -638,7 +639,4 @@ def write_clip_vision_vitl(path, seed: int = 0, *, dtype: torch.dtype = torch.fl
                                                        comfy.ops.disable_weight_init)
     state = _random_state_dict(model, seed, "", dtype, seed_prefix="clip_vision.")
     del model
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata=metadata)
-    tmp.replace(path)
-    return path
+    return _save_atomically(state, path, metadata)

@@ -95,34 +95,30 @@ def sdxl(tiny):
     return tiny.build_sdxl_model(seed=0)
 
 
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tiny, tmp_path_factory):
-    """Place the tiny SD1.5 checkpoint (seed 0, full blocks; written once per session) at a path: a symlink, as a
-    user's models folder may hold. Returns the placed path."""
+def _placer(write, folder_factory):
+    """place(target): a symlink at `target` to the one file `write(folder)` makes, written on first use."""
     written = []
 
     def place(target: Path) -> Path:
         if not written:
-            written.append(tiny.write_tiny_sd15_checkpoint(tmp_path_factory.mktemp("tiny_ckpt") / "tiny_sd15.safetensors",
-                                                           seed=0))
+            written.append(write(folder_factory()))
         target.parent.mkdir(parents=True, exist_ok=True)
         target.symlink_to(written[0])
         return target
 
     return place
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny, tmp_path_factory):
+    """Place the tiny SD1.5 checkpoint (seed 0, full blocks; written once per session) at a path: a symlink, as a
+    user's models folder may hold. Returns the placed path."""
+    return _placer(lambda folder: tiny.write_tiny_sd15_checkpoint(folder / "tiny_sd15.safetensors", seed=0),
+                   lambda: tmp_path_factory.mktemp("tiny_ckpt"))
 
 
 @pytest.fixture(scope="session")
 def tiny_controlnet_file(tiny, tmp_path_factory):
     """Place the tiny SD1.5 ControlNet (seed 0, matches the tiny checkpoint; written once per session) at a path."""
-    written = []
-
-    def place(target: Path) -> Path:
-        if not written:
-            written.append(tiny.write_tiny_sd15_controlnet(tmp_path_factory.mktemp("tiny_cn") / "tiny_cn.safetensors",
-                                                           seed=0))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.symlink_to(written[0])
-        return target
-
-    return place
+    return _placer(lambda folder: tiny.write_tiny_sd15_controlnet(folder / "tiny_cn.safetensors", seed=0),
+                   lambda: tmp_path_factory.mktemp("tiny_cn"))
