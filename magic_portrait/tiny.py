@@ -640,3 +640,17 @@ def write_clip_vision_vitl(path, seed: int = 0, *, dtype: torch.dtype = torch.fl
     state = _random_state_dict(model, seed, "", dtype, seed_prefix="clip_vision.")
     del model
     return _save_atomically(state, path, metadata)
+
+
+def build_sd_vae(seed: int = 0):
+    """A random VAE in SD1.5's KL layout (84 M parameters: the real size, for benchmarks) as ComfyUI's
+    `comfy.sd.VAE`, which detects it from the state dict as it would a real SD1.5 VAE."""
+    ensure_comfy()
+    import comfy.sd
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+                "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+    module = AutoencoderKL(ddconfig=ddconfig, embed_dim=4)
+    init_weights_(module, seed)
+    return comfy.sd.VAE(sd=module.state_dict())

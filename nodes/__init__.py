@@ -1,6 +1,6 @@
 """ComfyUI nodes of Magic Portrait: thin wrappers that parse inputs, call magic_core and patch model clones."""
 
-from . import faces, inversion, landmark_control, magicid, magicstyle, repcontrolnet
+from . import diir, faces, inversion, landmark_control, magicid, magicstyle, repcontrolnet
 
 NODE_LIST = [*inversion.NODES, *magicstyle.NODES, *repcontrolnet.NODES, *faces.NODES, *landmark_control.NODES,
-             *magicid.NODES]
+             *magicid.NODES, *diir.NODES]

@@ -26,6 +26,32 @@ def _as_mask(node: str, mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor
     return mask
 
 
+def apply_control(positive, negative, control_net, image: torch.Tensor, strength: float, percent_range: tuple,
+                  region: torch.Tensor | None = None, vae=None) -> tuple[list, list]:
+    """Positive and negative conditioning with `control_net` applied on `image` ([B, H, W, C]), confined to `region`
+    ([B, H, W], same aspect ratio) when given; ControlNets already on the conditioning stay before it in the chain.
+    New lists: the inputs are not changed."""
+    hint = image[..., :3].movedim(-1, 1)
+    made: dict = {}  # one control per previous control, shared by positive and negative like core's node
+
+    def control_for(previous):
+        key = id(previous)
+        if key not in made:
+            inner = control_net.copy().set_cond_hint(hint, strength, percent_range, vae=vae)
+            control = inner if region is None else RegionMaskedControl(inner, region)
+            made[key] = control.set_previous_controlnet(previous)
+        return made[key]
+
+    out = []
+    for conditioning in (positive, negative):
+        entries = []
+        for embedding, options in conditioning:
+            options = {**options, "control": control_for(options.get("control")), "control_apply_to_uncond": False}
+            entries.append([embedding, options])
+        out.append(entries)
+    return out[0], out[1]
+
+
 class ApplyLandmarkControlNet(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -63,32 +89,15 @@ class ApplyLandmarkControlNet(io.ComfyNode):
         if strength == 0:
             return io.NodeOutput(positive, negative, ui=ui.PreviewText("strength 0: conditioning unchanged"))
         region = None if mask is None else _as_mask(node, mask, image)
-        hint = image[..., :3].movedim(-1, 1)
-        made: dict = {}  # one control per previous control, shared by positive and negative like core's node
-
-        def control_for(previous):
-            key = id(previous)
-            if key not in made:
-                inner = control_net.copy().set_cond_hint(hint, strength, (start_percent, end_percent), vae=vae)
-                control = inner if region is None else RegionMaskedControl(inner, region)
-                made[key] = control.set_previous_controlnet(previous)
-            return made[key]
-
-        out = []
-        for conditioning in (positive, negative):
-            entries = []
-            for embedding, options in conditioning:
-                options = {**options, "control": control_for(options.get("control")),
-                           "control_apply_to_uncond": False}
-                entries.append([embedding, options])
-            out.append(entries)
+        positive_out, negative_out = apply_control(positive, negative, control_net, image, strength,
+                                                   (start_percent, end_percent), region, vae)
         report = f"strength {strength:g}, steps {start_percent:g}-{end_percent:g}"
         if region is not None:
             covered = float(region.gt(0).float().mean())
             report += f"; mask covers {100 * covered:.1f}% of the picture"
             if covered == 0:
                 report += " (an empty mask: the control has no effect)"
-        return io.NodeOutput(out[0], out[1], ui=ui.PreviewText(report))
+        return io.NodeOutput(positive_out, negative_out, ui=ui.PreviewText(report))
 
 
 NODES = [ApplyLandmarkControlNet]

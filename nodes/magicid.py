@@ -89,9 +89,23 @@ class IDEmbeds:
     positive: torch.Tensor
     negative: torch.Tensor
     label: str
+    face_embedding: np.ndarray | None = None  # the references' mean face embedding (L2-normalised), when known
+    embedding_kind: str | None = None  # its kind (faces.ARCFACE_512, faces.DLIB_128, ...)
 
     def __deepcopy__(self, memo):
         return self
+
+
+def _mean_embedding(faces_used):
+    """The references' mean face embedding, L2-normalised, and its kind; (None, None) without embeddings."""
+    if not faces_used or any(f.embedding is None for f in faces_used):
+        return None, None
+    kinds = {f.embedding_kind for f in faces_used}
+    if len(kinds) != 1:
+        return None, None
+    mean = np.mean([f.embedding for f in faces_used], axis=0)
+    norm = float(np.linalg.norm(mean))
+    return (mean / norm if norm > 0 else None), kinds.pop()
 
 
 def _face_box_crop(rgb: np.ndarray, face: fc.Face, margin: float) -> np.ndarray:
@@ -198,7 +212,8 @@ class IDEmbedsNode(io.ComfyNode):
         refs_text = "1 reference" if refs == 1 else f"{refs} references {'averaged' if combine == 'average' else 'stacked'}"
         label = (f"{adapter.variant}: {refs_text}, {positive.shape[1]} tokens"
                  + (f", face {face_index}" if chosen is not None else ""))
-        embeds_out = IDEmbeds(adapter, positive.float().cpu(), negative.float().cpu(), label)
+        face_embedding, kind = _mean_embedding(chosen)
+        embeds_out = IDEmbeds(adapter, positive.float().cpu(), negative.float().cpu(), label, face_embedding, kind)
         return io.NodeOutput(embeds_out, crops_shown, ui=ui.PreviewText(label))
 
 

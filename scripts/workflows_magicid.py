@@ -153,7 +153,77 @@ def group_photo(classes) -> Workflow:
     return wf
 
 
+def face_restore(classes) -> Workflow:
+    wf = Workflow(classes)
+    wf.column = 0
+    wf.note("DIIR face restoration (Magic Portrait, MagicID).\n\nDIIR Face Restore takes every face Detect Faces "
+            "found, crops it with a margin, brings it to the model's native size, DDIM-inverts it part of the way "
+            "(strength) and denoises it again with that person's identity (IP-Adapter tokens through Multi-ID "
+            "Attention, confined to the face) and the crop's own landmarks (OpenPose ControlNet), then colour-matches "
+            "and feather-pastes it back. Every pixel outside the paste masks is left exactly as it was. The i-th "
+            "identity restores the i-th face from the left (or match 'by similarity').\n\n"
+            f"Needs an SD1.5 checkpoint, {IPADAPTER}, {CLIP_VISION} and an OpenPose ControlNet ({CONTROLNET}). Load "
+            "any image to restore, e.g. a group photo you generated, and one reference per person.")
+    ckpt = wf.node("CheckpointLoaderSimple", ckpt_name=CHECKPOINT)
+    clip_vision = wf.node("CLIPVisionLoader", clip_name=CLIP_VISION)
+    ipadapter = wf.node("MagicPortrait_LoadIPAdapter", ipadapter_file=IPADAPTER)
+    controlnet = wf.node("ControlNetLoader", control_net_name=CONTROLNET)
+    wf.column = 1
+    analysis = wf.node("MagicPortrait_FaceAnalysisLoader", backend=OFFLINE)
+    target = wf.node("LoadImage", image=LAYOUT, title="Image to restore")
+    target_faces = _detect(wf, analysis, target, "Detect Faces: image to restore")
+    wf.column = 2
+    refs = [wf.node("LoadImage", image=PORTRAIT, title="Person 1 (left): reference"),
+            wf.node("LoadImage", image=REFERENCE_2, title="Person 2 (right): reference")]
+    wf.column = 3
+    detections = [_detect(wf, analysis, ref, f"Detect Faces: person {i + 1}") for i, ref in enumerate(refs)]
+    wf.column = 4
+    previous = None
+    for i, (ref, detect) in enumerate(zip(refs, detections, strict=True)):
+        emb = wf.node("MagicPortrait_IDEmbeds", title=f"ID Embeds: person {i + 1}")
+        wf.connect(ipadapter.out(0), emb, "ipadapter")
+        wf.connect(ref.out("IMAGE"), emb, "images")
+        wf.connect(detect.out("faces"), emb, "faces")
+        wf.connect(clip_vision.out(0), emb, "clip_vision")
+        add = wf.node("MagicPortrait_AddIdentity", title=f"Add Identity: person {i + 1}", label=f"person {i + 1}")
+        wf.connect(emb.out("id_embeds"), add, "id_embeds")
+        if previous is not None:
+            wf.connect(previous.out(0), add, "identities")
+        previous = add
+    wf.column = 5
+    positive = wf.node("CLIPTextEncode", text="a photo of a face, natural skin, sharp focus", title="Positive prompt")
+    wf.connect(ckpt.out("CLIP"), positive, "clip")
+    negative = wf.node("CLIPTextEncode", text="blurry, deformed, low quality", title="Negative prompt")
+    wf.connect(ckpt.out("CLIP"), negative, "clip")
+    wf.column = 6
+    restore = wf.node("MagicPortrait_DIIRFaceRestore")
+    for source, name in ((target.out("IMAGE"), "image"), (target_faces.out("faces"), "faces"),
+                         (ckpt.out("MODEL"), "model"), (ckpt.out("VAE"), "vae"), (positive.out(0), "positive"),
+                         (negative.out(0), "negative"), (previous.out(0), "identities"),
+                         (controlnet.out(0), "control_net")):
+        wf.connect(source, restore, name)
+    wf.column = 7
+    save = wf.node("SaveImage", filename_prefix="magic_portrait/face_restore")
+    wf.connect(restore.out("image"), save, "images")
+    compare = wf.node("PreviewImage", title="Before | after")
+    wf.connect(restore.out("before_after"), compare, "images")
+    masks = wf.node("MaskToImage")
+    wf.connect(restore.out("paste_masks"), masks, "mask")
+    show_masks = wf.node("PreviewImage", title="Paste masks")
+    wf.connect(masks.out(0), show_masks, "images")
+    wf.group("Models", [0])
+    wf.group("The image and its faces", [1])
+    wf.group("One reference per person", [2])
+    wf.group("Their faces", [3])
+    wf.group("Identities, left to right", [4])
+    wf.group("Prompt", [5])
+    wf.group("DIIR", [6])
+    wf.group("Result", [7])
+    return wf
+
+
 WORKFLOWS = {
     "magicid_landmark_controlnet.json": landmark_controlnet,
     "magicid_group_photo.json": group_photo,
+    "magicid_face_restore.json": face_restore,
 }

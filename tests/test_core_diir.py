@@ -1,0 +1,95 @@
+"""Core tier: DIIR's image side (magic_core.diir): crops, paste masks, colour matching and pasting."""
+
+import cv2
+import numpy as np
+import pytest
+
+from magic_core import diir
+from magic_core.faces import Face
+
+
+def _face(x0, y0, x1, y1, landmarks=False):
+    w, h = x1 - x0, y1 - y0
+    kps = np.array([[x0 + 0.3 * w, y0 + 0.4 * h], [x0 + 0.7 * w, y0 + 0.4 * h], [x0 + 0.5 * w, y0 + 0.6 * h],
+                    [x0 + 0.35 * w, y0 + 0.8 * h], [x0 + 0.65 * w, y0 + 0.8 * h]])
+    lm = None
+    if landmarks:
+        t = np.linspace(0, 2 * np.pi, 68, endpoint=False)
+        lm = np.stack([x0 + w / 2 + 0.45 * w * np.cos(t), y0 + h / 2 + 0.45 * h * np.sin(t)], axis=1)
+    return Face(bbox=[x0, y0, x1, y1], kps=kps, score=0.9, landmarks68=lm)
+
+
+def test_crop_box_is_a_centred_square_of_the_margin():
+    box = diir.crop_box(_face(100, 50, 180, 150), 0.5)
+    assert box.side == 200  # longer side 100 x (1 + 2 x 0.5)
+    assert (box.left + box.side / 2, box.top + box.side / 2) == (140, 100)
+    with pytest.raises(ValueError, match="margin"):
+        diir.crop_box(_face(0, 0, 10, 10), -0.1)
+
+
+def test_extract_crop_resizes_and_mirrors_past_the_border():
+    g = np.random.default_rng(0)
+    image = g.random((120, 90, 3)).astype(np.float32)
+    inside = diir.extract_crop(image, diir.CropBox(10, 20, 40), 40)
+    np.testing.assert_allclose(inside, image[20:60, 10:50], atol=1e-6)  # no resize at the same size
+    border = diir.extract_crop(image, diir.CropBox(-10, -5, 40), 80)
+    assert border.shape == (80, 80, 3) and border.dtype == np.float32
+    expected = cv2.copyMakeBorder(image[0:35, 0:30], 5, 0, 10, 0, cv2.BORDER_REFLECT_101)
+    np.testing.assert_allclose(border, np.clip(cv2.resize(expected, (80, 80), interpolation=cv2.INTER_CUBIC), 0, 1),
+                               atol=1e-6)
+    huge = diir.extract_crop(image, diir.CropBox(-200, -200, 500), 64)  # far past the image: edges repeated
+    assert huge.shape == (64, 64, 3) and np.isfinite(huge).all()
+
+
+def test_face_in_crop_maps_every_point():
+    face = _face(100, 50, 180, 150, landmarks=True)
+    box = diir.CropBox(90, 40, 200)
+    moved = diir.face_in_crop(face, box, 400)
+    np.testing.assert_allclose(moved.bbox, (face.bbox - [90, 40, 90, 40]) * 2, atol=1e-4)
+    np.testing.assert_allclose(moved.kps, (face.kps - [90, 40]) * 2, atol=1e-4)
+    np.testing.assert_allclose(moved.landmarks68, (face.landmarks68 - [90, 40]) * 2, atol=1e-4)
+
+
+def test_paste_changes_nothing_where_the_mask_is_zero():
+    g = np.random.default_rng(1)
+    image = g.random((101, 137, 3)).astype(np.float32)
+    face = _face(40, 30, 80, 70, landmarks=True)
+    box = diir.crop_box(face, 0.6)
+    mask = diir.paste_mask(face, box, 101, 137, grow=4, feather=3)
+    assert mask.max() == 1 and mask.min() == 0
+    outside_square = np.ones((101, 137), bool)
+    outside_square[max(0, box.top):box.bottom, max(0, box.left):box.right] = False
+    assert not mask[outside_square].any()  # never outside the crop square
+    crop = g.random((64, 64, 3)).astype(np.float32)
+    out = diir.paste(image, crop, box, mask)
+    assert out is not image and np.array_equal(out[mask == 0], image[mask == 0])
+    assert (out[mask == 1] != image[mask == 1]).any()
+    full = cv2.resize(crop, (box.side, box.side), interpolation=cv2.INTER_CUBIC).clip(0, 1)
+    y, x = np.argwhere(mask == 1)[0]
+    np.testing.assert_allclose(out[y, x], full[y - box.top, x - box.left], atol=1e-6)
+
+
+def test_paste_mask_without_landmarks_is_the_ellipse():
+    face = _face(40, 30, 80, 70)
+    mask = diir.paste_mask(face, diir.crop_box(face, 0.6), 120, 120, grow=0, feather=0)
+    assert mask[50, 60] == 1 and mask[31, 41] == 0  # centre in, box corner out
+
+
+def test_match_colors_moves_the_lab_statistics_inside_the_region():
+    g = np.random.default_rng(2)
+    original = (g.random((48, 48, 3)) * 0.5 + 0.25).astype(np.float32)
+    restored = np.clip(original * 0.6 + 0.3, 0, 1).astype(np.float32)  # brighter, lower contrast
+    mask = np.zeros((48, 48), np.float32)
+    mask[8:40, 8:40] = 1
+
+    def stats(img):
+        lab = cv2.cvtColor(img, cv2.COLOR_RGB2LAB)[mask > 0]
+        return lab.mean(axis=0), lab.std(axis=0)
+
+    matched = diir.match_colors(restored, original, mask)
+    (m_o, s_o), (m_m, s_m), (m_r, _) = stats(original), stats(matched), stats(restored)
+    assert np.abs(m_m - m_o).max() < 0.05 * np.abs(m_r - m_o).max() + 0.5
+    np.testing.assert_allclose(s_m, s_o, rtol=0.05, atol=0.5)
+    assert diir.match_colors(restored, original, mask, "none") is restored
+    with pytest.raises(ValueError, match="colour matching"):
+        diir.match_colors(restored, original, mask, "histogram")
