@@ -8,8 +8,9 @@ On SD1.5's UNet architecture with random weights (by default exactly SD1.5's: mo
   normalised hidden state n, against storing q, k and v (goal <= 0.34). Measured on an inversion of --steps steps
   (every stored tensor counted) and scaled per step to 50 steps; the store's own 50-step plan is printed next to it.
 - Sampling time with Feature Fusion Attention (magicstyle preset) over plain sampling (goal <= 1.25), next to the
-  same fusion through attn1 replaces (its route when another pack's replace holds the slot) and the StyleAligned
-  way: the reference image runs in the same batch (batch 2) with shared attention in every layer.
+  same fusion through attn1 replaces (its route when another pack's replace held the slot first), the same fusion
+  inside another pack's replace set after it (found when sampling starts; the content weight realised by repeating
+  key groups) and the StyleAligned way: the reference image runs in the same batch (batch 2) with shared attention in every layer.
   All runs use the exact reverse DDIM sampler through ComfyUI's guider, cfg 1, the same --steps schedule; each
   variant runs once to warm up, then --repeats interleaved rounds with the order rotated; the best time is kept.
 """
@@ -49,6 +50,7 @@ def main() -> None:
     from comfy.ldm.modules import attention as comfy_attention
 
     ff = runtime.pack.magic_core.fusion
+    default_kernel = getattr(comfy_attention.optimized_attention, "__name__", "?")
     if args.comfy_attention == "sdpa":  # bench-only switch, the same as ComfyUI's --use-pytorch-cross-attention
         comfy_attention.optimized_attention = comfy_attention.attention_pytorch
     elif args.comfy_attention == "same":  # bench-only: the unpatched layers use FFA's kernel too
@@ -112,6 +114,15 @@ def main() -> None:
         replace_route.set_model_attn1_replace(
             ms.FusionAttn1(key, patch.attn1, params, content, style, None, patch.steps, "bench"), *key)
 
+    # another pack's replace set on the fused layers after Feature Fusion Attention (SAG does this at middle 0): at
+    # sampling start the fusion is put inside it; this one just computes ComfyUI's attention on what it gets
+    def other_pack(q, k, v, extra):
+        return comfy_attention.optimized_attention(q, k, v, extra["n_heads"])
+
+    inside_later = fused.clone()
+    for key in patches:
+        inside_later.set_model_attn1_replace(other_pack, *key)
+
     aligned = model.clone()
     for key in layers:
         aligned.set_model_attn1_replace(shared_attention, *key)
@@ -127,7 +138,7 @@ def main() -> None:
         return time.perf_counter() - start
 
     variants = {"plain": (model, zt), "ffa": (fused, zt), "ffa_replace": (replace_route, zt),
-                "stylealigned": (aligned, batch2)}
+                "ffa_inside_later": (inside_later, zt), "stylealigned": (aligned, batch2)}
     for variant in variants.values():  # warm-up: the first run of each pays for first-touch allocations
         run(*variant)
     times = {name: [] for name in variants}
@@ -138,12 +149,18 @@ def main() -> None:
     best = {k: min(v) for k, v in times.items()}
     print("all timings (s):", {k: [round(t, 2) for t in v] for k, v in times.items()})
     assert all(p.calls > 0 for p in patches.values())
+    run(inside_later, zt)  # the last run's report: every layer fused inside the other pack's replace
+    assert all(set(p.routes) == {f"inside {ms.describe_patch(other_pack)}"} for p in patches.values())
+    kernel = {"same": "FFA's own kernel (magic_core.fusion.attention: torch SDPA, float32)",
+              "sdpa": "ComfyUI's attention_pytorch (torch SDPA)",
+              "default": f"ComfyUI's default on this machine ({default_kernel})"}[args.comfy_attention]
 
     n_layers = len(content.layers)
     print(f"MagicStyle bench: SD1.5 UNet structure (16 attention layers), model_channels {args.width}, channel_mult "
           f"{channel_mult}, {args.heads} heads ({n_params / 1e6:.0f} M parameters; SD1.5: 320, [1, 2, 4, 4], 8, 860 M), "
           f"latent {args.size}x{args.size} ({args.size * 8} px), {args.steps} steps timed, best of {args.repeats}, "
           f"CPU threads {torch.get_num_threads()}, ComfyUI attention: {args.comfy_attention}")
+    print(f"attention kernel of the unpatched layers (and of plain sampling): {kernel}")
     print()
     print("| measure | value | goal |")
     print("|---|---|---|")
@@ -157,6 +174,8 @@ def main() -> None:
     print(f"| FFA / plain | {best['ffa'] / best['plain']:.3f} | <= 1.25 |")
     print(f"| same fusion through attn1 replaces (used when another pack's replace holds the slot) / plain | "
           f"{best['ffa_replace'] / best['plain']:.3f} | |")
+    print(f"| same fusion inside another pack's attn1 replace set after it (weights by repeated key groups) / "
+          f"plain | {best['ffa_inside_later'] / best['plain']:.3f} | |")
     print(f"| StyleAligned way (reference in the batch, shared attention, 16 layers) | {best['stylealigned']:.2f} s "
           "| |")
     print(f"| StyleAligned / plain | {best['stylealigned'] / best['plain']:.3f} | |")

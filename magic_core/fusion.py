@@ -20,6 +20,7 @@ import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 import torch.nn.functional as F
@@ -162,6 +163,18 @@ def project_qkv(n: torch.Tensor, to_q, to_k, to_v, dtype: torch.dtype | None = N
     return to_q(n), to_k(n), to_v(n)
 
 
+def style_side_by_side(n: torch.Tensor, batch: int) -> tuple[torch.Tensor, float]:
+    """A style source of N images for a sampling batch of `batch` images, and the weight of its column group.
+
+    N = 1 or N = batch: as is (shared, or image i takes style i), weight 1. Any other N: the N images' tokens side
+    by side as one shared reference ([1, N * tokens, C]) with weight 1/N, so together they weigh as one image.
+    """
+    count = n.shape[0]
+    if count in (1, batch):
+        return n, 1.0
+    return n.reshape(1, count * n.shape[1], *n.shape[2:]), 1.0 / count
+
+
 # --------------------------------------------------------------------------------------------------- AdaIN
 def adain(x: torch.Tensor, ref: torch.Tensor, dims: Sequence[int] | int, eps: float = 1e-6) -> torch.Tensor:
     """Renormalise x so that its mean and (population) std over `dims` become those of `ref`.
@@ -186,14 +199,25 @@ def adain(x: torch.Tensor, ref: torch.Tensor, dims: Sequence[int] | int, eps: fl
 def adain_latent(z_c: torch.Tensor, z_s: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """z = std(z_s) * (z_c - mean(z_c)) / std(z_c) + mean(z_s), per image and channel over the spatial dims.
 
-    z_c: [B, C, H, W] (or more spatial dims); z_s: [1 or B, C, H', W'] (its own size is fine: only statistics
-    are used). Each content image moves toward the shared style statistics, or toward the matching style image.
+    z_c: [B, C, H, W] (or more spatial dims); z_s: [N, C, H', W'] (its own size and aspect are fine: only statistics
+    are used). N = B: each content image moves toward its own style image; any other N (1 included): toward the
+    statistics pooled over all N style images.
     """
     if z_c.ndim < 3 or z_s.ndim != z_c.ndim:
         raise ValueError(f"adain_latent needs [B, C, ...] latents, got {tuple(z_c.shape)} and {tuple(z_s.shape)}")
     if z_c.shape[1] != z_s.shape[1]:
         raise ValueError(f"adain_latent: channel counts differ ({z_c.shape[1]} vs {z_s.shape[1]})")
-    return adain(z_c, z_s, dims=tuple(range(2, z_c.ndim)), eps=eps)
+    return adain(z_c, pooled_reference(z_s, z_c.shape[0]), dims=tuple(range(2, z_c.ndim)), eps=eps)
+
+
+def pooled_reference(z_s: torch.Tensor, batch: int) -> torch.Tensor:
+    """A reference batch of N for a content batch of `batch`: as is when N is 1 or `batch` (one to one); otherwise
+    the N images stacked along the first spatial dim into one ([1, C, N*H, ...]), so statistics pool over all of
+    them (several style references for one portrait)."""
+    n = z_s.shape[0]
+    if n in (1, batch):
+        return z_s
+    return z_s.transpose(0, 1).reshape(1, z_s.shape[1], n * z_s.shape[2], *z_s.shape[3:])
 
 
 # --------------------------------------------------------------------------------------------------- presets
@@ -440,28 +464,53 @@ class FusionInputs:
         v = values[0] if len(values) == 1 else torch.cat(values, dim=1)
         log_bias = None
         if len(keys) > 1 and any(w != 1.0 for w in self.weights):
-            log_bias = torch.cat([torch.full((kk.shape[1],), math.log(w), device=self.q.device)
+            bias_dtype = torch.promote_types(self.q.dtype, torch.float32)
+            log_bias = torch.cat([torch.full((kk.shape[1],), math.log(w), device=self.q.device, dtype=bias_dtype)
                                   for kk, w in zip(keys, self.weights, strict=True)])
         return attention(self.q, k, v, heads, log_bias=log_bias, tau=self.tau, upcast=upcast)
 
     def as_plain_qkv(self, max_denominator: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
-        """(q, k, v, exact): plain attention over these gives the fused result. Column weights are rational
-        approximations p/q (q <= max_denominator) realised by repeating groups; `exact` says whether they were exact."""
-        from fractions import Fraction
-
+        """(q, k, v, exact): plain attention over these gives the fused result. Column weights are realised by
+        repeating groups (``plain_repetitions``); `exact` says whether that was exact. When it is not, the weights are
+        approximated by fractions with denominator <= max_denominator."""
         b = self.q.shape[0]
-        fracs = [Fraction(w).limit_denominator(max_denominator) for w in self.weights]
-        exact = all(abs(float(f) - w) <= 1e-9 * max(1.0, w) for f, w in zip(fracs, self.weights, strict=True))
-        common = math.lcm(*[f.denominator for f in fracs]) if fracs else 1
+        reps = plain_repetitions(self.weights, max_denominator)
+        exact = reps is not None
+        if reps is None:
+            fracs = [Fraction(w).limit_denominator(max_denominator) for w in self.weights]
+            common = math.lcm(*[f.denominator for f in fracs]) if fracs else 1
+            reps = [int(f * common) for f in fracs]
         keys, values = [], []
-        for k, v, f in zip(self.keys, self.values, fracs, strict=True):
-            reps = int(f * common)
-            keys.extend([_to_batch(k, b, "k")] * reps)
-            values.extend([_to_batch(v, b, "v")] * reps)
+        for k, v, r in zip(self.keys, self.values, reps, strict=True):
+            keys.extend([_to_batch(k, b, "k")] * r)
+            values.extend([_to_batch(v, b, "v")] * r)
         if not keys:
             raise ValueError("no key/value column group keeps a weight > 0")
         q = self.q * self.tau if self.tau != 1.0 else self.q
         return q, torch.cat(keys, dim=1), torch.cat(values, dim=1), exact
+
+
+def plain_repetitions(weights: Sequence[float], max_denominator: int = 4, max_groups: int = 16) -> list[int] | None:
+    """Repetition counts that realise column-group weights exactly with plain attention, or None.
+
+    Softmax sees only the weights' ratios, so any common scale works: each weight is tried as the unit, the others
+    are written as fractions with denominator <= max_denominator, and the exact choice with the fewest repeated
+    groups (at most `max_groups`, which bounds the keys' growth) wins. [1, 0.5] -> [2, 1]; [1/3, 0.5] -> [2, 3];
+    [1, 0.3] -> [10, 3]; [1, 0.7] -> None (7/10 needs a larger denominator either way round).
+    """
+    weights = [float(w) for w in weights]
+    if not weights or any(w <= 0 or not math.isfinite(w) for w in weights):
+        return None
+    best = None
+    for unit in sorted(set(weights)):
+        fracs = [Fraction(w / unit).limit_denominator(max_denominator) for w in weights]
+        if any(abs(float(f) * unit - w) > 1e-9 * w for f, w in zip(fracs, weights, strict=True)):
+            continue
+        common = math.lcm(*[f.denominator for f in fracs])
+        reps = [int(f * common) for f in fracs]
+        if sum(reps) <= max_groups and (best is None or sum(reps) < sum(best)):
+            best = reps
+    return best
 
 
 def _fusion_mode(params: FusionParams, branch: str, content, style) -> str | None:
@@ -477,12 +526,12 @@ def _fusion_mode(params: FusionParams, branch: str, content, style) -> str | Non
 
 
 def _column_groups(params: FusionParams, q: torch.Tensor, style_only: bool, has_content: bool, style_kv, content_kv,
-                   self_kv) -> FusionInputs:
+                   self_kv, style_weight: float = 1.0) -> FusionInputs:
     """FusionInputs over the key/value groups `params` enables; style_kv/content_kv/self_kv are called (to project
-    lazily) only for the groups used."""
+    lazily) only for the groups used. `style_weight` weighs the style group (1/N for N style images side by side)."""
     keys, values, weights = [], [], []
     groups = (
-        (params.use_style_kv or style_only, style_kv, 1.0),
+        (params.use_style_kv or style_only, style_kv, float(style_weight)),
         (not style_only and params.use_content_kv and params.content_weight > 0 and has_content, content_kv,
          float(params.content_weight)),
         (params.include_self, self_kv, 1.0),
@@ -514,13 +563,16 @@ def fusion_inputs(
     content: Sequence[torch.Tensor | None] | None,
     style: Sequence[torch.Tensor | None] | None,
     branch: str = "cond",
+    style_weight: float = 1.0,
 ) -> FusionInputs | None:
     """The FusionInputs `fuse_for_preset` attends with for one chunk, or None for plain attention (an uncond chunk
     under uncond_mode "plain", or "style_only" without a style source).
 
     `content`/`style` are (q, k, v) whose unused entries may be None (so callers project only what is needed:
     content q when gamma > 0, content k/v when content K/V are used, style q only for adain_qk).
-    ``fusion_inputs(...).attend(heads)`` equals ``fuse_for_preset(...)`` for the same arguments.
+    ``fusion_inputs(...).attend(heads)`` equals ``fuse_for_preset(...)`` for the same arguments (style_weight 1).
+    `style_weight` multiplies the style columns' attention: ``style_side_by_side`` of N images with weight 1/N
+    makes them count together as one reference.
     """
     mode = _fusion_mode(params, branch, content, style)
     if mode is None:
@@ -530,7 +582,7 @@ def fusion_inputs(
     if not style_only and params.gamma > 0:
         q = _preserve_query(params.gamma, content[0], q, "query")
     return _column_groups(params, q, style_only, content is not None, lambda: (style[1], style[2]),
-                          lambda: (content[1], content[2]), lambda: (k_self, v_x))
+                          lambda: (content[1], content[2]), lambda: (k_self, v_x), style_weight)
 
 
 def hidden_fusion_inputs(
@@ -544,6 +596,7 @@ def hidden_fusion_inputs(
     branch: str = "cond",
     context: torch.Tensor | None = None,
     value: torch.Tensor | None = None,
+    style_weight: float = 1.0,
 ) -> FusionInputs | None:
     """``fusion_inputs`` from hidden states: the current pass's ``n_x`` and the stores' ``content_n``/``style_n``
     ([1 or B, tokens, C]), projected here with the layer's own (affine) to_q/to_k/to_v.
@@ -573,4 +626,4 @@ def hidden_fusion_inputs(
         q = to_q(_preserve_query(params.gamma, content_n, n_x, "hidden state") if preserve else n_x)
     return _column_groups(params, q, style_only, content_n is not None, lambda: (to_k(style_n), to_v(style_n)),
                           lambda: (to_k(content_n), to_v(content_n)),
-                          lambda: (k_self, to_v(kv_in if value is None else value)))
+                          lambda: (k_self, to_v(kv_in if value is None else value)), style_weight)

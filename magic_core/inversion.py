@@ -204,6 +204,31 @@ def gate_setter(transformer_options: dict) -> Callable[[bool], None]:
     return set_capture
 
 
+# transformer_options key under which a RunNotes sink may sit: patches that want to say something about a sampling
+# run (e.g. how many calls each fused layer fused) add lines to it; the node that ran the sampling shows them.
+RUN_NOTES_KEY = "magic_portrait_run_notes"
+
+
+class RunNotes:
+    """Lines about one sampling run, added by the patches that took part. Copies are the same object, so the note
+    survives ComfyUI's copies of model_options."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def add(self, line: str) -> None:
+        self.lines.append(str(line))
+
+    def text(self, sep: str = "; ") -> str:
+        return sep.join(self.lines)
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+
 @dataclass
 class InversionRecord:
     """What an inversion produced and what it belongs to; later nodes check it before using it."""
@@ -222,6 +247,7 @@ class InversionRecord:
     negative: object = None
     latent_format: object = None  # the model's latent format: maps partner/latents between LATENT and model space
     round_trip_error: float | None = None
+    weight_patches: str = ""  # the inversion MODEL's weight patches (opaque description; later ones are allowed)
 
     @property
     def latent_shape(self) -> tuple[int, ...]:

@@ -9,8 +9,11 @@ costs a third of the memory (see ``qkv_equivalent_nbytes``).
   A step selection (explicit indices and/or a start-end percent of the steps) limits which steps are kept.
 - Storage: dtype fp16 (default), bf16 or fp32; device CPU (default, offloaded) or any torch device; a byte budget
   checked *before* a tensor is stored (``StoreBudgetError``).
-- Identity: ``model_id`` (opaque string from the caller), ``latent_shape`` (C, H, W), the schedule, the family.
-  ``check_compatible`` raises ``StoreMismatchError`` naming what differs.
+- Identity: ``model_id`` (opaque string from the caller: the checkpoint and architecture, weight patches such as
+  LoRAs left out), ``weight_patches`` (opaque description of the weight patches the recording model carried, for
+  notes), ``latent_shape`` (C, H, W), the schedule, the family. ``check_compatible`` raises ``StoreMismatchError``
+  naming what differs. A content store must match the sampled latent's size; a style store only its channels
+  (``check_compatible(..., channels_only=True)``): its keys and values need no spatial alignment.
 - Batch: the store holds the content batch of B_s images (fixed by the first record). ``get`` maps it onto a
   sampling batch of B images per chunk (B_s == B: image i -> entry i; B_s == 1: broadcast) and, given ComfyUI's
   ``cond_or_uncond`` list, repeats it once per chunk: ComfyUI concatenates chunks of B rows each, so row
@@ -182,8 +185,10 @@ class KVStore:
         end_percent: float = 1.0,
         inner_dims: Mapping[LayerKey, int] | None = None,
         label: str = "",
+        weight_patches: str = "",
     ):
         self.model_id = str(model_id)
+        self.weight_patches = str(weight_patches)
         shape = tuple(int(s) for s in latent_shape)
         if len(shape) == 4:
             shape = shape[1:]
@@ -238,14 +243,17 @@ class KVStore:
         return find_sigma_index(sigma, self.sigmas)
 
     def check_compatible(self, model_id: str | None, latent_shape: Sequence[int] | None, sigmas=None,
-                         who: str = "this node") -> None:
-        """Raise StoreMismatchError naming what differs between the store and its intended use (None: not checked)."""
+                         who: str = "this node", channels_only: bool = False) -> None:
+        """Raise StoreMismatchError naming what differs between the store and its intended use (None: not checked).
+
+        `channels_only`: of the latent shape check only the channel count (a style store: any size and aspect)."""
         name = f"KV store{' ' + repr(self.label) if self.label else ''}"
         if model_id is not None and str(model_id) != self.model_id:
             raise StoreMismatchError(
                 f"{who}: the {name} was recorded with model {self.model_id!r} but is used with model {model_id!r}. "
-                "Stored features only fit the model (and LoRAs) that produced them: connect the same MODEL to the "
-                "inversion and to this node, or re-run the inversion with this model."
+                "Stored features only fit the checkpoint that produced them (weight patches such as LoRAs may "
+                "differ): connect the same checkpoint's MODEL to the inversion and to this node, or re-run the "
+                "inversion with this model."
             )
         if latent_shape is not None:
             shape = tuple(int(s) for s in latent_shape)
@@ -258,12 +266,12 @@ class KVStore:
                     f"{who}: the {name} was recorded on a {c}-channel latent but this latent has {shape[0]} "
                     "channels: it belongs to another model family; encode the image with this model's VAE."
                 )
-            if shape[1:] != (h, w):
+            if not channels_only and shape[1:] != (h, w):
                 raise StoreMismatchError(
                     f"{who}: latent size differs: the {name} was recorded at {h}x{w} (HxW latent, about "
                     f"{h * 8}x{w * 8} px) but this latent is {shape[1]}x{shape[2]} (about {shape[1] * 8}x"
-                    f"{shape[2] * 8} px). Use the same image size as the inverted image (resize/crop before "
-                    "encoding) or re-run the inversion at this size."
+                    f"{shape[2] * 8} px). The content's features must match the latent being sampled: sample the "
+                    "inverted content latent (same image size), or re-run the content's inversion at this size."
                 )
         if sigmas is not None:
             other = clean_schedule(sigmas)
@@ -375,6 +383,15 @@ class KVStore:
         if cond_or_uncond is not None and len(cond_or_uncond) > 1:
             t = t.repeat(len(cond_or_uncond), 1, 1)
         return t
+
+    def tokens(self, layer_key) -> int | None:
+        """Token count of the recorded hidden states at this layer (None when nothing is recorded there)."""
+        key = _norm_key(layer_key)
+        for i in self.step_indices:
+            t = self._data.get((key, i))
+            if t is not None:
+                return int(t.shape[1])
+        return None
 
     def recorded_layers(self) -> list[LayerKey]:
         return [k for k in self.layers if any((k, i) in self._data for i in self.step_indices)]

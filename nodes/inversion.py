@@ -9,7 +9,19 @@ import torch
 from comfy_api.v0_0_2 import io, ui
 
 from ..magic_core import inversion as inv
-from .common import CATEGORY, PREFIX, NodeInputError, check_latent, guided_run, model_family, model_identity, schedule
+from .common import (
+    CATEGORY,
+    PREFIX,
+    NodeInputError,
+    check_latent,
+    guided_run,
+    identity_difference,
+    model_family,
+    model_identity,
+    schedule,
+    weight_patch_note,
+    weight_patch_signature,
+)
 
 InversionRecordType = io.Custom("MAGIC_INVERSION")
 # A KV store spec (from the KV Feature Store node) says what to capture; DDIM Invert fills a store with it. The spec
@@ -185,7 +197,7 @@ class DDIMInvert(io.ComfyNode):
             latent=inverted, trajectory=trajectory, sigmas=outcome.sigmas, mode=mode,
             refine_iterations=refine_iterations if mode == "fixed_point" else 0, edict_mix=edict_mix, partner=partner,
             model_id=model_identity(model), family=model_family(model), cfg=cfg, positive=positive, negative=negative,
-            latent_format=model.get_model_object("latent_format"),
+            latent_format=model.get_model_object("latent_format"), weight_patches=weight_patch_signature(model),
         )
         report = (f"inverted {samples.shape[0]} latent(s) {tuple(samples.shape[2:])} with {mode} over {source}: "
                   f"{len(outcome.sigmas) - 1} steps, {outcome.model_calls} model calls, {elapsed:.2f} s")
@@ -208,7 +220,9 @@ class SampleInverted(io.ComfyNode):
             display_name="Sample Inverted (Magic Portrait)",
             category=CATEGORY + "/inversion",
             description="Sample back from an inverted latent on exactly the inversion's schedule and mode (the exact "
-            "reverse). Connect other conditioning or a patched MODEL to edit instead of reconstruct.",
+            "reverse). Connect other conditioning or a patched MODEL to edit instead of reconstruct: weight patches "
+            "(LoRAs, attention multipliers) added after the inversion are fine, another checkpoint is not. Reports "
+            "what Feature Fusion Attention on the MODEL did (fused calls per layer, layers or steps that never fused).",
             inputs=[
                 io.Model.Input("model"),
                 InversionRecordType.Input("inversion"),
@@ -227,7 +241,7 @@ class SampleInverted(io.ComfyNode):
     def execute(cls, model, inversion, cfg, measure_error, positive=None, negative=None,
                 start_latent=None) -> io.NodeOutput:
         node = cls.define_schema().node_id
-        check_record(node, "inversion", inversion, model)
+        patch_note = check_record(node, "inversion", inversion, model)
         positive = inversion.positive if positive is None else positive
         negative = inversion.negative if negative is None else negative
         if cfg != 1.0 and negative is None:
@@ -238,20 +252,38 @@ class SampleInverted(io.ComfyNode):
             if tuple(start.shape) != tuple(inversion.latent.shape):
                 raise NodeInputError(node, "start_latent", f"shape {tuple(start.shape)} differs from the inverted "
                                      f"latent {tuple(inversion.latent.shape)}")
-        samples = run_reverse(model, inversion, positive, negative, cfg, start)
+        run_model, notes = with_run_notes(model)
+        samples = run_reverse(run_model, inversion, positive, negative, cfg, start)
         report = f"sampled back {len(inversion.sigmas) - 1} steps ({inversion.mode})"
         if measure_error:
             report += f"; error against the inverted latent's source (relative RMS) " \
                       f"{inv.relative_error(samples, inversion.source):.3e}"
+        if patch_note:
+            report += f"; {patch_note}"
+        if notes.lines:
+            report += "\n" + notes.text("\n")
         return io.NodeOutput({"samples": samples}, ui=ui.PreviewText(report))
 
 
-def check_record(node: str, input_name: str, record, model) -> None:
+def with_run_notes(model):
+    """A clone of `model` carrying a fresh RunNotes sink, which patches fill while it samples (nothing else changes:
+    same weights, patches and wrappers)."""
+    notes = inv.RunNotes()
+    clone = model.clone()
+    clone.model_options.setdefault("transformer_options", {})[inv.RUN_NOTES_KEY] = notes
+    return clone, notes
+
+
+def check_record(node: str, input_name: str, record, model) -> str | None:
+    """Refuse a record from another checkpoint, family or latent format; return a note when only the weight patches
+    (LoRAs, attention multipliers) differ, which is allowed."""
     if not isinstance(record, inv.InversionRecord):
         raise NodeInputError(node, input_name, "expected a MAGIC_INVERSION from DDIM Invert (Magic Portrait)")
-    if record.model_id != model_identity(model):
-        raise NodeInputError(node, input_name, f"was made with another model ({record.model_id}); this MODEL is "
-                             f"{model_identity(model)}. Invert again with this model.")
+    difference = identity_difference(record.model_id, model_identity(model))
+    if difference is not None:
+        raise NodeInputError(node, input_name, f"was made with {difference}. Invert again with this model (weight "
+                             "patches such as LoRAs added after the inversion are fine; another checkpoint is not).")
+    return weight_patch_note(record.weight_patches, weight_patch_signature(model), "the inversion")
 
 
 class InversionSampler(io.ComfyNode):
