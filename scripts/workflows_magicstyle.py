@@ -12,18 +12,16 @@ from make_workflows import CHECKPOINT, CONTENT_IMAGE, STYLE_IMAGE, base  # noqa:
 from magic_portrait.workflow_builder import Workflow  # noqa: E402
 
 STEPS = 50
-SIZE = 512
 
 
 def _style_image(wf: Workflow, ckpt=None, encode: bool = True):
+    """The style image at its own size and aspect: its keys/values need no alignment with the portrait's, and AdaIN
+    reads only per-channel statistics (only the portrait's features must match the portrait's latent)."""
     load = wf.node("LoadImage", image=STYLE_IMAGE, title="Style image")
-    scale = wf.node("ImageScale", upscale_method="bilinear", width=SIZE, height=SIZE, crop="center",
-                    title="Style image at the content's size")
-    wf.connect(load.out("IMAGE"), scale, "image")
     if not encode:
-        return scale
+        return load
     vae_encode = wf.node("VAEEncode", title="Encode style")
-    wf.connect(scale.out(0), vae_encode, "pixels")
+    wf.connect(load.out("IMAGE"), vae_encode, "pixels")
     wf.connect(ckpt.out("VAE"), vae_encode, "vae")
     return vae_encode
 
@@ -33,8 +31,13 @@ def magicstyle_portrait(classes) -> Workflow:
     wf.note("MagicStyle, node by node (Magic Portrait).\n\nBoth the portrait and the style image are DDIM-inverted "
             "while a KV Feature Store keeps their self-attention features. AdaIN moves the portrait's inverted noise "
             "toward the style's statistics, and Feature Fusion Attention fuses the stored features while the "
-            "portrait is sampled back on the inversion's schedule.\n\nNeeds an SD1.5 checkpoint in "
-            "models/checkpoints. Change the style by loading another style image.", column=0)
+            "portrait is sampled back on the inversion's schedule.\n\nThe style image is used at its own size and "
+            "aspect (no resizing to the portrait's size); a very large one only costs time and memory, so scale it "
+            "down (e.g. ImageScaleToTotalPixels) if it is far larger than the portrait. Feature Fusion Attention "
+            "also works inside attention patches added after it (e.g. Self-Attention Guidance), and LoRAs may be "
+            "added between the inversion and sampling. Sample Inverted reports how many calls each fused layer "
+            "fused.\n\nNeeds an SD1.5 checkpoint in models/checkpoints. Change the style by loading another style "
+            "image.", column=0)
     ckpt, text, encode = base(wf)
     style = _style_image(wf, ckpt)
     wf.column = 2
@@ -72,8 +75,9 @@ def magicstyle_portrait_single_node(classes) -> Workflow:
     wf.column = 0
     wf.note("MagicStyle in one node (Magic Portrait).\n\nMagicStyle Portrait encodes the portrait and the style "
             "image, inverts both keeping their self-attention features, fuses them while sampling back and decodes. "
-            "Its widgets are the same as the separate nodes' (see magicstyle_portrait).\n\nNeeds an SD1.5 "
-            "checkpoint in models/checkpoints.")
+            "Its widgets are the same as the separate nodes' (see magicstyle_portrait). The style image keeps its "
+            "own aspect (scaled down only when larger than the portrait); its text reports how many calls each fused "
+            "layer fused.\n\nNeeds an SD1.5 checkpoint in models/checkpoints.")
     ckpt = wf.node("CheckpointLoaderSimple", ckpt_name=CHECKPOINT)
     text = wf.node("CLIPTextEncode", text="", title="Prompt (empty)")
     wf.connect(ckpt.out("CLIP"), text, "clip")
@@ -85,7 +89,7 @@ def magicstyle_portrait_single_node(classes) -> Workflow:
     wf.connect(ckpt.out("MODEL"), portrait, "model")
     wf.connect(ckpt.out("VAE"), portrait, "vae")
     wf.connect(content.out("IMAGE"), portrait, "content_image")
-    wf.connect(style.out(0), portrait, "style_image")
+    wf.connect(style.out("IMAGE"), portrait, "style_image")
     wf.connect(text.out(0), portrait, "positive")
     wf.column = 3
     save = wf.node("SaveImage", filename_prefix="magic_portrait/magicstyle_single")

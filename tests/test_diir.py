@@ -42,6 +42,8 @@ def workdir(comfy, tmp_path_factory, tiny_checkpoint, tiny_controlnet_file):
     Image.fromarray(astronaut).save(root / "input" / "astronaut.png")
     Image.fromarray(np.ascontiguousarray(astronaut[:, ::-1])).save(root / "input" / "mirrored.png")
     Image.fromarray(np.full((200, 328, 3), 90, np.uint8)).save(root / "input" / "flat.png")
+    # an odd size with the face a few pixels from the left border: its crop square reaches past the image
+    Image.fromarray(np.ascontiguousarray(astronaut[50:401, 168:505])).save(root / "input" / "border.png")
     yield root
     folder_paths.set_input_directory(old_in)
     folder_paths.set_output_directory(old_out)
@@ -122,6 +124,46 @@ def test_through_the_executor_background_is_bit_identical_and_the_face_changes(c
     assert 150 < xs.float().mean() < 300 and 50 < ys.float().mean() < 220  # the astronaut's face
 
 
+def test_through_the_executor_a_face_at_the_border_of_an_odd_sized_image(comfy, workdir):
+    out = comfy.run_prompt(_graph("border.png", identity=False))
+    assert "restored 1 face(s)" in out["restore"]["text"][0]
+    image, masks, _ = _outputs(comfy, "restore")
+    source = _input_image(workdir, "border.png")
+    assert image.shape == source.shape == (1, 351, 337, 3)
+    assert torch.equal(image[0][masks[0] == 0], source[0][masks[0] == 0])
+    assert (image[0][masks[0] > 0.5] != source[0][masks[0] > 0.5]).any()
+    assert masks[0][:, :3].max() > 0  # the paste reaches the border the crop was mirrored across
+
+
+def test_through_the_executor_a_batch_equals_single_runs_and_inputs_are_untouched(comfy, workdir):
+    def batched(prompt):
+        prompt["other"] = {"class_type": "LoadImage", "inputs": {"image": "mirrored.png"}}
+        prompt["batch"] = {"class_type": "ImageBatch", "inputs": {"image1": ["load", 0], "image2": ["other", 0]}}
+        for node in ("detect", "restore"):
+            prompt[node]["inputs"]["image"] = ["batch", 0]
+        return prompt
+
+    comfy.run_prompt(_graph(identity=False))
+    single_first = [t.clone() for t in _outputs(comfy, "restore")[:2]]
+    comfy.run_prompt(_graph("mirrored.png", identity=False))
+    single_second = [t.clone() for t in _outputs(comfy, "restore")[:2]]
+    prompt = batched(_graph(identity=False))
+    comfy.run_prompt(prompt)
+    model = _outputs(comfy, "ckpt")[0]
+    loaded = _outputs(comfy, "batch")[0].clone()
+    before = model_snapshot(model)
+    prompt["restore"]["inputs"]["strength"] = 0.75  # run the restore again on the cached MODEL and images
+    comfy.run_prompt(prompt)
+    assert_same_snapshot(before, model_snapshot(_outputs(comfy, "ckpt")[0]))
+    assert torch.equal(_outputs(comfy, "batch")[0], loaded)
+    prompt["restore"]["inputs"]["strength"] = 0.5
+    comfy.run_prompt(prompt)
+    image, masks, _ = _outputs(comfy, "restore")
+    assert image.shape[0] == 2
+    for i, (single_image, single_mask) in enumerate((single_first, single_second)):
+        assert torch.equal(image[i], single_image[0]) and torch.equal(masks[i], single_mask[0])
+
+
 def test_strength_zero_gives_the_face_back_through_the_vae(comfy, workdir, nodes, pack):
     comfy.run_prompt(_graph(strength=0.0, identity=False, control=False, color_match="none"))
     image, masks, _ = _outputs(comfy, "restore")
@@ -148,29 +190,6 @@ def test_strength_zero_gives_the_face_back_through_the_vae(comfy, workdir, nodes
     reference_error = (reference[inside] - source[0][inside]).abs().mean()
     assert isinstance(vae, comfy.sd.VAE)
     torch.testing.assert_close(error, reference_error, rtol=1e-3, atol=1e-4)
-
-
-def test_a_batch_equals_single_runs_and_inputs_stay_unchanged(nodes, pack, workdir, sd15_checkpoint_objects):
-    model, vae = sd15_checkpoint_objects
-    images = torch.cat([_input_image(workdir), _input_image(workdir, "mirrored.png")])
-    original_images = images.clone()
-    analyzer = pack.magic_core.face_backends.DlibAnalyzer("hog")
-    detect = nodes[P + "DetectFaces"]
-    faces = run_node(detect, face_analysis=analyzer, image=images, det_size=640, score_threshold=0.5, min_size=0,
-                     max_faces=0, retry_smaller=True, if_no_face="error").result[0]
-    before = model_snapshot(model)
-    cond = [[torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(3)), {}]]
-    kwargs = _restore_inputs(cfg=1.0, steps=3)
-    batch = run_node(nodes[DIIR], image=images, faces=faces, model=model, vae=vae, positive=cond, **kwargs).result
-    assert torch.equal(images, original_images)
-    assert_same_snapshot(before, model_snapshot(model))
-    for i in range(2):
-        one = images[i:i + 1]
-        faces_one = run_node(detect, face_analysis=analyzer, image=one, det_size=640, score_threshold=0.5, min_size=0,
-                             max_faces=0, retry_smaller=True, if_no_face="error").result[0]
-        single = run_node(nodes[DIIR], image=one, faces=faces_one, model=model, vae=vae, positive=cond,
-                          **kwargs).result
-        assert torch.equal(batch[0][i], single[0][0]) and torch.equal(batch[1][i], single[1][0])
 
 
 @pytest.fixture(scope="module")

@@ -27,12 +27,14 @@ def models_dir(comfy, tmp_path_factory, tiny_checkpoint, tiny_controlnet_file):
 
     root = tmp_path_factory.mktemp("models")
     comfy_env.boot(models_dir=root)
-    wanted = {}
+    wanted = {}  # every model file the examples name, whatever other tests' folders already hold
     for path in EXAMPLES:
         prompt = ui_to_api(json.loads(path.read_text()), nodes.NODE_CLASS_MAPPINGS)
-        for m in runner.find_missing_files(prompt, nodes.NODE_CLASS_MAPPINGS):
-            if m["kind"] == "model":
-                wanted[(m["folder"], m["value"])] = None
+        for node in prompt.values():
+            for (class_type, input_name), folder in runner.KNOWN_MODEL_INPUTS.items():
+                value = node["inputs"].get(input_name)
+                if node["class_type"] == class_type and isinstance(value, str):
+                    wanted[(folder, value)] = None
     first = None
     for folder, name in sorted(wanted):
         if folder == "checkpoints":
@@ -153,14 +155,14 @@ def test_magicstyle_examples_run_through_the_headless_runner(comfy, models_dir, 
     """The astronaut portrait styled by the painterly style image, at 128 px and 3 steps to stay quick."""
     from magic_portrait.runner import run_workflow
 
-    for image, target in (("magic_portrait_astronaut.png", "content_small.png"), ("magic_portrait_style.png", "style_small.png")):
-        cv2.imwrite(str(tmp_path / target), cv2.resize(cv2.imread(str(REPO / "example_workflows" / image)),
-                                                      (128, 128), interpolation=cv2.INTER_AREA))
+    for image, target, size in (("magic_portrait_astronaut.png", "content_small.png", (128, 128)),
+                                ("magic_portrait_style.png", "style_small.png", (160, 96))):
+        cv2.imwrite(str(tmp_path / target), cv2.resize(cv2.imread(str(REPO / "example_workflows" / image)), size,
+                                                      interpolation=cv2.INTER_AREA))
     result = run_workflow(
         REPO / "example_workflows" / name,
         sets=[f"Content image.image={tmp_path / 'content_small.png'}",
-              f"Style image.image={tmp_path / 'style_small.png'}",
-              "Style image at the content's size.width=128", "Style image at the content's size.height=128", *sets],
+              f"Style image.image={tmp_path / 'style_small.png'}", *sets],
         models_dir=models_dir,
         output_dir=tmp_path / "out",
         input_dir=tmp_path / "in",
