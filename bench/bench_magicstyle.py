@@ -39,9 +39,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--comfy-attention", choices=["same", "sdpa", "default"], default="same",
                         help="same: ComfyUI's own attention uses FFA's attention kernel, so the ratio measures FFA's "
-                        "overhead, not a kernel difference (on CPU ComfyUI's default is sub-quadratic attention and "
-                        "its SDPA path is slower than FFA's at 4096 tokens, which makes FFA look faster than plain); "
-                        "sdpa: ComfyUI's attention_pytorch; default: ComfyUI's choice")
+                        "overhead, not a kernel difference (ComfyUI's SDPA path is slower than FFA's at 4096 tokens "
+                        "on CPU, which would make FFA look faster than plain); sdpa: ComfyUI's attention_pytorch; "
+                        "default: what ComfyUI picks as booted here (comfy_env.boot turns on "
+                        "--use-pytorch-cross-attention on CPU, so also attention_pytorch)")
     args = parser.parse_args()
 
     runtime = comfy_env.boot(cpu=True)
