@@ -46,3 +46,55 @@ def assert_same_snapshot(before: dict, after: dict) -> None:
         assert before[key] == after[key], key
     for name, tensor in before["weights"].items():
         assert torch.equal(tensor, after["weights"][name]), name
+
+
+# --------------------------------------------------------------------------------------- MagicID graphs (shared)
+P = "MagicPortrait_"
+MAGICID_CKPT = "tiny_sd15.safetensors"
+MAGICID_CONTROLNET = "tiny_openpose_sd15.safetensors"
+MAGICID_FACEID = "tiny-faceid_sd15.safetensors"
+
+
+def write_magicid_models(models, tiny_checkpoint, tiny_controlnet_file, seed: int) -> None:
+    """What MagicID graphs load, under `models`: the tiny checkpoint, a ControlNet for it, a FaceID IP-Adapter in
+    SD1.5's key layout for it (16 layers of width 320) and an insightface stand-in pack (antelopev2)."""
+    from magic_portrait.tiny_insightface import write_tiny_insightface_pack
+    from magic_portrait.tiny_ipadapter import write_tiny_ipadapter
+
+    tiny_checkpoint(models / "checkpoints" / MAGICID_CKPT)
+    tiny_controlnet_file(models / "controlnet" / MAGICID_CONTROLNET)
+    write_tiny_ipadapter(models / "ipadapter" / MAGICID_FACEID, variant="faceid", family="sd15",
+                         layer_inner_dims=[320] * 16, seed=seed)
+    write_tiny_insightface_pack(models / "insightface" / "models" / "antelopev2", seed=0)
+
+
+def detect_nodes(analysis: str, detect: str, image_node: str, backend: str = "insightface",
+                 if_no_face: str = "error") -> dict:
+    """Prompt nodes: a Face Analysis Loader (`analysis`) and Detect Faces (`detect`) on `image_node`'s image."""
+    return {
+        analysis: {"class_type": P + "FaceAnalysisLoader", "inputs": {
+            "backend": backend, "insightface_pack": "antelopev2", "providers": "cpu", "dlib_detector": "hog"}},
+        detect: {"class_type": P + "DetectFaces", "inputs": {
+            "face_analysis": [analysis, 0], "image": [image_node, 0], "det_size": 640, "score_threshold": 0.5,
+            "min_size": 0, "max_faces": 0, "retry_smaller": True, "if_no_face": if_no_face}},
+    }
+
+
+def faceid_embeds_nodes(embeds: str, image_node: str, faces_node: str) -> dict:
+    """Prompt nodes: the tiny FaceID IP-Adapter loaded and ID Embeds (`embeds`) of the faces on `image_node`."""
+    return {
+        "ipadapter": {"class_type": P + "LoadIPAdapter", "inputs": {"ipadapter_file": MAGICID_FACEID,
+                                                                      "variant": "auto (from the file)"}},
+        embeds: {"class_type": P + "IDEmbeds", "inputs": {
+            "ipadapter": ["ipadapter", 0], "images": [image_node, 0], "faces": [faces_node, 0], "face_index": 0,
+            "combine": "average", "image_crop": "auto", "face_margin": 0.4, "shortcut_scale": 1.0}},
+    }
+
+
+def add_identity_inputs(embeds: str, label: str, box=(0.0, 0.0, 1.0, 1.0), previous: str | None = None) -> dict:
+    """Add Identity's inputs for `embeds` in a box (fractions of the picture), appended to `previous`'s list."""
+    inputs = {"id_embeds": [embeds, 0], "weight": 1.0, "start_percent": 0.0, "end_percent": 1.0, "mask_index": 0,
+              "box_left": box[0], "box_top": box[1], "box_right": box[2], "box_bottom": box[3], "label": label}
+    if previous:
+        inputs["identities"] = [previous, 0]
+    return inputs

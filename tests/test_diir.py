@@ -8,16 +8,23 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import assert_same_snapshot, model_snapshot, run_node
+from helpers import (
+    MAGICID_CKPT,
+    MAGICID_CONTROLNET,
+    add_identity_inputs,
+    assert_same_snapshot,
+    detect_nodes,
+    faceid_embeds_nodes,
+    model_snapshot,
+    run_node,
+    write_magicid_models,
+)
 from PIL import Image
 from skimage import data as skimage_data
 
-from magic_portrait.tiny_insightface import write_tiny_insightface_pack
 from magic_portrait.tiny_ipadapter import write_tiny_ipadapter
 
-CKPT = "tiny_sd15.safetensors"
-CONTROLNET = "tiny_openpose_sd15.safetensors"
-FACEID = "tiny-faceid_sd15.safetensors"
+CKPT, CONTROLNET = MAGICID_CKPT, MAGICID_CONTROLNET
 DIIR = "MagicPortrait_DIIRFaceRestore"
 P = "MagicPortrait_"
 
@@ -30,11 +37,7 @@ def workdir(comfy, tmp_path_factory, tiny_checkpoint, tiny_controlnet_file):
 
     root = tmp_path_factory.mktemp("diir")
     models = root / "models"
-    tiny_checkpoint(models / "checkpoints" / CKPT)
-    tiny_controlnet_file(models / "controlnet" / CONTROLNET)
-    write_tiny_ipadapter(models / "ipadapter" / FACEID, variant="faceid", family="sd15", layer_inner_dims=[320] * 16,
-                         seed=9)
-    write_tiny_insightface_pack(models / "insightface" / "models" / "antelopev2", seed=0)
+    write_magicid_models(models, tiny_checkpoint, tiny_controlnet_file, seed=9)
     old_in, old_out = folder_paths.get_input_directory(), folder_paths.get_output_directory()
     comfy_env.boot(models_dir=models, input_dir=root / "input", output_dir=root / "output")
     (root / "input").mkdir(exist_ok=True)
@@ -64,33 +67,15 @@ def _graph(image="astronaut.png", *, identity=True, control=True, **over):
         "pos": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": "a photo of a face"}},
         "neg": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": "blurry"}},
         "load": {"class_type": "LoadImage", "inputs": {"image": image}},
-        "offline": {"class_type": P + "FaceAnalysisLoader", "inputs": {
-            "backend": "offline (dlib: no download)", "insightface_pack": "antelopev2", "providers": "cpu",
-            "dlib_detector": "hog"}},
-        "detect": {"class_type": P + "DetectFaces", "inputs": {
-            "face_analysis": ["offline", 0], "image": ["load", 0], "det_size": 640, "score_threshold": 0.5,
-            "min_size": 0, "max_faces": 0, "retry_smaller": True, "if_no_face": "empty result"}},
+        **detect_nodes("offline", "detect", "load", backend="offline (dlib: no download)", if_no_face="empty result"),
     }
     inputs = {"image": ["load", 0], "faces": ["detect", 0], "model": ["ckpt", 0], "vae": ["ckpt", 2],
               "positive": ["pos", 0], "negative": ["neg", 0], **_restore_inputs(**over)}
     if identity:
-        prompt |= {
-            "ref": {"class_type": "LoadImage", "inputs": {"image": "astronaut.png"}},
-            "insightface": {"class_type": P + "FaceAnalysisLoader", "inputs": {
-                "backend": "insightface", "insightface_pack": "antelopev2", "providers": "cpu",
-                "dlib_detector": "hog"}},
-            "ref_faces": {"class_type": P + "DetectFaces", "inputs": {
-                "face_analysis": ["insightface", 0], "image": ["ref", 0], "det_size": 640, "score_threshold": 0.5,
-                "min_size": 0, "max_faces": 0, "retry_smaller": True, "if_no_face": "error"}},
-            "ipadapter": {"class_type": P + "LoadIPAdapter", "inputs": {"ipadapter_file": FACEID,
-                                                                          "variant": "auto (from the file)"}},
-            "embeds": {"class_type": P + "IDEmbeds", "inputs": {
-                "ipadapter": ["ipadapter", 0], "images": ["ref", 0], "faces": ["ref_faces", 0], "face_index": 0,
-                "combine": "average", "image_crop": "auto", "face_margin": 0.4, "shortcut_scale": 1.0}},
-            "identity": {"class_type": P + "AddIdentity", "inputs": {
-                "id_embeds": ["embeds", 0], "weight": 1.0, "start_percent": 0.0, "end_percent": 1.0, "mask_index": 0,
-                "box_left": 0.0, "box_top": 0.0, "box_right": 1.0, "box_bottom": 1.0, "label": "astronaut"}},
-        }
+        prompt["ref"] = {"class_type": "LoadImage", "inputs": {"image": "astronaut.png"}}
+        prompt |= detect_nodes("insightface", "ref_faces", "ref")
+        prompt |= faceid_embeds_nodes("embeds", "ref", "ref_faces")
+        prompt["identity"] = {"class_type": P + "AddIdentity", "inputs": add_identity_inputs("embeds", "astronaut")}
         inputs["identities"] = ["identity", 0]
     if control:
         prompt["cn"] = {"class_type": "ControlNetLoader", "inputs": {"control_net_name": CONTROLNET}}

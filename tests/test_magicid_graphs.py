@@ -9,16 +9,21 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from helpers import run_node
+from helpers import (
+    MAGICID_CKPT,
+    MAGICID_CONTROLNET,
+    add_identity_inputs,
+    detect_nodes,
+    faceid_embeds_nodes,
+    run_node,
+    write_magicid_models,
+)
 from PIL import Image
 from skimage import data as skimage_data
 
 from magic_portrait.tiny_insightface import write_tiny_insightface_pack
-from magic_portrait.tiny_ipadapter import write_tiny_ipadapter
 
-CKPT = "tiny_sd15.safetensors"
-CONTROLNET = "tiny_openpose_sd15.safetensors"
-FACEID = "tiny-faceid_sd15.safetensors"
+CKPT, CONTROLNET = MAGICID_CKPT, MAGICID_CONTROLNET
 P = "MagicPortrait_"
 LFW_PEOPLE = (0, 20)
 
@@ -47,11 +52,7 @@ def workdir(comfy, tmp_path_factory, tiny_checkpoint, tiny_controlnet_file):
 
     root = tmp_path_factory.mktemp("magicid_graphs")
     models = root / "models"
-    tiny_checkpoint(models / "checkpoints" / CKPT)
-    tiny_controlnet_file(models / "controlnet" / CONTROLNET)
-    write_tiny_ipadapter(models / "ipadapter" / FACEID, variant="faceid", family="sd15", layer_inner_dims=[320] * 16,
-                         seed=7)
-    write_tiny_insightface_pack(models / "insightface" / "models" / "antelopev2", seed=0)
+    write_magicid_models(models, tiny_checkpoint, tiny_controlnet_file, seed=7)
     nested = write_tiny_insightface_pack(models / "insightface" / "models" / "buffalo_l" / "buffalo_l", seed=0,
                                          layout="buffalo_l")
     assert nested.is_dir()
@@ -209,31 +210,14 @@ def _group_graph(*, mgmica_weight=1.0, with_identities=True, with_control=True, 
         latent = ["same", 0]
     model, cond = ["ckpt", 0], (["pos", 0], ["neg", 0])
     if with_identities or with_control:
-        prompt |= {
-            "refs": {"class_type": "LoadImage", "inputs": {"image": "astronaut.png"}},
-            "analysis": {"class_type": P + "FaceAnalysisLoader", "inputs": {
-                "backend": "insightface", "insightface_pack": "antelopev2", "providers": "cpu",
-                "dlib_detector": "hog"}},
-            "detect": {"class_type": P + "DetectFaces", "inputs": {
-                "face_analysis": ["analysis", 0], "image": ["refs", 0], "det_size": 640, "score_threshold": 0.5,
-                "min_size": 0, "max_faces": 0, "retry_smaller": True, "if_no_face": "error"}},
-        }
+        prompt["refs"] = {"class_type": "LoadImage", "inputs": {"image": "astronaut.png"}}
+        prompt |= detect_nodes("analysis", "detect", "refs")
     if with_identities:
-        prompt |= {
-            "ipadapter": {"class_type": P + "LoadIPAdapter", "inputs": {"ipadapter_file": FACEID,
-                                                                          "variant": "auto (from the file)"}},
-            "embeds": {"class_type": P + "IDEmbeds", "inputs": {
-                "ipadapter": ["ipadapter", 0], "images": ["refs", 0], "faces": ["detect", 0], "face_index": 0,
-                "combine": "average", "image_crop": "auto", "face_margin": 0.4, "shortcut_scale": 1.0}},
-        }
+        prompt |= faceid_embeds_nodes("embeds", "refs", "detect")
         previous = None
         for name, box in (("left", (0.0, 0.0, 0.5, 1.0)), ("right", (0.5, 0.0, 1.0, 1.0))):
-            inputs = {"id_embeds": ["embeds", 0], "weight": 1.0, "start_percent": 0.0, "end_percent": 1.0,
-                      "mask_index": 0, "box_left": box[0], "box_top": box[1], "box_right": box[2],
-                      "box_bottom": box[3], "label": name}
-            if previous:
-                inputs["identities"] = [previous, 0]
-            prompt[name] = {"class_type": P + "AddIdentity", "inputs": inputs}
+            prompt[name] = {"class_type": P + "AddIdentity",
+                            "inputs": add_identity_inputs("embeds", name, box, previous)}
             previous = name
         prompt["mgmica"] = {"class_type": P + "MultiIDAttention", "inputs": {
             "model": model, "identities": ["right", 0], "weight": mgmica_weight, "overlap": "exclusive",
