@@ -142,6 +142,14 @@ def block_depths(family: str, depths: Mapping[tuple[str, int], int] | None = Non
     return dict(sorted(table.items(), key=lambda item: _order(item[0])))
 
 
+def depths_of(layers: Iterable[LayerKey]) -> dict[tuple[str, int], int]:
+    """{(block, number): transformer depth} of a model, from its (block, number, index) layer keys."""
+    depths: dict[tuple[str, int], int] = {}
+    for b, n, _ in layers:
+        depths[(b, n)] = depths.get((b, n), 0) + 1
+    return depths
+
+
 def layer_info(family: str, block: str, number: int) -> LayerInfo:
     """Channels, heads, depth and down factor of one attention block in the family's standard table."""
     table = _TABLES[normalize_family(family)]

@@ -391,19 +391,8 @@ def make_tiny_checkpoint(path, seed: int = 0, log=None) -> Path:
     if suffix not in (".safetensors", ".sft", *TORCH_SUFFIXES):
         raise UsageError(f"tiny checkpoint name must end in .safetensors (or .ckpt/.pt/.pth/.bin): {path.name}")
     started = time.time()
-    if suffix in TORCH_SUFFIXES:
-        import torch
-        from safetensors.torch import load_file
-
-        staging = path.with_name(path.name + ".safetensors.tmp")
-        write_tiny_sd15_checkpoint(staging, seed=seed)
-        try:
-            torch.save({"state_dict": load_file(str(staging))}, str(path))
-        finally:
-            staging.unlink(missing_ok=True)
-        written = path
-    else:
-        written = Path(write_tiny_sd15_checkpoint(path, seed=seed))
+    _write_as(path, lambda p: write_tiny_sd15_checkpoint(p, seed=seed), container="state_dict")
+    written = path
     if log is not None:
         size = written.stat().st_size / 2**20
         print(f"wrote tiny SD1.5 checkpoint {written} ({size:.0f} MiB, {time.time() - started:.1f} s)", file=log)
@@ -775,8 +764,9 @@ def _write_tiny_stand_in(folder: str, target: Path, checkpoint: Path, runtime) -
     return None
 
 
-def _write_as(target: Path, write) -> None:
-    """Write a safetensors stand-in at `target`, or a torch file (a plain state dict) for .pth/.pt/.ckpt/.bin names."""
+def _write_as(target: Path, write, container: str | None = None) -> None:
+    """Write a safetensors file at `target`, or for a .pth/.pt/.ckpt/.bin name a torch file of the same tensors
+    (a plain state dict, or {container: state dict}, which is how ComfyUI reads checkpoints in that form)."""
     if target.suffix.lower() not in TORCH_SUFFIXES:
         write(target)
         return
@@ -786,7 +776,8 @@ def _write_as(target: Path, write) -> None:
     staging = target.with_name(target.name + ".safetensors.tmp")
     try:
         write(staging)
-        torch.save(load_file(str(staging)), str(target))
+        state = load_file(str(staging))
+        torch.save(state if container is None else {container: state}, str(target))
     finally:
         staging.unlink(missing_ok=True)
 

@@ -200,9 +200,9 @@ class FaceMasks(io.ComfyNode):
             masks = fm.masks_for(chosen, h, w, shape=shape, grow=grow, feather=feather)
             per_face.append(torch.from_numpy(masks))
             unions.append(torch.from_numpy(fm.union_mask(masks) if len(chosen) else np.zeros((h, w), np.float32)))
-        masks = torch.cat(per_face) if any(m.shape[0] for m in per_face) else torch.zeros(0, *detections.image_sizes[0])
-        if masks.shape[0] == 0:
-            masks = torch.zeros(1, *detections.image_sizes[0])  # an empty MASK batch breaks downstream nodes
+        masks = torch.cat(per_face)
+        if masks.shape[0] == 0:  # an empty MASK batch breaks downstream nodes
+            masks = torch.zeros(1, *detections.image_sizes[0])
         report = f"{sum(m.shape[0] for m in per_face)} face mask(s) ({shape}, grow {grow}, feather {feather:g})"
         return io.NodeOutput(masks, torch.stack(unions), ui=ui.PreviewText(report))
 

@@ -381,11 +381,8 @@ def apply_mgmica(model, identities, weight: float, overlap: str, uncond: str, la
     layers = cross_attention_layers(model)
     by_key = {layer.key: layer for layer in layers}
     family = layer_family(model, node)
-    depths: dict = {}
-    for b, n, _ in by_key:
-        depths[(b, n)] = depths.get((b, n), 0) + 1
     try:
-        per_layer = lay.parse_layer_weights(layer_weights, family, depths)
+        per_layer = lay.parse_layer_weights(layer_weights, family, lay.depths_of(by_key))
     except lay.LayerSpecError as err:
         raise NodeInputError(node, "layer_weights", str(err)) from None
     sampling = model.get_model_object("model_sampling")

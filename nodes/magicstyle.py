@@ -118,13 +118,6 @@ def unet_attention_layers(model) -> dict[lay.LayerKey, AttnLayer]:
     return found
 
 
-def depths_of(layers: dict[lay.LayerKey, AttnLayer]) -> dict[tuple[str, int], int]:
-    depths: dict[tuple[str, int], int] = {}
-    for b, n, _ in layers:
-        depths[(b, n)] = depths.get((b, n), 0) + 1
-    return depths
-
-
 def resolve_model_layers(model, preset: str, custom: str, node: str, input_name: str = "layers"):
     layers = unet_attention_layers(model)
     family = layer_family(model, node)
@@ -132,7 +125,7 @@ def resolve_model_layers(model, preset: str, custom: str, node: str, input_name:
     if preset == "custom" and not str(custom).strip():
         raise NodeInputError(node, "custom_layers", "layers is 'custom': write a layer list, e.g. 'output 3-5'")
     try:
-        keys = lay.resolve_layers(spec, family, depths_of(layers))
+        keys = lay.resolve_layers(spec, family, lay.depths_of(layers))
     except lay.LayerSpecError as err:
         raise NodeInputError(node, "custom_layers" if preset == "custom" else input_name, str(err)) from None
     return keys, layers

@@ -227,7 +227,7 @@ def test_no_face_returns_the_image_or_an_error(comfy, workdir):
         comfy.run_prompt(_graph("flat.png", identity=False, if_no_face="error"))
 
 
-def test_identities_matched_by_similarity(nodes, pack, sd15_checkpoint_objects):
+def test_identities_matched_by_similarity(nodes, pack, sd15_checkpoint_objects, faceid_adapter):
     """Two faces, two identities whose reference embeddings are each closest to the other face: 'by similarity'
     crosses them over, 'by index' does not, and the restored faces differ accordingly."""
     model, vae = sd15_checkpoint_objects
@@ -237,17 +237,13 @@ def test_identities_matched_by_similarity(nodes, pack, sd15_checkpoint_objects):
     faces = _detections(pack, [(40, 60, 120, 140), (200, 60, 280, 140)], (200, 320))
     faces = fc.FaceDetections([[fc.Face(bbox=f.bbox, kps=f.kps, score=0.9, embedding=e, embedding_kind=fc.ARCFACE_512)
                                 for f, e in zip(faces.faces[0], (e0, e1), strict=True)]], [(200, 320)])
-    adapter = pack.magic_core.ipadapter
-
     def ident(embedding, label, seed):
         g = torch.Generator().manual_seed(seed)
-        tiny_adapter = _faceid_adapter(pack)
-        emb = magicid.IDEmbeds(tiny_adapter, torch.randn(1, 4, 768, generator=g), torch.randn(1, 4, 768, generator=g),
+        emb = magicid.IDEmbeds(faceid_adapter, torch.randn(1, 4, 768, generator=g), torch.randn(1, 4, 768, generator=g),
                                label, embedding / np.linalg.norm(embedding), fc.ARCFACE_512)
         return magicid.Identity(emb, pack.magic_core.regions.Box(0, 0, 1, 1), 1.0, 0.0, 1.0, label)
 
     ids = (ident(e1 + 0.1 * e0, "looks like face 1", 1), ident(e0 + 0.1 * e1, "looks like face 0", 2))
-    assert adapter is not None
     image = torch.rand(1, 200, 320, 3, generator=torch.Generator().manual_seed(6))
     common = {"image": image, "faces": faces, "model": model, "vae": vae, "positive": [[torch.zeros(1, 77, 768), {}]],
               "identities": ids}
@@ -260,13 +256,8 @@ def test_identities_matched_by_similarity(nodes, pack, sd15_checkpoint_objects):
         run_node(nodes[DIIR], **common, **_restore_inputs(cfg=1.0, steps=2, strength=0.5))
 
 
-def _faceid_adapter(pack, _cache={}):  # noqa: B006  (one tiny adapter per test session)
-    if "adapter" not in _cache:
-        import tempfile
-        from pathlib import Path
-
-        folder = Path(tempfile.mkdtemp(prefix="diir_faceid_"))
-        path = write_tiny_ipadapter(folder / "faceid.safetensors", variant="faceid", family="sd15",
-                                    layer_inner_dims=[320] * 16, seed=11)
-        _cache["adapter"] = pack.magic_core.ipadapter.load_ipadapter_file(path)
-    return _cache["adapter"]
+@pytest.fixture(scope="module")
+def faceid_adapter(pack, tmp_path_factory):
+    path = write_tiny_ipadapter(tmp_path_factory.mktemp("diir_faceid") / "faceid.safetensors", variant="faceid",
+                                family="sd15", layer_inner_dims=[320] * 16, seed=11)
+    return pack.magic_core.ipadapter.load_ipadapter_file(path)
