@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import tolerances as tol
 import torch
 from helpers import (
     MAGICID_CKPT,
@@ -174,7 +175,10 @@ def test_strength_zero_gives_the_face_back_through_the_vae(comfy, workdir, nodes
     reference = torch.from_numpy(diir.paste(source[0].numpy(), round_trip, box, mask))
     reference_error = (reference[inside] - source[0][inside]).abs().mean()
     assert isinstance(vae, comfy.sd.VAE)
-    torch.testing.assert_close(error, reference_error, rtol=1e-3, atol=1e-4)
+    # two routes through the same float32 VAE (encode + decode) and the same paste: a mean of differences, each
+    # within the VAE's rounding bound
+    vae_ops = tol.checkpoint_ops(workdir / "models" / "checkpoints" / CKPT, prefix="first_stage_model.")
+    torch.testing.assert_close(error, reference_error, rtol=0, atol=tol.float_tol(torch.float32, vae_ops, 1.0))
 
 
 @pytest.fixture(scope="module")
