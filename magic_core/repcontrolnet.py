@@ -6,8 +6,9 @@ A RepControlNet file holds a small condition adapter plus, for a chosen set of c
 - **Unmerged** (training, reference): every listed layer computes ``alpha * (W x + b) + beta * (W_m x + b_m)``. Both
   branches see the same input ``x``, so the layer is linear in its weights and
 - **Merged** (inference): ``W' = alpha * W + beta * W_m``, ``b' = alpha * b + beta * b_m`` gives the same output with one
-  layer, i.e. the control costs nothing per step. The merge goes through weight diffs (``merge_diffs``), which ComfyUI
-  adds reversibly with ``ModelPatcher.add_patches``.
+  layer, i.e. the control costs nothing per step. ``merge_into_`` (in place) and ``merge_increment`` compute it for one
+  tensor at the moment it is patched (ComfyUI: a weight-adapter patch, reversible), so no full-size difference is
+  ever stored per layer.
 - The adapter maps the condition image (``B, 3, H, W`` in ``[0, 1]``) to ``model_channels`` features at latent
   resolution ``(H/8, W/8)``; they are ADDED to the output of the UNet's first input block (``conv_in``, block
   ``("input", 0)``), i.e. to the features entering input block 1. Its last conv is zero-initialised, so an untrained
@@ -38,8 +39,7 @@ Strength
 ``strength`` s interpolates linearly between the base model (s = 0, nothing changes) and the full merge (s = 1):
 ``W(s) = W + s * ((alpha - 1) * W + beta * W_m)``, i.e. effective coefficients ``alpha_s = 1 - s * (1 - alpha)`` and
 ``beta_s = s * beta``; s > 1 extrapolates. The adapter features should be scaled by the same s (``ConditionAdapter``
-takes a ``scale``). ``merge_diffs(..., strength=1)`` returns ``diff = (alpha - 1) * W + beta * W_m``, so
-``add_patches({"diffusion_model." + k: (d,)}, s)`` applies exactly ``W(s)``.
+takes a ``scale``). ``merge_increment(W, term, s)`` is ``W(s) - W``; ``merge_into_(W, term, s)`` turns ``W`` into ``W(s)``.
 """
 
 from __future__ import annotations
@@ -663,63 +663,54 @@ def _check_base(weights: RepControlNetWeights, base: Mapping[str, torch.Tensor])
         raise ValueError("cannot merge RepControlNet: " + "; ".join(msg))
 
 
-def merge_diffs(
-    weights: RepControlNetWeights,
-    base_state: Mapping[str, torch.Tensor],
-    strength: float = 1.0,
-    *,
-    dtype: torch.dtype | None = None,
-    key_prefix: str = "",
-) -> dict[str, torch.Tensor]:
-    """Weight diffs with ``base + diff = merged``: ``diff = s * ((alpha - 1) * W + beta * W_m)`` for every modal key.
+@dataclass(frozen=True)
+class MergeTerm:
+    """One RepControlNet's share of one merged tensor at strength 1: the merge adds
+    ``weight_scale * W + modal_scale * W_m`` to the tensor ``W`` it is given (``weight_scale = alpha - 1``,
+    ``modal_scale = beta``), so ``W + increment = alpha * W + beta * W_m``. ``modal`` is the file's own tensor (never
+    copied); the increment is linear in the strength, which scales it as a whole."""
 
-    Computed in float32, returned in ``dtype`` (default: the base tensor's dtype) on the modal tensor's device, keyed
-    ``key_prefix + unet key``. alpha 1 / beta 0 (or strength 0) gives exact zeros. For ComfyUI:
-    ``model.add_patches({k: (d,) for k, d in merge_diffs(w, sd, 1.0, key_prefix="diffusion_model.").items()}, s)``.
-    """
-    base = _base_lookup(base_state)
-    _check_base(weights, base)
-    out: dict[str, torch.Tensor] = {}
-    for key, wm in weights.modal.items():
-        layer = key.rsplit(".", 1)[0]
-        a, b = weights.coefficients(layer)
-        w = base[key]
-        target = dtype or w.dtype
-        if strength == 0 or (a == 1.0 and b == 0.0):
-            diff = torch.zeros(w.shape, dtype=target, device=wm.device)
-        else:
-            wf = w.detach().to(device=wm.device, dtype=torch.float32)
-            diff = (a - 1.0) * wf + b * wm.to(torch.float32)
-            if strength != 1.0:
-                diff = diff * strength
-            diff = diff.to(target)
-        out[key_prefix + key] = diff
-    return out
+    modal: torch.Tensor
+    weight_scale: float
+    modal_scale: float
+
+    @property
+    def is_zero(self) -> bool:
+        return self.weight_scale == 0.0 and self.modal_scale == 0.0
 
 
-@dataclass
-class PatchGroup:
-    """Keys sharing one coefficient pair: apply as
-    ``add_patches({k: (t,) for k, t in g.patches.items()}, g.strength_patch, g.strength_model)``."""
+def merge_terms(weights: RepControlNetWeights, *, key_prefix: str = "") -> dict[str, MergeTerm]:
+    """``{key_prefix + unet key: MergeTerm}`` for every modal tensor, per-layer coefficients applied."""
+    terms = {}
+    for key, modal in weights.modal.items():
+        alpha, beta = weights.coefficients(key.rsplit(".", 1)[0])
+        terms[key_prefix + key] = MergeTerm(modal, alpha - 1.0, beta)
+    return terms
 
-    patches: dict[str, torch.Tensor]
-    strength_patch: float
-    strength_model: float
+
+def merge_increment(weight: torch.Tensor, term: MergeTerm, strength: float = 1.0) -> torch.Tensor | None:
+    """``strength * (weight_scale * weight + modal_scale * W_m)`` in ``weight``'s dtype and device, or None when it is
+    exactly zero (strength 0, or alpha 1 with beta 0), so the caller leaves the weight bit-identical.
+
+    Memory: one new tensor of ``weight``'s size, plus a transient cast of ``W_m`` when its dtype or device differs;
+    nothing full-size is kept per layer. ``weight`` is read, never written."""
+    if strength == 0.0 or term.is_zero:
+        return None
+    modal = term.modal.to(device=weight.device, dtype=weight.dtype)
+    increment = torch.mul(modal, term.modal_scale * strength)
+    del modal
+    return increment.add_(weight.detach(), alpha=term.weight_scale * strength)
 
 
-def weight_patch_groups(
-    weights: RepControlNetWeights, strength: float = 1.0, *, key_prefix: str = ""
-) -> list[PatchGroup]:
-    """The merge without reading the base weights: ``W(s) = alpha_s * W + beta_s * W_m`` as ComfyUI patches that scale
-    the current weight by ``strength_model = alpha_s`` and add ``strength_patch * W_m`` with ``strength_patch = beta_s``
-    (ComfyUI's ``calculate_weight`` does ``weight *= strength_model; weight += strength * diff``). One group per distinct
-    per-layer coefficient pair; the tensors are the modal tensors themselves (no copies). Unlike ``merge_diffs``, patches
-    that another node added earlier to the same keys are scaled by ``alpha_s`` too."""
-    groups: dict[tuple[float, float], dict[str, torch.Tensor]] = {}
-    for key, wm in weights.modal.items():
-        a, b = weights.coefficients(key.rsplit(".", 1)[0], strength)
-        groups.setdefault((a, b), {})[key_prefix + key] = wm
-    return [PatchGroup(patches=p, strength_patch=b, strength_model=a) for (a, b), p in groups.items()]
+def merge_into_(weight: torch.Tensor, term: MergeTerm, strength: float = 1.0) -> torch.Tensor:
+    """``weight += strength * (weight_scale * weight + modal_scale * W_m)`` in place (``weight`` becomes
+    ``alpha_s * W + beta_s * W_m``) and returned: no temporary but a cast of ``W_m`` when its dtype or device differs.
+    Strength 0 or a zero term leaves ``weight`` untouched, bit for bit."""
+    if strength == 0.0 or term.is_zero:
+        return weight
+    modal = term.modal.to(device=weight.device, dtype=weight.dtype)
+    weight.mul_(1.0 + strength * term.weight_scale)
+    return weight.add_(modal, alpha=strength * term.modal_scale)
 
 
 def merged_state(
@@ -773,7 +764,7 @@ def unmerged_forward(
     """Run ``unet`` unmerged while the context is open: each listed layer returns
     ``alpha_s * layer(x) + beta_s * layer_op(x, W_m, b_m)`` (forward hooks; the module is not modified and the hooks
     are removed on exit). ``prefix`` locates the UNet inside ``unet`` (e.g. ``"diffusion_model."``). The adapter is
-    not applied here: add its features yourself (``features_hook``)."""
+    not applied here: add its features to the output of the UNet's first block yourself (``add_features``)."""
     modules = _resolve_modules(unet, weights.layers, prefix)
     handles = []
 
@@ -798,96 +789,3 @@ def unmerged_forward(
     finally:
         for h in handles:
             h.remove()
-
-
-@contextlib.contextmanager
-def features_hook(module: nn.Module, features: torch.Tensor) -> Iterator[None]:
-    """While open, ``module``'s output gets ``features`` added (``add_features``): the pure-torch stand-in for the
-    ComfyUI ``input_block_patch`` on block ("input", 0)."""
-    handle = module.register_forward_hook(lambda _m, _a, out: add_features(out, features))
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-# ------------------------------------------------------------------------------------------------- tiny test files
-
-
-def _unet_state_from(base) -> dict[str, torch.Tensor]:
-    """UNet tensors (no prefix) from a checkpoint path (.safetensors), a state dict, or anything with
-    ``.model.diffusion_model`` / ``.diffusion_model`` (a ComfyUI ModelPatcher or BaseModel)."""
-    if isinstance(base, (str, os.PathLike)):
-        from safetensors import safe_open
-
-        out = {}
-        with safe_open(os.fspath(base), framework="pt", device="cpu") as f:
-            for k in f.keys():
-                for prefix in UNET_PREFIXES:
-                    if k.startswith(prefix):
-                        out[k[len(prefix) :]] = f.get_tensor(k)
-        if not out:
-            raise ValueError(f"'{os.fspath(base)}' holds no UNet tensors (model.diffusion_model.*)")
-        return out
-    if isinstance(base, Mapping):
-        return {strip_unet_prefix(k): v for k, v in base.items()}
-    inner = getattr(base, "model", base)
-    unet = getattr(inner, "diffusion_model", None)
-    if unet is None:
-        raise ValueError(f"cannot read UNet weights from a {type(base).__name__}")
-    return {k: v.detach() for k, v in unet.state_dict().items()}
-
-
-def make_tiny_repcontrolnet(
-    base,
-    seed: int = 0,
-    *,
-    preset: str = "encoder",
-    model_family: str = "sd15",
-    condition_type: str = "landmarks",
-    alpha: float = 0.5,
-    beta: float = 0.5,
-    hidden_channels: int = 32,
-    num_layers: int = 1,
-    modal_noise: float = 0.1,
-    dtype: torch.dtype = torch.float32,
-) -> RepControlNetWeights:
-    """A random (untrained) RepControlNet that fits ``base`` and visibly changes it: modal weights = base weights plus
-    ``modal_noise`` relative Gaussian noise, and an adapter whose zero output conv is re-drawn (seeded). For tests,
-    benchmarks and smoke runs of workflows; its control means nothing."""
-    state = _unet_state_from(base)
-    shapes = {k: tuple(v.shape) for k, v in state.items()}
-    layers = default_layer_keys(shapes, model_family, preset)
-    channels = int(shapes["input_blocks.0.0.weight"][0])
-    weights = init_weights_from_base(
-        {k: state[k] for layer in layers for k in (layer + ".weight", layer + ".bias") if k in state},
-        layers,
-        adapter_config={"out_channels": channels, "hidden_channels": hidden_channels, "num_layers": num_layers},
-        alpha=alpha,
-        beta=beta,
-        seed=seed,
-        model_family=model_family,
-        condition_type=condition_type,
-    )
-    gen = torch.Generator().manual_seed(int(seed) + 1)
-    for key, t in weights.modal.items():
-        scale = float(t.float().std()) if t.numel() > 1 else 0.02
-        noise = torch.randn(t.shape, generator=gen) * (modal_noise * (scale or 0.02))
-        weights.modal[key] = (t.float() + noise).to(dtype).contiguous()
-    w = weights.adapter_state["conv_out.weight"]
-    weights.adapter_state["conv_out.weight"] = torch.randn(w.shape, generator=gen) * (w[0].numel() ** -0.5)
-    weights.adapter_state["conv_out.bias"] = torch.randn(weights.adapter_state["conv_out.bias"].shape, generator=gen) * 0.02
-    weights.metadata["magic_portrait.tiny"] = "random RepControlNet for tests; its control means nothing"
-    return weights
-
-
-def write_tiny_repcontrolnet(path: str | os.PathLike, checkpoint_or_model, seed: int = 0, **kwargs) -> str:
-    """Write ``make_tiny_repcontrolnet(checkpoint_or_model, seed, **kwargs)`` to ``path`` (parent folders created);
-    ``checkpoint_or_model`` is a checkpoint ``.safetensors`` path, a UNet state dict or a ModelPatcher. Modal
-    weights are stored as float16 unless ``dtype`` is given (the tiny SD1.5 checkpoint's encoder is ~30 M
-    parameters). Returns the path."""
-    kwargs.setdefault("dtype", torch.float16)
-    weights = make_tiny_repcontrolnet(checkpoint_or_model, seed, **kwargs)
-    os.makedirs(os.path.dirname(os.path.abspath(os.fspath(path))), exist_ok=True)
-    save_repcontrolnet(path, weights)
-    return os.fspath(path)

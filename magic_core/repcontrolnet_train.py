@@ -29,7 +29,6 @@ hyper-parameters, loss history), and ``losses.jsonl`` with one ``{"step", "loss"
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -413,9 +412,3 @@ def train_repcontrolnet(
     if checkpoint_dir is not None and (last_ckpt is None or not last_ckpt.endswith(f"{step:07d}.json")):
         last_ckpt = save_checkpoint(step)
     return TrainResult(weights=snapshot(step), losses=losses, step=step, checkpoint=last_ckpt)
-
-
-def loss_curve_csv(losses: Sequence[float]) -> str:
-    """``step,loss`` CSV text of a loss history (step 1-based)."""
-    lines = ["step,loss"] + [f"{i + 1},{v!r}" for i, v in enumerate(losses) if math.isfinite(v)]
-    return "\n".join(lines) + "\n"

@@ -747,7 +747,7 @@ def _write_tiny_stand_in(folder: str, target: Path, checkpoint: Path, runtime) -
     from .tiny_ipadapter import write_tiny_ipadapter
 
     if folder == "magic_repcontrolnet":
-        runtime.pack.magic_core.repcontrolnet.write_tiny_repcontrolnet(target, str(checkpoint), seed=0)
+        tiny.write_tiny_repcontrolnet(target, str(checkpoint), seed=0)
         return "RepControlNet"
     if folder == "controlnet":
         _write_as(target, lambda p: tiny.write_tiny_sd15_controlnet(p, seed=0))

@@ -13,6 +13,7 @@ Everything here is deterministic: the same seed gives the same weights, conditio
 - `init_weights_`: ComfyUI's ops skip weight initialisation; this initialises every parameter from a seed.
 - `attention_layout`: {(block, number): transformer depth} of any ComfyUI UNet, and the expected
   `SD15_ATTENTION_BLOCKS` / `SDXL_ATTENTION_BLOCKS`.
+- `make_tiny_repcontrolnet` / `write_tiny_repcontrolnet`: a random RepControlNet (file) that fits a tiny model.
 
 ComfyUI must be set up through `magic_portrait.comfy_env.boot()` before any `comfy.*` import (it forces the CPU
 device before `comfy.model_management` is imported); the functions here call it when ComfyUI is not imported yet.
@@ -654,3 +655,77 @@ def build_sd_vae(seed: int = 0):
     module = AutoencoderKL(ddconfig=ddconfig, embed_dim=4)
     init_weights_(module, seed)
     return comfy.sd.VAE(sd=module.state_dict())
+
+
+# ---------------------------------------------------------------------------------------------------- RepControlNet
+
+
+def _unet_state_from(base) -> dict[str, torch.Tensor]:
+    """UNet tensors (no prefix) from a checkpoint path (.safetensors), a state dict, or a ComfyUI ModelPatcher /
+    BaseModel (anything with ``.model.diffusion_model`` or ``.diffusion_model``)."""
+    from magic_core.repcontrolnet import UNET_PREFIXES, strip_unet_prefix
+
+    if isinstance(base, (str, Path)):
+        from safetensors import safe_open
+
+        out = {}
+        with safe_open(str(base), framework="pt", device="cpu") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                prefix = next((p for p in UNET_PREFIXES if key.startswith(p)), None)
+                if prefix is not None:
+                    out[key[len(prefix):]] = f.get_tensor(key)
+        if not out:
+            raise ValueError(f"'{base}' holds no UNet tensors (model.diffusion_model.*)")
+        return out
+    if isinstance(base, dict):
+        return {strip_unet_prefix(k): v for k, v in base.items()}
+    unet = getattr(getattr(base, "model", base), "diffusion_model", None)
+    if unet is None:
+        raise ValueError(f"cannot read UNet weights from a {type(base).__name__}")
+    return {k: v.detach() for k, v in unet.state_dict().items()}
+
+
+def make_tiny_repcontrolnet(base, seed: int = 0, *, preset: str = "encoder", model_family: str = "sd15",
+                            condition_type: str = "landmarks", alpha: float = 0.5, beta: float = 0.5,
+                            hidden_channels: int = 32, num_layers: int = 1, modal_noise: float = 0.1,
+                            dtype: torch.dtype = torch.float32):
+    """A random (untrained) RepControlNet that fits `base` (see `_unet_state_from`) and visibly changes it: modal
+    weights = base weights plus `modal_noise` relative Gaussian noise, and an adapter whose zero output conv is
+    re-drawn (seeded). For tests, benchmarks and smoke runs of workflows; its control means nothing."""
+    from magic_core.repcontrolnet import default_layer_keys, init_weights_from_base
+
+    state = _unet_state_from(base)
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    layers = default_layer_keys(shapes, model_family, preset)
+    weights = init_weights_from_base(
+        {k: state[k] for layer in layers for k in (layer + ".weight", layer + ".bias") if k in state},
+        layers,
+        adapter_config={"out_channels": int(shapes["input_blocks.0.0.weight"][0]),
+                        "hidden_channels": hidden_channels, "num_layers": num_layers},
+        alpha=alpha, beta=beta, seed=seed, model_family=model_family, condition_type=condition_type,
+    )
+    gen = torch.Generator().manual_seed(int(seed) + 1)
+    for key, t in weights.modal.items():
+        scale = (float(t.float().std()) if t.numel() > 1 else 0.0) or 0.02
+        noise = torch.randn(t.shape, generator=gen) * (modal_noise * scale)
+        weights.modal[key] = (t.float() + noise).to(dtype).contiguous()
+    adapter = weights.adapter_state
+    adapter["conv_out.weight"] = torch.randn(adapter["conv_out.weight"].shape, generator=gen) * (
+        adapter["conv_out.weight"][0].numel() ** -0.5)
+    adapter["conv_out.bias"] = torch.randn(adapter["conv_out.bias"].shape, generator=gen) * 0.02
+    weights.metadata["magic_portrait.tiny"] = "random RepControlNet for tests; its control means nothing"
+    return weights
+
+
+def write_tiny_repcontrolnet(path, checkpoint_or_model, seed: int = 0, **kwargs) -> Path:
+    """Write `make_tiny_repcontrolnet(checkpoint_or_model, seed, **kwargs)` to `path` (parent folders created).
+    Modal weights are stored as float16 unless `dtype` is given (the tiny SD1.5 checkpoint's encoder is ~30 M
+    parameters). Returns the path."""
+    from magic_core.repcontrolnet import save_repcontrolnet
+
+    kwargs.setdefault("dtype", torch.float16)
+    weights = make_tiny_repcontrolnet(checkpoint_or_model, seed, **kwargs)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_repcontrolnet(path, weights)
+    return path

@@ -1,20 +1,20 @@
 """RepControlNet nodes: load a control file, merge it into a MODEL clone (zero extra cost per step), train one.
 
 - Load RepControlNet: a file from ``models/magic_repcontrolnet`` (``.safetensors``, format in magic_core.repcontrolnet).
-- Apply RepControlNet: ``W' = alpha*W + beta*W_m`` through reversible weight patches (``add_patches``) on a clone, and
-  the condition adapter's features added to the output of input block 0 (an ``input_block_patch``). The adapter runs
-  once per sampling run and latent size. ComfyUI's CheckpointSave saves the merged weights; such a checkpoint is used
-  with ``merge_weights`` off (adapter features only).
-- Train RepControlNet: modal weights + adapter on (image, condition) pairs from a folder, base frozen, with progress,
-  checkpoints, resume and a loss log; saves the result into ``models/magic_repcontrolnet``.
+- Apply RepControlNet: ``W' = alpha*W + beta*W_m`` as reversible weight-adapter patches on a clone, computed when
+  ComfyUI patches each weight (no stored difference per layer), and the condition adapter's features added to the
+  output of input block 0 (an ``input_block_patch``); the patch objects are in repcontrolnet_patch.py. The adapter
+  runs once per sampling run and latent size. ComfyUI's CheckpointSave saves the merged weights; such a checkpoint is
+  used with ``merge_weights`` off (adapter features only).
+- Train RepControlNet: modal weights + adapter on (image, condition) pairs from a folder under ComfyUI's input folder,
+  base frozen, with progress, checkpoints, resume and a loss log; saves the result into ``models/magic_repcontrolnet``.
 """
 
 from __future__ import annotations
 
 import os
-import threading
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import comfy.model_management
 import comfy.patcher_extension
@@ -26,6 +26,7 @@ from comfy_api.v0_0_2 import io, ui
 from ..magic_core import repcontrolnet as rcn
 from ..magic_core import repcontrolnet_train as rcn_train
 from .common import CATEGORY, PREFIX, NodeInputError, model_family, register_model_folder
+from .repcontrolnet_patch import AdapterFeatures, RunScope, add_merge_patches
 
 FOLDER = "magic_repcontrolnet"
 EXTENSIONS = {".safetensors"}
@@ -34,8 +35,8 @@ RepControlNetType = io.Custom("MAGIC_REPCONTROLNET")
 LossMapType = io.Custom("LOSS_MAP")  # the type ComfyUI's LossGraphNode plots
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CONDITION_SUFFIXES = ("_condition", "_cond", "_control")
-
-write_tiny_repcontrolnet = rcn.write_tiny_repcontrolnet  # for the headless runner and tests
+BUNDLED_DATASET = "magic_portrait_repcontrolnet_dataset"  # copied into the input folder by example_inputs.py
+ALLOW_ABSOLUTE_DATASET_ENV = "MAGIC_PORTRAIT_ALLOW_ABSOLUTE_DATASET"
 
 
 def register_folder() -> None:
@@ -57,85 +58,7 @@ class LoadedRepControlNet:
         return f"<RepControlNet {self.name}: {self.weights.describe()}>"
 
 
-# ------------------------------------------------------------------------------------------------------- patching
-
-
-def unpatched_unet_state(model) -> dict[str, torch.Tensor]:
-    """The UNet's tensors without any weight patch applied, even while a clone of this model is loaded and patched
-    (ComfyUI patches the shared module in place and keeps the originals in that clone's backup)."""
-    state = dict(model.model.diffusion_model.state_dict())
-    patchers = [model] + [lm.model for lm in comfy.model_management.current_loaded_models
-                          if lm.model is not None and getattr(lm.model, "model", None) is model.model]
-    for patcher in patchers:
-        for key, backup in getattr(patcher, "backup", {}).items():
-            if key.startswith("diffusion_model."):
-                state[key[len("diffusion_model."):]] = backup.weight
-    return state
-
-
-class AdapterFeatures:
-    """input_block_patch: adds the adapter's features to the output of input block 0.
-
-    The adapter runs once per (latent size, device, dtype) and sampling run: an OUTER_SAMPLE wrapper clears the
-    cache when a run starts and ends. Shared, not copied, when ComfyUI deep-copies model options."""
-
-    def __init__(self, weights: rcn.RepControlNetWeights, condition: torch.Tensor, strength: float, node: str):
-        self.weights = weights
-        self.condition = condition  # (B, 3, H, W) in [0, 1], on the CPU
-        self.strength = float(strength)
-        self.node = node
-        self.cache: dict[tuple, torch.Tensor] = {}
-        self.adapters: dict[str, rcn.ConditionAdapter] = {}
-        self.runs = 0  # adapter evaluations (tests check "once per run")
-        self.lock = threading.Lock()
-
-    def __deepcopy__(self, memo):
-        return self
-
-    def features(self, h: torch.Tensor) -> torch.Tensor:
-        key = (tuple(h.shape[-2:]), str(h.device), h.dtype)
-        with self.lock:
-            found = self.cache.get(key)
-            if found is None:
-                adapter = self.adapters.get(str(h.device))
-                if adapter is None:
-                    adapter = self.weights.build_adapter(device=h.device, dtype=torch.float32)
-                    self.adapters[str(h.device)] = adapter
-                with torch.no_grad():
-                    out = adapter(self.condition.to(h.device), latent_hw=h.shape[-2:], scale=self.strength)
-                found = out.to(dtype=h.dtype)
-                self.cache[key] = found
-                self.runs += 1
-            return found
-
-    def clear(self) -> None:
-        with self.lock:
-            self.cache.clear()
-
-    def __call__(self, h: torch.Tensor, transformer_options: dict) -> torch.Tensor:
-        if transformer_options.get("block") != ("input", 0):
-            return h
-        try:
-            return rcn.add_features(h, self.features(h))
-        except ValueError as err:
-            raise NodeInputError(self.node, "image", str(err)) from None
-
-
-class RunScope:
-    """OUTER_SAMPLE wrapper: a fresh feature cache for every sampling run (and none kept afterwards)."""
-
-    def __init__(self, patch: AdapterFeatures):
-        self.patch = patch
-
-    def __deepcopy__(self, memo):
-        return self
-
-    def __call__(self, executor, *args, **kwargs):
-        self.patch.clear()
-        try:
-            return executor(*args, **kwargs)
-        finally:
-            self.patch.clear()
+# -------------------------------------------------------------------------------------------------------- applying
 
 
 def check_fits(node: str, model, loaded: LoadedRepControlNet, input_name: str = "repcontrolnet") -> None:
@@ -173,10 +96,9 @@ def apply_repcontrolnet(model, loaded: LoadedRepControlNet, image, strength: flo
     if strength == 0.0:
         return out, None
     if merge_weights:
-        diffs = rcn.merge_diffs(loaded.weights, unpatched_unet_state(model), 1.0, key_prefix="diffusion_model.")
-        added = out.add_patches({k: (d,) for k, d in diffs.items()}, strength)
-        if len(added) != len(diffs):
-            missing = sorted(set(diffs) - set(added))
+        merge, added = add_merge_patches(out, loaded.weights, strength)
+        if len(added) != len(merge.terms):
+            missing = sorted(set(merge.terms) - set(added))
             raise NodeInputError(node, "repcontrolnet", f"{len(missing)} keys could not be patched: {missing[:5]}")
     patch = AdapterFeatures(loaded.weights, condition, strength, node)
     out.set_model_input_block_patch(patch)
@@ -253,6 +175,46 @@ class ApplyRepControlNet(io.ComfyNode):
 
 
 # -------------------------------------------------------------------------------------------------------- training
+
+
+def allows_absolute_dataset() -> bool:
+    """Whether the server opted in to absolute dataset paths (``MAGIC_PORTRAIT_ALLOW_ABSOLUTE_DATASET=1``)."""
+    return os.environ.get(ALLOW_ABSOLUTE_DATASET_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def resolve_dataset_folder(node: str, value: str) -> Path:
+    """The folder a Train node's ``dataset_folder`` names: a path relative to ComfyUI's input folder, without '..'.
+
+    On a shared server anyone who can queue a prompt sets this string, so it must not reach other folders: an
+    absolute path (or ``~``) is refused unless the server opted in with MAGIC_PORTRAIT_ALLOW_ABSOLUTE_DATASET=1.
+    Symlinks already inside the input folder are followed: whoever placed one there can read its target anyway."""
+    text = str(value).strip()
+    input_dir = Path(folder_paths.get_input_directory())
+    where = f"ComfyUI's input folder ({input_dir})"
+    if not text:
+        raise NodeInputError(node, "dataset_folder", f"is empty: name a folder inside {where}, e.g. {BUNDLED_DATASET}")
+    if PurePosixPath(text).is_absolute() or PureWindowsPath(text).anchor or text.startswith("~"):
+        if allows_absolute_dataset():
+            return Path(text).expanduser()
+        raise NodeInputError(node, "dataset_folder", f"'{text}' is an absolute path: name a folder inside {where} "
+                             f"instead (copy or link your pairs there), or start the server with "
+                             f"{ALLOW_ABSOLUTE_DATASET_ENV}=1 to allow absolute paths (only where everyone who can "
+                             "queue a prompt may read every folder the server can)")
+    if ".." in PurePosixPath(text.replace("\\", "/")).parts:
+        raise NodeInputError(node, "dataset_folder", f"'{text}' contains '..': the folder must be inside {where}")
+    return input_dir / text
+
+
+def trained_file_name(node: str, value: str) -> str:
+    """The ``name`` input as a plain file stem: the trained file must land in models/magic_repcontrolnet itself."""
+    name = str(value).strip()
+    if name.lower().endswith(".safetensors"):
+        name = name[: -len(".safetensors")]
+    if not name or name.startswith(".") or "/" in name or "\\" in name or PureWindowsPath(name).drive:
+        raise NodeInputError(node, "name", f"'{value}' is not a plain file name: the result is saved as "
+                             f"models/{FOLDER}/<name>.safetensors, so give a name without folders, '..' or a "
+                             "leading '.'")
+    return name
 
 
 def find_pairs(folder: str | os.PathLike) -> list[tuple[Path, Path]]:
@@ -334,18 +296,23 @@ class TrainRepControlNet(io.ComfyNode):
             display_name="Train RepControlNet (Magic Portrait)",
             category=CATEGORY + "/repcontrolnet",
             description="Train a RepControlNet (modal weights + condition adapter, base model frozen) on (image, "
-            "condition) pairs from a folder: images/NAME.png with conditions/NAME.png, or NAME.png with "
-            "NAME_condition.png side by side. Saves models/magic_repcontrolnet/<name>.safetensors, checkpoints and "
-            "a loss log (losses.jsonl) in models/magic_repcontrolnet/<name>_training/; resume continues there.",
+            "condition) pairs from a folder inside ComfyUI's input folder: images/NAME.png with conditions/NAME.png, "
+            "or NAME.png with NAME_condition.png side by side. Saves models/magic_repcontrolnet/<name>.safetensors, "
+            "checkpoints and a loss log (losses.jsonl) in models/magic_repcontrolnet/<name>_training/; resume "
+            "continues there.",
             is_output_node=True,
             not_idempotent=True,
             inputs=[
                 io.Model.Input("model"),
                 io.Vae.Input("vae"),
                 io.Conditioning.Input("positive", tooltip="Prompt conditioning used for every training pair."),
-                io.String.Input("dataset_folder", default="repcontrolnet_dataset",
-                                tooltip="Absolute, or relative to ComfyUI's input folder."),
-                io.String.Input("name", default="my_repcontrolnet", tooltip="File name (without .safetensors)."),
+                io.String.Input("dataset_folder", default=BUNDLED_DATASET,
+                                tooltip="A folder inside ComfyUI's input folder holding NAME.png + NAME_condition.png "
+                                "pairs (or images/ + conditions/). The default is the small set the pack copies "
+                                "there. Absolute paths only when the server sets "
+                                "MAGIC_PORTRAIT_ALLOW_ABSOLUTE_DATASET=1."),
+                io.String.Input("name", default="my_repcontrolnet",
+                                tooltip="File name (without .safetensors), saved in models/magic_repcontrolnet."),
                 io.Int.Input("steps", default=1000, min=1, max=1_000_000),
                 io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-5),
                 io.Int.Input("batch_size", default=1, min=1, max=64),
@@ -369,16 +336,12 @@ class TrainRepControlNet(io.ComfyNode):
                 layers, alpha, beta, adapter_channels, condition_type, seed, checkpoint_every,
                 resume) -> io.NodeOutput:
         node = cls.define_schema().node_id
-        name = str(name).strip()
-        if name.endswith(".safetensors"):
-            name = name[: -len(".safetensors")]
-        if not name or os.path.basename(name) != name or name.startswith("."):
-            raise NodeInputError(node, "name", f"'{name}' is not a plain file name")
-        folder = Path(dataset_folder).expanduser()
-        if not folder.is_absolute():
-            folder = Path(folder_paths.get_input_directory()) / folder
+        name = trained_file_name(node, name)
+        folder = resolve_dataset_folder(node, dataset_folder)
         if not folder.is_dir():
-            raise NodeInputError(node, "dataset_folder", f"'{folder}' is not a folder")
+            raise NodeInputError(node, "dataset_folder", f"'{folder}' is not a folder: put NAME.png + "
+                                 "NAME_condition.png pairs in a folder inside ComfyUI's input folder and name it here "
+                                 f"(the pack copies its own small set there as {BUNDLED_DATASET} when ComfyUI starts)")
         pairs = find_pairs(folder)
         if not pairs:
             raise NodeInputError(node, "dataset_folder", f"no (image, condition) pairs in '{folder}': use images/ + "

@@ -10,6 +10,9 @@ from magic_portrait.workflow_builder import Workflow
 CHECKPOINT = "v1-5-pruned-emaonly-fp16.safetensors"
 REPCONTROLNET = "repcontrolnet_landmarks_sd15.safetensors"
 CONDITION_IMAGE = "magic_portrait_condition.png"
+BUNDLED_DATASET = "magic_portrait_repcontrolnet_dataset"  # example_workflows/<this>, copied to ComfyUI/input on load
+BUNDLED_SIZE = 192  # the bundled pairs' side (scripts/make_repcontrolnet_dataset.py)
+TRAINED_NAME = "my_repcontrolnet_canny"
 MODE_BYPASS = 4
 
 
@@ -65,27 +68,33 @@ WORKFLOWS = {"repcontrolnet_apply.json": repcontrolnet_apply}
 
 
 def repcontrolnet_train(classes) -> Workflow:
-    """Train a RepControlNet on image/condition pairs (ComfyUI/input/repcontrolnet_dataset/NAME.png next to
-    NAME_condition.png, or images/ + conditions/), plot the loss, then use the result at once."""
+    """Train a RepControlNet on the bundled Canny-edge pairs (which the pack copies to
+    ComfyUI/input/magic_portrait_repcontrolnet_dataset/ when ComfyUI starts), plot the loss, then use the result."""
     wf = Workflow(classes)
     wf.column = 0
-    wf.note("Train a RepControlNet (Magic Portrait).\n\nPut image/condition pairs in ComfyUI/input/"
-            "repcontrolnet_dataset/ (NAME.png next to NAME_condition.png, or images/ + conditions/). Training keeps "
-            "the base model frozen, saves models/magic_repcontrolnet/<name>.safetensors with checkpoints every N "
-            "steps (resumable), and plots the loss. The trained file is applied right away to sample a picture.")
+    wf.note("Train a RepControlNet (Magic Portrait).\n\nRuns as opened: it trains on "
+            f"ComfyUI/input/{BUNDLED_DATASET}/, six small image + Canny-edge pairs (crops of scikit-image's sample "
+            "photos) that Magic Portrait copies into ComfyUI's input folder when ComfyUI starts (it never "
+            "overwrites a file there). To use your own data, make a folder inside ComfyUI/input/ with NAME.png next "
+            "to NAME_condition.png (or images/ + conditions/ with matching names) and put its name in "
+            "dataset_folder; set resolution to your images' size (512 for SD1.5). Paths outside the input folder "
+            "are refused unless the server sets MAGIC_PORTRAIT_ALLOW_ABSOLUTE_DATASET=1.\n\nTraining keeps the base "
+            "model frozen, saves models/magic_repcontrolnet/<name>.safetensors with checkpoints every N steps "
+            "(resumable), and plots the loss. The trained file is applied right away to sample a picture from the "
+            "astronaut's edges.")
     ckpt = wf.node("CheckpointLoaderSimple", ckpt_name=CHECKPOINT)
     prompt = wf.node("CLIPTextEncode", text="a portrait photo of a person", title="Training prompt")
     wf.connect(ckpt.out("CLIP"), prompt, "clip")
     wf.column = 1
-    train = wf.node("MagicPortrait_TrainRepControlNet", dataset_folder="repcontrolnet_dataset",
-                    name="my_repcontrolnet_landmarks", steps=1000, checkpoint_every=100)
+    train = wf.node("MagicPortrait_TrainRepControlNet", dataset_folder=BUNDLED_DATASET, name=TRAINED_NAME, steps=1000,
+                    resolution=BUNDLED_SIZE, condition_type="canny", checkpoint_every=100)
     wf.connect(ckpt.out("MODEL"), train, "model")
     wf.connect(ckpt.out("VAE"), train, "vae")
     wf.connect(prompt.out(0), train, "positive")
     wf.column = 2
     loss = wf.node("LossGraphNode", filename_prefix="magic_portrait/repcontrolnet_loss")
     wf.connect(train.out(1), loss, "loss")
-    cond = wf.node("LoadImage", image=CONDITION_IMAGE, title="Condition image (landmarks)")
+    cond = wf.node("LoadImage", image=CONDITION_IMAGE, title="Condition image (Canny edges)")
     apply = wf.node("MagicPortrait_ApplyRepControlNet", strength=1.0, merge_weights=True)
     wf.connect(ckpt.out("MODEL"), apply, "model")
     wf.connect(train.out(0), apply, "repcontrolnet")

@@ -119,15 +119,12 @@ def test_inversion_example_runs_through_the_headless_runner(comfy, models_dir, t
     assert summary["outputs"]
 
 
-def test_training_example_runs_through_the_headless_runner(comfy, models_dir, tmp_path):
-    """Two training steps on one real pair (astronaut + its Canny edges), then sampling with the result."""
+def test_training_example_runs_through_the_headless_runner(comfy, pack, models_dir, tmp_path):
+    """As opened on a fresh server: two training steps on the bundled pairs the pack copied into the input folder
+    (real photos + their Canny edges), then sampling with the result."""
     from magic_portrait.runner import run_workflow
 
-    pairs = tmp_path / "in" / "repcontrolnet_dataset"
-    pairs.mkdir(parents=True)
-    for name, target in (("magic_portrait_astronaut.png", "portrait.png"), ("magic_portrait_condition.png", "portrait_condition.png")):
-        image = cv2.imread(str(REPO / "example_workflows" / name))
-        cv2.imwrite(str(pairs / target), cv2.resize(image, (64, 64), interpolation=cv2.INTER_AREA))
+    pack.nodes.example_inputs.install_example_inputs(tmp_path / "in")
     result = run_workflow(
         REPO / "example_workflows" / "repcontrolnet_train.json",
         sets=["MagicPortrait_TrainRepControlNet.steps=2", "MagicPortrait_TrainRepControlNet.resolution=64",
@@ -139,9 +136,9 @@ def test_training_example_runs_through_the_headless_runner(comfy, models_dir, tm
     )
     written = {f.name for f in result.files}
     assert any(name.startswith("repcontrolnet_trained") for name in written), written
-    trained = models_dir / "magic_repcontrolnet" / "my_repcontrolnet_landmarks.safetensors"
+    trained = models_dir / "magic_repcontrolnet" / "my_repcontrolnet_canny.safetensors"
     assert trained.is_file()
-    assert (models_dir / "magic_repcontrolnet" / "my_repcontrolnet_landmarks_training" / "losses.jsonl").is_file()
+    assert (models_dir / "magic_repcontrolnet" / "my_repcontrolnet_canny_training" / "losses.jsonl").is_file()
 
 
 @pytest.mark.parametrize(
