@@ -148,10 +148,6 @@ def _format_validation_error(valid) -> str:
     return "\n".join(lines)
 
 
-def _format_execution_error(messages) -> str:
-    return str(_execution_error(messages))
-
-
 def _execution_error(messages) -> WorkflowError:
     for event, data in messages:
         if event == "execution_error":

@@ -17,7 +17,7 @@ import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from . import comfy_env
@@ -82,6 +82,38 @@ class UsageError(Exception):
 
 class MissingFileError(WorkflowError):
     """A model or input file the workflow names is not where ComfyUI looks for it."""
+
+
+class UnsafePathError(WorkflowError):
+    """A file name (from a workflow or the command line) that would make the runner write outside its folder."""
+
+
+def contained_path(folder, name: str, what: str = "file") -> Path:
+    """Where to write `name` inside `folder`, refusing any name that leads out of it: an absolute path, a '..'
+    part, or a symlink already on disk that points elsewhere. Names come from workflows, which anyone can share,
+    so a name must never pick the file that gets written. `folder` itself may be a symlink (models folders often
+    are); sub-folders inside it ('SD1.5/model.safetensors') are fine. A file or folder that already exists there is
+    returned as is, wherever a symlink takes it: callers reuse what exists and never write over it."""
+    text = str(name)
+    parts = PurePosixPath(text.replace("\\", "/")).parts  # a backslash separates folders on Windows
+    root = Path(folder).resolve()
+    reason = None
+    if not text.strip() or text.strip() in (".", "/"):
+        reason = "it is empty"
+    elif PurePosixPath(text).is_absolute() or PureWindowsPath(text).anchor:
+        reason = "it is an absolute path"
+    elif ".." in parts:
+        reason = "it contains '..'"
+    elif (root / text).exists():
+        return root / text
+    else:
+        target = (root / text).resolve()  # follows every symlink already on disk, dangling ones too
+        if target == root or not target.is_relative_to(root):
+            reason = f"it resolves to {target} through a symlink"
+    if reason is not None:
+        raise UnsafePathError(f"refusing to write {what} '{text}': {reason}, outside {root}; a name must stay "
+                              f"inside its folder (sub-folders are fine)")
+    return target
 
 
 @dataclass
@@ -278,9 +310,10 @@ def stage_input_files(prompt: dict, node_classes: dict, input_dir: Path, search_
                 break
         if source is None:
             continue
-        target = input_dir / source.name
+        target = contained_path(input_dir, source.name, "input file")
         if target.exists() and _file_digest(target) != _file_digest(source):
-            target = input_dir / f"{source.stem}-{_file_digest(source)[:8]}{source.suffix}"
+            target = contained_path(input_dir, f"{source.stem}-{_file_digest(source)[:8]}{source.suffix}",
+                                    "input file")
         if not target.exists():
             input_dir.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, target)
@@ -318,6 +351,20 @@ def model_folder_for(class_type: str, input_name: str, choices: list, folder_lis
     return containing[0] if containing else None
 
 
+def _folder_lists() -> dict[str, list]:
+    """Every model folder type's file list (what model_folder_for matches option lists against)."""
+    import folder_paths
+
+    lists = {}
+    for name in folder_paths.folder_names_and_paths:
+        if name not in ("custom_nodes", "configs"):
+            try:
+                lists[name] = list(folder_paths.get_filename_list(name))
+            except Exception:  # a broken extra path must not hide the real problem
+                lists[name] = []
+    return lists
+
+
 def find_missing_files(prompt: dict, node_classes: dict, input_dirs: list | None = None) -> list[dict]:
     """Model files (COMBO inputs listing a model folder) and input files (upload COMBOs) the prompt names that
     ComfyUI cannot see: that is how its validation fails for them, with a less helpful message.
@@ -325,19 +372,7 @@ def find_missing_files(prompt: dict, node_classes: dict, input_dirs: list | None
     import folder_paths
 
     input_dirs = [str(d) for d in input_dirs] if input_dirs else [folder_paths.get_input_directory()]
-
     folder_lists: dict[str, list] = {}
-
-    def lists() -> dict[str, list]:
-        if not folder_lists:
-            for name in folder_paths.folder_names_and_paths:
-                if name not in ("custom_nodes", "configs"):
-                    try:
-                        folder_lists[name] = list(folder_paths.get_filename_list(name))
-                    except Exception:  # a broken extra path must not hide the real problem
-                        folder_lists[name] = []
-        return folder_lists
-
     missing = []
     for node_id, node in prompt.items():
         for name, spec in _declared_inputs(node["class_type"], node_classes).items():
@@ -350,11 +385,29 @@ def find_missing_files(prompt: dict, node_classes: dict, input_dirs: list | None
                 if not folder_paths.exists_annotated_filepath(value):
                     missing.append({**entry, "kind": "input", "dirs": input_dirs})
                 continue
-            folder = model_folder_for(node["class_type"], name, spec.choices or [], lists())
+            folder_lists = folder_lists or _folder_lists()
+            folder = model_folder_for(node["class_type"], name, spec.choices or [], folder_lists)
             if folder is not None:
                 missing.append({**entry, "kind": "model", "folder": folder,
                                 "dirs": folder_paths.get_folder_paths(folder)})
     return missing
+
+
+def named_model_files(prompt: dict, node_classes: dict) -> list[dict]:
+    """Every model file the prompt's loaders name, there or not, as find_missing_files describes one (without
+    'dirs'): what write_tiny_models takes to fill a models folder of its own, e.g. a separate server's."""
+    folder_lists = _folder_lists()
+    named = []
+    for node_id, node in prompt.items():
+        for name, spec in _declared_inputs(node["class_type"], node_classes).items():
+            value = node["inputs"].get(name)
+            if spec.type != "COMBO" or not isinstance(value, str) or any(spec.options.get(f) for f in UPLOAD_FLAGS):
+                continue
+            folder = model_folder_for(node["class_type"], name, spec.choices or [], folder_lists)
+            if folder is not None:
+                named.append({"node": node_id, "class_type": node["class_type"], "input": name, "value": value,
+                              "kind": "model", "folder": folder})
+    return named
 
 
 def format_missing(missing: list[dict]) -> str:
@@ -656,7 +709,9 @@ def run_workflow(
             looked = ([] if input_dir in cleanup else [input_dir]) + search
             missing = find_missing_files(prompt, node_classes, looked)
             if make_tiny_checkpoint_name is not None:
-                _write_tiny_checkpoints(make_tiny_checkpoint_name, missing, Path(models_dir), log, runtime, prompt)
+                write_tiny_models(models_dir, missing, checkpoint_name=make_tiny_checkpoint_name,
+                                  insightface_packs=_missing_insightface_packs(prompt, runtime), runtime=runtime,
+                                  log=log)
                 folder_paths.filename_list_cache.clear()
                 missing = find_missing_files(prompt, node_classes, looked)
             if missing:
@@ -693,36 +748,59 @@ def run_workflow(
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def _write_tiny_checkpoints(name: str, missing: list[dict], models_dir: Path, log, runtime=None,
-                            prompt: dict | None = None) -> None:
-    """Write tiny checkpoints, then tiny stand-ins made for the first of them (all noise) for the other missing model
-    files the workflow names: RepControlNet files, ControlNets, CLIP vision models, IP-Adapters and insightface
-    packs."""
-    names = [name] if name else sorted({m["value"] for m in missing if m["kind"] == "model"
-                                        and m["folder"] == "checkpoints"})
+def write_tiny_models(models_dir, models: list[dict], *, checkpoint_name: str = "", insightface_packs=(),
+                      runtime=None, log=None) -> list[Path]:
+    """Write tiny checkpoints into `models_dir`/checkpoints, then stand-ins made for the first of them (all noise)
+    for the other model files in `models` (find_missing_files / named_model_files entries): RepControlNet files,
+    ControlNets, CLIP vision models, IP-Adapters, and the insightface packs named. Files already there are kept.
+
+    `checkpoint_name`: the one checkpoint to write ("" = every checkpoint in `models`). Every target is checked to
+    stay inside its folder before anything is written (UnsafePathError). Returns the paths written."""
+    models_dir = Path(models_dir)
+    models = [m for m in models if m.get("kind", "model") == "model"]
+    names = [checkpoint_name] if checkpoint_name else sorted({m["value"] for m in models
+                                                              if m["folder"] == "checkpoints"})
     if not names:
         print("--make-tiny-checkpoint: the workflow names no missing checkpoint; nothing written", file=log)
-        return
-    for file_name in names:
-        target = models_dir / "checkpoints" / file_name
-        if target.is_file():
+        return []
+
+    def where(m: dict | None, kind: str = "model file") -> str:
+        return kind if m is None else f"{kind} for node {m['node']} ({m['class_type']}) input '{m['input']}'"
+
+    named_checkpoints = {m["value"]: m for m in models if m["folder"] == "checkpoints"}
+    checkpoints = [contained_path(models_dir / "checkpoints", name, where(named_checkpoints.get(name), "checkpoint"))
+                   for name in names]
+    unique = {(m["folder"], m["value"]): m for m in models if m["folder"] != "checkpoints"}
+    stand_ins = [] if runtime is None else [
+        (folder, contained_path(models_dir / folder, name, where(m))) for (folder, name), m in sorted(unique.items())
+    ]
+    packs = [] if runtime is None else [
+        contained_path(models_dir / "insightface" / "models", pack, "insightface pack")
+        for pack in sorted(set(insightface_packs))
+    ]
+    written = []
+    for target in checkpoints:
+        if target.exists():
             print(f"tiny checkpoint: {target} already exists, reused", file=log)
             print(TINY_NOTE, file=log)
             continue
-        make_tiny_checkpoint(target, seed=0, log=log)
-    if runtime is None:
-        return
-    for folder, file_name in sorted({(m["folder"], m["value"]) for m in missing if m["kind"] == "model"}):
-        target = models_dir / folder / file_name
-        written = _write_tiny_stand_in(folder, target, models_dir / "checkpoints" / names[0], runtime)
-        if written:
-            print(f"wrote tiny {written} {target} for {names[0]} (noise, for smoke runs)", file=log)
-    for pack in _missing_insightface_packs(prompt or {}, runtime):
-        target = models_dir / "insightface" / "models" / pack
+        written.append(make_tiny_checkpoint(target, seed=0, log=log))
+    for folder, target in stand_ins:
+        if target.exists():
+            continue
+        made = _write_tiny_stand_in(folder, target, checkpoints[0], runtime)
+        if made:
+            written.append(target)
+            print(f"wrote tiny {made} {target} for {names[0]} (noise, for smoke runs)", file=log)
+    for target in packs:
+        if target.exists():
+            continue
         from .tiny_insightface import write_tiny_insightface_pack
 
-        write_tiny_insightface_pack(target, layout="buffalo_l" if pack == "buffalo_l" else "antelopev2")
+        write_tiny_insightface_pack(target, layout="buffalo_l" if target.name == "buffalo_l" else "antelopev2")
+        written.append(target)
         print(f"wrote tiny insightface stand-in pack {target} (noise, for smoke runs)", file=log)
+    return written
 
 
 # What a tiny IP-Adapter is made for: the tiny SD1.5 checkpoint (16 cross-attention layers of width 320) and the
@@ -782,16 +860,23 @@ def _write_as(target: Path, write, container: str | None = None) -> None:
         staging.unlink(missing_ok=True)
 
 
-def _missing_insightface_packs(prompt: dict, runtime) -> list[str]:
+def named_insightface_packs(prompt: dict, runtime) -> list[str]:
+    """The insightface packs the prompt's Face Analysis Loaders use (backend insightface)."""
     faces = runtime.pack.nodes.faces
     packs = []
     for node in prompt.values():
         inputs = node.get("inputs", {})
         if node.get("class_type") == "MagicPortrait_FaceAnalysisLoader" and inputs.get("backend") == faces.INSIGHTFACE:
             pack = inputs.get("insightface_pack")
-            if isinstance(pack, str) and not any((root / "models" / pack).exists() for root in faces.insightface_roots()):
+            if isinstance(pack, str):
                 packs.append(pack)
     return sorted(set(packs))
+
+
+def _missing_insightface_packs(prompt: dict, runtime) -> list[str]:
+    roots = runtime.pack.nodes.faces.insightface_roots()
+    return [pack for pack in named_insightface_packs(prompt, runtime)
+            if not any((root / "models" / pack).exists() for root in roots)]
 
 
 def _write_summary(result: RunResult, workflow: str | None, runtime, output_dir: Path) -> None:

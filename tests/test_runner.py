@@ -13,9 +13,11 @@ import pytest
 
 from magic_portrait import workflow as wf
 from magic_portrait.runner import (
+    UnsafePathError,
     UsageError,
     apply_sets,
     coerce_value,
+    contained_path,
     model_folder_for,
     parse_set,
 )
@@ -463,6 +465,39 @@ def test_model_folder_from_option_list_table_or_input_name():
     assert model_folder_for("OpenAIImage", "model", ["gpt-image-1"], {**lists, "style_models": []}) is None
 
 
+def test_contained_path_keeps_names_inside_their_folder(tmp_path):
+    folder = tmp_path / "models" / "checkpoints"
+    folder.mkdir(parents=True)
+    assert contained_path(folder, "model.safetensors") == folder / "model.safetensors"
+    assert contained_path(folder, "SD1.5/model.safetensors") == folder / "SD1.5" / "model.safetensors"
+    for name, reason in (("../escape.safetensors", "'..'"), ("sub/../../escape.safetensors", "'..'"),
+                         ("..\\escape.safetensors", "'..'"), (str(tmp_path / "abs.safetensors"), "absolute"),
+                         ("C:\\models\\x.safetensors", "absolute"), ("", "empty"), (".", "empty")):
+        with pytest.raises(UnsafePathError, match=reason) as err:
+            contained_path(folder, name, "checkpoint")
+        assert f"refusing to write checkpoint '{name}'" in str(err.value) and str(folder) in str(err.value)
+
+
+def test_contained_path_refuses_symlinks_out_but_reuses_existing_files(tmp_path):
+    folder, outside = tmp_path / "models", tmp_path / "elsewhere"
+    folder.mkdir()
+    outside.mkdir()
+    (folder / "shared").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(UnsafePathError, match="through a symlink"):
+        contained_path(folder, "shared/new.safetensors")
+    (folder / "dangling.safetensors").symlink_to(outside / "target.safetensors")  # writing it would write outside
+    with pytest.raises(UnsafePathError, match="through a symlink"):
+        contained_path(folder, "dangling.safetensors")
+    (outside / "real.safetensors").write_bytes(b"weights")
+    (folder / "linked.safetensors").symlink_to(outside / "real.safetensors")  # a user's shared model: reused
+    assert contained_path(folder, "linked.safetensors") == folder.resolve() / "linked.safetensors"
+    linked_folder = tmp_path / "linked_models"
+    linked_folder.symlink_to(folder, target_is_directory=True)  # the folder itself may be a symlink
+    assert contained_path(linked_folder, "x.safetensors") == folder.resolve() / "x.safetensors"
+    assert not (outside / "target.safetensors").exists() and sorted(p.name for p in outside.iterdir()) == [
+        "real.safetensors"]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # ComfyUI tier: real conversions and runs
 
@@ -664,3 +699,36 @@ def test_cli_exit_codes_for_workflow_and_usage_errors(comfy, tmp_path, capsys):
     assert "has no input 'heigth'" in capsys.readouterr().err
     assert main(["run", str(tmp_path / "nope.json")]) == 2
     assert "workflow file not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("names", "args"),
+    [
+        ({"ckpt_name": "../escape.safetensors"}, []),
+        ({"ckpt_name": "model.safetensors", "ipadapter_file": "../../escape.safetensors"}, []),
+        ({"ckpt_name": "{abs}"}, []),
+        ({"ckpt_name": "model.safetensors"}, ["../escape.safetensors"]),  # --make-tiny-checkpoint NAME
+    ],
+    ids=["checkpoint-dotdot", "ipadapter-dotdot", "checkpoint-absolute", "cli-name-dotdot"],
+)
+def test_make_tiny_checkpoint_refuses_names_leading_out_and_writes_nothing(comfy, tmp_path, capsys, names, args):
+    """A shared workflow (or NAME) must never choose which file on disk gets written: refused before anything is."""
+    from magic_portrait.__main__ import main
+
+    names = {key: value.replace("{abs}", str(tmp_path / "escape.safetensors")) for key, value in names.items()}
+    prompt = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": names["ckpt_name"]}}}
+    if "ipadapter_file" in names:
+        prompt["2"] = {"class_type": "MagicPortrait_LoadIPAdapter",
+                       "inputs": {"ipadapter_file": names["ipadapter_file"], "variant": "auto (from the file)"}}
+    workflow = tmp_path / "work" / "workflow.json"
+    workflow.parent.mkdir()
+    workflow.write_text(json.dumps(prompt))
+    models = tmp_path / "work" / "models"
+    before = sorted(tmp_path.rglob("*"))
+    code = main(["run", str(workflow), "--models-dir", str(models), "--output-dir", str(tmp_path / "work" / "out"),
+                 "--make-tiny-checkpoint", *args])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert "refusing to write" in err and "escape.safetensors" in err and "Traceback" not in err
+    written = [p for p in sorted(tmp_path.rglob("*")) if p not in before and p.is_file()]
+    assert written == [], written  # not the escape, not even the well-named checkpoint
