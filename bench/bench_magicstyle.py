@@ -4,9 +4,16 @@ On SD1.5's UNet architecture with random weights (by default exactly SD1.5's: mo
 1,2,4,4, 8 heads, 16 attention layers; narrower with --width/--channel-mult for a quick run) at a 64x64 latent
 (512x512 px):
 
-- KV store bytes of the default layers (KV Feature Store default: decoder) for a 50-step schedule, storing the
-  normalised hidden state n, against storing q, k and v (goal <= 0.34). Measured on an inversion of --steps steps
-  (every stored tensor counted) and scaled per step to 50 steps; the store's own 50-step plan is printed next to it.
+- KV store bytes of the decoder layers (the KV Feature Store's default before issue 13) for a 50-step schedule,
+  storing the normalised hidden state n, against storing q, k and v (goal <= 0.34). Measured on an inversion of
+  --steps steps (every stored tensor counted) and scaled per step to 50 steps; the store's own 50-step plan is
+  printed next to it.
+- KV store bytes of the magicstyle preset's plan (the KV Feature Store's default now: only the layers and steps the
+  fusion reads) in fp16, int8 (per-token scale) and fp8_e4m3, against two q/k/v baselines in fp16: the decoder
+  layers the old default kept, and the fused layers only (goal for int8 <= 1/6 of the first; against the second
+  the per-row scales put it just above 1/6). All stores are filled by the same inversion of each image.
+- The fused sample (magicstyle) made from an int8 / fp8 store against the one made from the fp16 store, relative
+  RMS difference (goal for int8 <= 1%); fp16 against an fp32 store shows fp16's own share.
 - Sampling time with Feature Fusion Attention (magicstyle preset) over plain sampling (goal <= 1.25), next to the
   same fusion through attn1 replaces (its route when another pack's replace held the slot first), the same fusion
   inside another pack's replace set after it (found when sampling starts; the content weight realised by repeating
@@ -60,7 +67,8 @@ def main() -> None:
     from magic_portrait import tiny
 
     pack = runtime.pack
-    ms, ff, inv = pack.nodes.magicstyle, pack.magic_core.fusion, pack.magic_core.inversion
+    ff, inv, kvs = pack.magic_core.fusion, pack.magic_core.inversion, pack.magic_core.kv_store
+    cap, ms = pack.nodes.magicstyle_capture, pack.nodes.magicstyle_patch
     common, inversion_nodes = pack.nodes.common, pack.nodes.inversion
     torch.set_grad_enabled(False)
 
@@ -73,30 +81,50 @@ def main() -> None:
     z_s = torch.randn(1, 4, args.size, args.size, generator=g) * 4
     sigmas = common.schedule(model, "normal", args.steps, 1.0)
 
-    # ---- stores (default KV Feature Store settings: decoder layers, fp16, CPU)
-    spec = ms.KVStoreSpec()
-    stores = {}
+    # ---- stores, all filled by one inversion per image: the decoder layers in fp16 (the KV Feature Store's default
+    # before issue 13), and the magicstyle preset's plan (its default now) in fp32, fp16, int8 and fp8_e4m3
+    specs = {"decoder": cap.KVStoreSpec(layers="decoder", start_percent=0.0, end_percent=1.0)}
+    specs.update({fmt: cap.KVStoreSpec(dtype=fmt, fusion_preset="magicstyle")
+                  for fmt in ("fp32", "fp16", "int8", "fp8_e4m3")})
+    stores: dict[str, dict] = {}
     with torch.inference_mode():
-        for name, z in (("content", z_c), ("style", z_s)):
-            capturing, store = spec.begin(model=model, samples=z, sigmas=sigmas, node="bench")
+        for image, z in (("content", z_c), ("style", z_s)):
+            capturing, stores[image] = model, {}
+            for name, spec in specs.items():
+                capturing, stores[image][name] = spec.begin(model=capturing, samples=z, sigmas=sigmas, node="bench")
             latent, *_ = inversion_nodes.run_inversion(capturing, cond, None, 1.0, z, sigmas, "ddim", 0, 0.93)
-            spec.finish(store, node="bench")
-            stores[name] = (store, latent)
-    content, zt = stores["content"][0], stores["content"][1]
-    style = stores["style"][0]
-    per_step_n = content.nbytes / len(content.step_indices)
-    per_step_qkv = content.qkv_equivalent_nbytes() / len(content.step_indices)
-    plan50 = ms.kvs.KVStore(content.model_id, content.latent_shape, common.schedule(model, "normal", 50, 1.0),
-                            content.family, content.layers)
-    layers = ms.unet_attention_layers(model)
-    tokens_channels = {}
-    for k in content.layers:
-        gh, gw = ms._grid(args.size, args.size, layers[k].level)
-        tokens_channels[k] = (gh * gw, layers[k].channels)
-    planned50 = plan50.planned_nbytes(1, tokens_channels)
+            for name, spec in specs.items():
+                spec.finish(stores[image][name], node="bench")
+            if image == "content":
+                zt = latent
+    content, style = stores["content"]["decoder"], stores["style"]["decoder"]
+    steps_kept = len(content.step_indices)
+    per_step_n = content.nbytes / steps_kept
+    per_step_qkv = content.qkv_equivalent_nbytes() / steps_kept
+    layers = cap.unet_attention_layers(model)
 
-    # ---- models to time
+    def planned50(store) -> int:
+        tokens_channels = {}
+        for k in store.layers:
+            gh, gw = cap.token_grid(args.size, args.size, layers[k].level)
+            tokens_channels[k] = (gh * gw, layers[k].channels)
+        plan = kvs.KVStore(store.model_id, store.latent_shape, common.schedule(model, "normal", 50, 1.0),
+                           store.family, store.layers, dtype=store.dtype, start_percent=store.start_percent,
+                           end_percent=store.end_percent)
+        return plan.planned_nbytes(1, tokens_channels)
+
+    mib50 = {name: store.nbytes / len(store.step_indices) * 50 / 2**20 for name, store in stores["content"].items()}
+    plan16 = stores["content"]["fp16"]
+    qkv_decoder50 = per_step_qkv * 50 / 2**20
+    qkv_fused50 = plan16.qkv_equivalent_nbytes(dtype="fp16") / len(plan16.step_indices) * 50 / 2**20
+
+    # ---- the fused sample from each store format (magicstyle preset), not timed
     params = ff.get_preset("magicstyle")
+    fused_by_format, samples = {}, {}
+    for fmt in ("fp32", "fp16", "int8", "fp8_e4m3"):
+        fused_by_format[fmt], fmt_patches = ms.patch_model(model, params, "preset default", "",
+                                                           stores["content"][fmt], stores["style"][fmt], "bench")
+        assert set(fmt_patches) == set(stores["content"][fmt].layers)  # the plan kept exactly the fused layers
     fused, patches = ms.patch_model(model, params, "preset default", "", content, style, "bench")
 
     def shared_attention(q, k, v, extra):
@@ -104,8 +132,8 @@ def main() -> None:
         # reference's and attend over [K_ref ; K_self], [V_ref ; V_self]
         heads = extra["n_heads"]
         ref = ff.attention(q[:1], k[:1], v[:1], heads)
-        sa = ff.fuse_for_preset(ff.get_preset("stylealigned"), q[1:], k[1:], v[1:], None, (q[:1], k[:1], v[:1]),
-                                heads)
+        q_sa, k_sa = ff.adain(q[1:], q[:1], dims=1), ff.adain(k[1:], k[:1], dims=1)
+        sa = ff.FusionInputs(q_sa, [k[:1], k_sa], [v[:1], v[1:]], [1.0, 1.0]).attend(heads)
         return torch.cat([ref, sa], dim=0)
 
     # the same fusion through attn1 replaces (the route used when another pack's replace holds the slot): ComfyUI
@@ -131,12 +159,22 @@ def main() -> None:
 
     descending = inv.inversion_sigmas(sigmas).flip(0)
 
-    def run(m, x):
+    def run(m, x, out=None):
         sampler = comfy.samplers.KSAMPLER(inversion_nodes.reverse_sampler_function("ddim", 0.93))
         start = time.perf_counter()
         with torch.inference_mode():
-            common.guided_run(m, cond, None, 1.0, x, sampler, descending)
+            result = common.guided_run(m, cond, None, 1.0, x, sampler, descending)
+        if out is not None:
+            out.append(result)
         return time.perf_counter() - start
+
+    for fmt, m in fused_by_format.items():
+        got = []
+        run(m, zt, got)
+        samples[fmt] = got[0].float()
+    difference = {fmt: inv.relative_error(samples[fmt], samples["fp16"]) for fmt in ("int8", "fp8_e4m3")}
+    difference["fp16 vs fp32"] = inv.relative_error(samples["fp16"], samples["fp32"])
+    del fused_by_format, samples
 
     variants = {"plain": (model, zt), "ffa": (fused, zt), "ffa_replace": (replace_route, zt),
                 "ffa_inside_later": (inside_later, zt), "stylealigned": (aligned, batch2)}
@@ -165,8 +203,8 @@ def main() -> None:
     print()
     print("| measure | value | goal |")
     print("|---|---|---|")
-    print(f"| store bytes, 50 steps, default layers (decoder, {n_layers} layers, fp16): n | "
-          f"{per_step_n * 50 / 2**20:.1f} MiB (plan {planned50 / 2**20:.1f} MiB) | |")
+    print(f"| store bytes, 50 steps, decoder layers (the old default, {n_layers} layers, fp16): n | "
+          f"{per_step_n * 50 / 2**20:.1f} MiB (plan {planned50(content) / 2**20:.1f} MiB) | |")
     print(f"| same, storing q/k/v | {per_step_qkv * 50 / 2**20:.1f} MiB | |")
     print(f"| n / q,k,v | {per_step_n / per_step_qkv:.3f} | <= 0.34 |")
     print(f"| plain sampling | {best['plain']:.2f} s | |")
@@ -180,6 +218,33 @@ def main() -> None:
     print(f"| StyleAligned way (reference in the batch, shared attention, 16 layers) | {best['stylealigned']:.2f} s "
           "| |")
     print(f"| StyleAligned / plain | {best['stylealigned'] / best['plain']:.3f} | |")
+    print()
+    n_fused = len(plan16.layers)
+    print(f"Store of the magicstyle preset's plan (the KV Feature Store default: the {n_fused} fused layers "
+          f"({ms.lay.format_layers(plan16.layers)}), steps {plan16.start_percent:g}-{plan16.end_percent:g}), one "
+          "image, 50 steps, against q/k/v in fp16:")
+    print()
+    print("| store | MiB (50 steps) | / q,k,v fp16 of the decoder layers (old default) | / q,k,v fp16 of the fused "
+          "layers | goal |")
+    print("|---|--:|--:|--:|---|")
+    print(f"| q/k/v fp16, decoder layers ({n_layers}) | {qkv_decoder50:.1f} | 1.000 | | |")
+    print(f"| q/k/v fp16, fused layers ({n_fused}) | {qkv_fused50:.1f} | {qkv_fused50 / qkv_decoder50:.3f} | 1.000 "
+          "| |")
+    for fmt, what in (("fp32", "n fp32"), ("fp16", "n fp16"), ("int8", "n int8 + fp16 scale per token"),
+                      ("fp8_e4m3", "n fp8_e4m3 + fp16 scale per token")):
+        goal = "<= 1/6 (0.167) of the decoder q/k/v" if fmt == "int8" else ""
+        plan_mib = planned50(stores["content"][fmt]) / 2**20
+        print(f"| {what} | {mib50[fmt]:.1f} (plan {plan_mib:.1f}) | {mib50[fmt] / qkv_decoder50:.3f} | "
+              f"{mib50[fmt] / qkv_fused50:.3f} | {goal} |")
+    print()
+    print(f"Fused sample (magicstyle, {args.steps} steps) from an 8-bit store against the fp16 store, relative RMS "
+          "difference of the sampled latents:")
+    print()
+    print("| stores | relative difference | goal |")
+    print("|---|--:|---|")
+    print(f"| int8 vs fp16 | {difference['int8'] * 100:.3f}% | <= 1% |")
+    print(f"| fp8_e4m3 vs fp16 | {difference['fp8_e4m3'] * 100:.3f}% | |")
+    print(f"| fp16 vs fp32 (fp16's own share) | {difference['fp16 vs fp32'] * 100:.3f}% | |")
 
 
 if __name__ == "__main__":

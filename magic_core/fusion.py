@@ -1,33 +1,39 @@
 """Feature Fusion Attention (MagicStyle's FFA) and the related self-attention controls, as plain tensor maths.
 
-Conventions (all functions take ComfyUI's layout: ``[B, tokens, heads * dim_head]``, heads not split, and return the
-attention output before ``to_out``, like ComfyUI's ``optimized_attention``):
+One API computes every fusion: ``plan_fusion`` builds the ``FusionInputs`` of one batch part (the query and the
+key/value column groups with their weights), ``FusionInputs.attend`` computes them, ``FusionInputs.as_plain_qkv``
+re-expresses them as plain q/k/v for another attention function to compute. The definitions (DESIGN §3):
 
-- **tau** multiplies the logits: ``softmax(tau * q.k / sqrt(d) + log_bias)``. tau > 1 sharpens (StyleID's attention
-  temperature scaling, which scales the query by tau), tau 1 is plain attention. ``attention(q, k, v, tau=2)`` equals
-  ``attention(2 * q, k, v)``. The log-bias is added after the temperature, so a column weight stays a pure weight.
-- **content_weight** w_c multiplies the unnormalised attention of the content key columns: ``log(w_c)`` is added to
-  their logits. w_c = 1: plain concatenation; w_c = 2: exactly as if the content keys/values were duplicated;
-  w_c = 0: the content columns are left out (never a -inf logit).
-- **gamma**: query preservation ``Q = gamma * Q_c + (1 - gamma) * Q_x``.
-- Sources ``content``/``style`` are (q, k, v) triples computed from a KV store's ``n`` with the layer's own
-  projections. Their batch may be 1 (shared by every image) or equal to the current batch.
+- **query preservation**: ``Q = gamma * Q_c + (1 - gamma) * Q_x``.
+- **keys/values**: ``K = [K_s ; K_c (; K_x)]``, ``V = [V_s ; V_c (; V_x)]``; each column group has a weight that
+  multiplies its unnormalised attention: ``log(weight)`` is added to its logits. The content group weighs
+  **content_weight** w_c (w_c = 2 is exactly the content keys/values duplicated; w_c = 0 leaves them out, never a
+  -inf logit); the style group 1 (1/N for N style images side by side); the current pass's own group 1.
+- **tau** multiplies the logits: ``softmax(tau * q.k / sqrt(d) + log_bias) v``; tau 1 is plain attention and
+  ``attention(q, k, v, tau=2)`` equals ``attention(2 * q, k, v)``. The log-bias is added after the temperature, so
+  a column weight stays a pure weight.
+- StyleAligned's **AdaIN of Q and K** toward the style's statistics, per feature over tokens, before attending.
+
+Tensors use ComfyUI's layout, ``[B, tokens, heads * dim_head]`` with heads not split, and results are the attention
+output before ``to_out``, like ComfyUI's ``optimized_attention``. Stored sources are the hidden states ``n`` a KV
+store keeps, projected here with the layer's own projections; their batch is 1 (shared by every image) or the
+current batch (``batch_rows.BatchRows`` maps a CFG batch's rows onto them).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from .kv_store import percent_steps
 
-QKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 UNCOND_MODES = ("fuse", "plain", "style_only")
 
 
@@ -47,30 +53,13 @@ def _to_batch(t: torch.Tensor, b: int, name: str) -> torch.Tensor:
     raise ValueError(f"{name} has batch {t.shape[0]}; expected 1 (shared) or {b} (one per image)")
 
 
-def _bias4d(log_bias: torch.Tensor, b: int, tq: int, tk: int) -> torch.Tensor:
-    if log_bias.ndim == 1:  # [keys]
-        bias = log_bias.view(1, 1, 1, -1)
-    elif log_bias.ndim == 2:  # [B, keys]
-        bias = log_bias.view(log_bias.shape[0], 1, 1, -1)
-    elif log_bias.ndim == 3:  # [B, queries, keys]
-        bias = log_bias.unsqueeze(1)
-    elif log_bias.ndim == 4:  # [B, heads, queries, keys]
-        bias = log_bias
-    else:
-        raise ValueError(f"log_bias must have 1-4 dims, got shape {tuple(log_bias.shape)}")
-    if bias.shape[-1] != tk:
-        raise ValueError(f"log_bias has {bias.shape[-1]} key columns but there are {tk} keys")
-    return bias
-
-
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
               log_bias: torch.Tensor | None = None, tau: float = 1.0, upcast: bool = False) -> torch.Tensor:
     """softmax(tau * q.k / sqrt(dim_head) + log_bias) v per head, on [B, tokens, heads*dim] tensors.
 
-    k and v may have batch 1 (broadcast). `log_bias` is an additive logit bias: [keys] (a weight per key column),
-    [B, keys], [B, queries, keys] or [B, heads, queries, keys]. `upcast`: compute in float32 and return q's dtype
-    (what a model asking for fp32 attention precision, like SD2.x, needs in fp16/bf16). Returns
-    [B, queries, heads*dim_head].
+    k and v may have batch 1 (broadcast). `log_bias` ([keys]) is an additive logit bias per key column. `upcast`:
+    compute in float32 and return q's dtype (what a model asking for fp32 attention precision, like SD2.x, needs in
+    fp16/bf16). Returns [B, queries, heads*dim_head].
     """
     if tau <= 0:
         raise ValueError(f"tau must be > 0, got {tau}")
@@ -83,84 +72,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
     if k.shape[1] != v.shape[1]:
         raise ValueError(f"k has {k.shape[1]} tokens but v has {v.shape[1]}")
     qh, kh, vh = _split_heads(q, heads), _split_heads(k, heads), _split_heads(v, heads)
-    scale = tau / math.sqrt(qh.shape[-1])
     mask = None
     if log_bias is not None:
-        mask = _bias4d(log_bias, b, tq, kh.shape[2]).to(device=q.device, dtype=q.dtype)
-    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
+        if log_bias.ndim != 1 or log_bias.shape[0] != kh.shape[2]:
+            raise ValueError(f"log_bias must be one value per key column ({kh.shape[2]}), got {tuple(log_bias.shape)}")
+        mask = log_bias.to(device=q.device, dtype=q.dtype).view(1, 1, 1, -1)
+    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=tau / math.sqrt(qh.shape[-1]))
     return out.transpose(1, 2).reshape(b, tq, -1)
-
-
-def fused_attention(
-    q_x: torch.Tensor,
-    k_x: torch.Tensor,
-    v_x: torch.Tensor,
-    q_c: torch.Tensor | None,
-    k_c: torch.Tensor | None,
-    v_c: torch.Tensor | None,
-    k_s: torch.Tensor | None,
-    v_s: torch.Tensor | None,
-    heads: int,
-    gamma: float = 0.0,
-    content_weight: float = 1.0,
-    tau: float = 1.0,
-    include_self: bool = False,
-) -> torch.Tensor:
-    """Feature Fusion Attention (DESIGN §3).
-
-    Q = gamma * Q_c + (1 - gamma) * Q_x;  K = [K_s ; K_c (; K_x)],  V = [V_s ; V_c (; V_x)]
-    with log(content_weight) added to the content columns' logits (content_weight 0 leaves them out) and the
-    temperature tau on all logits. `include_self` appends the current pass's own K/V (weight 1).
-    Any source may be None (not used); at least one key/value source must remain.
-    """
-    if not 0.0 <= gamma <= 1.0:
-        raise ValueError(f"gamma must be in [0, 1], got {gamma}")
-    if content_weight < 0 or not math.isfinite(content_weight):
-        raise ValueError(f"content_weight must be a finite number >= 0, got {content_weight}")
-    b = q_x.shape[0]
-    if gamma == 0.0:
-        q = q_x
-    else:
-        if q_c is None:
-            raise ValueError("gamma > 0 needs the content query q_c (connect a content KV store)")
-        q_c = _to_batch(q_c, b, "q_c")
-        if q_c.shape != q_x.shape:
-            raise ValueError(f"content query {tuple(q_c.shape)} does not match the current query {tuple(q_x.shape)}")
-        q = q_c if gamma == 1.0 else gamma * q_c + (1.0 - gamma) * q_x
-    keys, values, biases = [], [], []
-    if k_s is not None:
-        if v_s is None:
-            raise ValueError("k_s given without v_s")
-        keys.append(_to_batch(k_s, b, "k_s"))
-        values.append(_to_batch(v_s, b, "v_s"))
-        biases.append(0.0)
-    if k_c is not None and content_weight > 0:
-        if v_c is None:
-            raise ValueError("k_c given without v_c")
-        keys.append(_to_batch(k_c, b, "k_c"))
-        values.append(_to_batch(v_c, b, "v_c"))
-        biases.append(math.log(content_weight))
-    if include_self:
-        keys.append(k_x)
-        values.append(v_x)
-        biases.append(0.0)
-    if not keys:
-        raise ValueError("fused attention has no key/value source (style and content both absent or weighted 0)")
-    k = keys[0] if len(keys) == 1 else torch.cat(keys, dim=1)
-    v = values[0] if len(values) == 1 else torch.cat(values, dim=1)
-    log_bias = None
-    if any(bias != 0.0 for bias in biases) and len(keys) > 1:
-        log_bias = torch.cat(
-            [torch.full((kk.shape[1],), bias, device=q.device, dtype=q.dtype) for kk, bias in zip(keys, biases, strict=True)]
-        )
-    return attention(q, k, v, heads, log_bias=log_bias, tau=tau)
-
-
-def project_qkv(n: torch.Tensor, to_q, to_k, to_v, dtype: torch.dtype | None = None) -> QKV:
-    """(q, k, v) of a stored hidden state with a layer's own projections (attn1.to_q/to_k/to_v), in `dtype`."""
-    if dtype is not None:
-        n = n.to(dtype)
-    return to_q(n), to_k(n), to_v(n)
 
 
 def style_side_by_side(n: torch.Tensor, batch: int) -> tuple[torch.Tensor, float]:
@@ -318,131 +236,10 @@ def get_preset(name: str, **overrides) -> FusionParams:
     return params.replace(**overrides) if overrides else params
 
 
-def _require_sources(params: FusionParams, content, style) -> None:
-    who = f"fusion preset {params.name!r}"
-    if params.needs_content and content is None:
-        raise ValueError(f"{who} needs content features: connect a content KV store")
-    if params.needs_style and style is None:
-        raise ValueError(f"{who} needs style features: connect a style KV store")
-
-
-def _adain_qk(params: FusionParams, q_x, k_x, style):
-    """StyleAligned: the current queries and keys renormalised toward the reference's statistics."""
-    if not params.adain_qk:
-        return q_x, k_x
-    return adain(q_x, style[0], dims=1), adain(k_x, style[1], dims=1)
-
-
-def fuse_for_preset(
-    params: FusionParams,
-    q_x: torch.Tensor,
-    k_x: torch.Tensor,
-    v_x: torch.Tensor,
-    content: QKV | None,
-    style: QKV | None,
-    heads: int,
-    branch: str = "cond",
-) -> torch.Tensor:
-    """Self-attention output for one batch chunk under `params`.
-
-    branch "cond" (or "fuse"-mode uncond): query preservation from the content, K/V from the enabled sources,
-    AdaIN of Q/K toward the style when `adain_qk` (then attending over [K_style ; K_x_adain], [V_style ; V_x] when
-    `include_self`). branch "uncond" follows `params.uncond_mode`. Missing required sources raise ValueError.
-    """
-    if branch not in ("cond", "uncond"):
-        raise ValueError(f"branch must be 'cond' or 'uncond', got {branch!r}")
-    if branch == "uncond" and params.uncond_mode == "plain":
-        return attention(q_x, k_x, v_x, heads)
-    if branch == "uncond" and params.uncond_mode == "style_only":
-        if style is None:
-            return attention(q_x, k_x, v_x, heads)
-        q, k_self = q_x, k_x
-        if params.adain_qk:
-            q, k_self = adain(q_x, style[0], dims=1), adain(k_x, style[1], dims=1)
-        return fused_attention(q, k_self, v_x, None, None, None, style[1], style[2], heads, gamma=0.0,
-                               content_weight=0.0, tau=params.tau, include_self=params.include_self)
-    _require_sources(params, content, style)
-    q, k_self = _adain_qk(params, q_x, k_x, style)
-    q_c, k_c, v_c = content if content is not None else (None, None, None)
-    k_s, v_s = (style[1], style[2]) if params.use_style_kv else (None, None)
-    use_c = params.use_content_kv and content is not None
-    return fused_attention(
-        q, k_self, v_x,
-        q_c if params.gamma > 0 else None,
-        k_c if use_c else None,
-        v_c if use_c else None,
-        k_s, v_s, heads,
-        gamma=params.gamma,
-        content_weight=params.content_weight if use_c else 0.0,
-        tau=params.tau,
-        include_self=params.include_self,
-    )
-
-
-def _chunk_source(src: QKV | None, rows: int, b: int, sl: slice) -> QKV | None:
-    if src is None:
-        return None
-    out = []
-    for t in src:
-        if t.shape[0] == rows and rows != b:
-            out.append(t[sl])
-        elif t.shape[0] in (1, b):
-            out.append(t)
-        else:
-            raise ValueError(f"source batch {t.shape[0]} must be 1, the per-chunk batch {b} or all {rows} rows")
-    return tuple(out)
-
-
-def fuse_batched(
-    params: FusionParams,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    content: QKV | None,
-    style: QKV | None,
-    heads: int,
-    cond_or_uncond: Sequence[int] | None = None,
-) -> torch.Tensor:
-    """`fuse_for_preset` over a ComfyUI batch of len(cond_or_uncond) chunks of B rows (0 = cond, 1 = uncond).
-
-    Sources may have batch 1, B (per chunk) or all rows (as ``KVStore.get(..., cond_or_uncond=...)`` returns).
-    Uncond chunks follow `params.uncond_mode`; with "fuse" (or no uncond chunk) the whole batch is one call.
-    """
-    chunks = list(cond_or_uncond) if cond_or_uncond else [0]
-    rows = q.shape[0]
-    if rows % len(chunks):
-        raise ValueError(f"{rows} rows do not split into {len(chunks)} cond/uncond chunks")
-    b = rows // len(chunks)
-    if params.uncond_mode == "fuse" or all(c != 1 for c in chunks):
-        return fuse_for_preset(params, q, k, v, _whole_source(content, rows, b), _whole_source(style, rows, b),
-                               heads, "cond")
-    outs = []
-    for j, flag in enumerate(chunks):
-        sl = slice(j * b, (j + 1) * b)
-        outs.append(fuse_for_preset(params, q[sl], k[sl], v[sl], _chunk_source(content, rows, b, sl),
-                                    _chunk_source(style, rows, b, sl), heads, "uncond" if flag == 1 else "cond"))
-    return torch.cat(outs, dim=0)
-
-
-def _whole_source(src: QKV | None, rows: int, b: int) -> QKV | None:
-    """Map a source onto all rows: batch 1 or `rows` as is, per-chunk batch `b` tiled once per chunk."""
-    if src is None:
-        return None
-    out = []
-    for t in src:
-        if t.shape[0] in (1, rows):
-            out.append(t)
-        elif t.shape[0] == b:
-            out.append(t.repeat(rows // b, 1, 1))
-        else:
-            raise ValueError(f"source batch {t.shape[0]} must be 1, the per-chunk batch {b} or all {rows} rows")
-    return tuple(out)
-
-
 # --------------------------------------------------------------------------------------------------- plans
 @dataclass
 class FusionInputs:
-    """What Feature Fusion Attention attends with for one batch chunk: the query, key/value column groups with a
+    """What Feature Fusion Attention attends with for one batch part: the query, key/value column groups with a
     weight each (a multiplier of their unnormalised attention, i.e. log(weight) added to their logits) and tau.
 
     ``attend`` computes the attention; ``as_plain_qkv`` re-expresses it as plain q, k, v (tau folded into q, weights
@@ -513,38 +310,86 @@ def plain_repetitions(weights: Sequence[float], max_denominator: int = 4, max_gr
     return best
 
 
-def _fusion_mode(params: FusionParams, branch: str, content, style) -> str | None:
-    """How one chunk attends: "fuse" (its required sources checked), "style_only" or None (plain attention)."""
+class Projections(NamedTuple):
+    """A layer's own (affine) projections of a hidden state: attn1's to_q, to_k and to_v."""
+
+    to_q: Callable[[torch.Tensor], torch.Tensor]
+    to_k: Callable[[torch.Tensor], torch.Tensor]
+    to_v: Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class CurrentPass:
+    """The current pass at a fused layer, in the form ComfyUI hands it over: the hidden state entering attn1 (`n`,
+    with attn1's optional `context`/`value` for its keys/values), projected only where fusion reads it; or the
+    q/k/v an attn1 replace receives, already projected."""
+
+    n: torch.Tensor | None = None
+    context: torch.Tensor | None = None
+    value: torch.Tensor | None = None
+    q: torch.Tensor | None = None
+    k: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if (self.n is None) == (self.q is None) or (self.q is not None and (self.k is None or self.v is None)):
+            raise ValueError("the current pass is either a hidden state n or projected q, k and v")
+
+    @property
+    def lead(self) -> torch.Tensor:
+        """The tensor whose rows, tokens, dtype and device are the call's (n or q)."""
+        return self.q if self.n is None else self.n
+
+    def take(self, rows: slice) -> CurrentPass:
+        return CurrentPass(*(None if t is None else t[rows]
+                             for t in (self.n, self.context, self.value, self.q, self.k, self.v)))
+
+    def projected_query(self, proj: Projections) -> torch.Tensor:
+        return self.q if self.n is None else proj.to_q(self.n)
+
+    def projected_key(self, proj: Projections) -> torch.Tensor:
+        return self.k if self.n is None else proj.to_k(self.n if self.context is None else self.context)
+
+    def projected_value(self, proj: Projections) -> torch.Tensor:
+        if self.n is None:
+            return self.v
+        source = self.value if self.value is not None else self.context if self.context is not None else self.n
+        return proj.to_v(source)
+
+
+def _require_sources(params: FusionParams, has_content: bool, has_style: bool) -> None:
+    who = f"fusion preset {params.name!r}"
+    if params.needs_content and not has_content:
+        raise ValueError(f"{who} needs content features: connect a content KV store")
+    if params.needs_style and not has_style:
+        raise ValueError(f"{who} needs style features: connect a style KV store")
+
+
+def fusion_mode(params: FusionParams, branch: str, has_content: bool, has_style: bool) -> str | None:
+    """How one batch part attends: "fuse" (its required sources checked), "style_only" or None (plain attention:
+    an uncond part under uncond_mode "plain", or "style_only" without a style source)."""
     if branch not in ("cond", "uncond"):
         raise ValueError(f"branch must be 'cond' or 'uncond', got {branch!r}")
     if branch == "cond" or params.uncond_mode == "fuse":
-        _require_sources(params, content, style)
+        _require_sources(params, has_content, has_style)
         return "fuse"
-    if params.uncond_mode == "style_only" and style is not None:
+    if params.uncond_mode == "style_only" and has_style:
         return "style_only"
     return None
 
 
-def _column_groups(params: FusionParams, q: torch.Tensor, style_only: bool, has_content: bool, style_kv, content_kv,
-                   self_kv, style_weight: float = 1.0) -> FusionInputs:
-    """FusionInputs over the key/value groups `params` enables; style_kv/content_kv/self_kv are called (to project
-    lazily) only for the groups used. `style_weight` weighs the style group (1/N for N style images side by side)."""
-    keys, values, weights = [], [], []
-    groups = (
-        (params.use_style_kv or style_only, style_kv, float(style_weight)),
-        (not style_only and params.use_content_kv and params.content_weight > 0 and has_content, content_kv,
-         float(params.content_weight)),
-        (params.include_self, self_kv, 1.0),
-    )
-    for used, kv, weight in groups:
-        if used:
-            k, v = kv()
-            keys.append(k)
-            values.append(v)
-            weights.append(weight)
-    if not keys:
-        raise ValueError("fused attention has no key/value source (style and content both absent or weighted 0)")
-    return FusionInputs(q=q, keys=keys, values=values, weights=weights, tau=float(params.tau))
+def column_groups(params: FusionParams, style_only: bool = False, has_content: bool = True,
+                  style_weight: float = 1.0) -> list[tuple[str, float]]:
+    """The key/value column groups a part attends to, in order, with their weights: "style" (weight
+    `style_weight`), "content" (content_weight; not on a style_only part) and "self" (include_self, weight 1)."""
+    groups = []
+    if params.use_style_kv or style_only:
+        groups.append(("style", float(style_weight)))
+    if not style_only and params.use_content_kv and params.content_weight > 0 and has_content:
+        groups.append(("content", float(params.content_weight)))
+    if params.include_self:
+        groups.append(("self", 1.0))
+    return groups
 
 
 def _preserve_query(gamma: float, q_c: torch.Tensor, q: torch.Tensor, what: str) -> torch.Tensor:
@@ -555,75 +400,59 @@ def _preserve_query(gamma: float, q_c: torch.Tensor, q: torch.Tensor, what: str)
     return q_c if gamma == 1.0 else torch.lerp(q, q_c, gamma)
 
 
-def fusion_inputs(
+def plan_fusion(
     params: FusionParams,
-    q_x: torch.Tensor,
-    k_x: torch.Tensor,
-    v_x: torch.Tensor,
-    content: Sequence[torch.Tensor | None] | None,
-    style: Sequence[torch.Tensor | None] | None,
-    branch: str = "cond",
-    style_weight: float = 1.0,
-) -> FusionInputs | None:
-    """The FusionInputs `fuse_for_preset` attends with for one chunk, or None for plain attention (an uncond chunk
-    under uncond_mode "plain", or "style_only" without a style source).
-
-    `content`/`style` are (q, k, v) whose unused entries may be None (so callers project only what is needed:
-    content q when gamma > 0, content k/v when content K/V are used, style q only for adain_qk).
-    ``fusion_inputs(...).attend(heads)`` equals ``fuse_for_preset(...)`` for the same arguments (style_weight 1).
-    `style_weight` multiplies the style columns' attention: ``style_side_by_side`` of N images with weight 1/N
-    makes them count together as one reference.
-    """
-    mode = _fusion_mode(params, branch, content, style)
-    if mode is None:
-        return None
-    style_only = mode == "style_only"
-    q, k_self = _adain_qk(params, q_x, k_x, style)
-    if not style_only and params.gamma > 0:
-        q = _preserve_query(params.gamma, content[0], q, "query")
-    return _column_groups(params, q, style_only, content is not None, lambda: (style[1], style[2]),
-                          lambda: (content[1], content[2]), lambda: (k_self, v_x), style_weight)
-
-
-def hidden_fusion_inputs(
-    params: FusionParams,
-    n_x: torch.Tensor,
-    to_q,
-    to_k,
-    to_v,
+    proj: Projections,
+    current: CurrentPass,
     content_n: torch.Tensor | None,
     style_n: torch.Tensor | None,
     branch: str = "cond",
-    context: torch.Tensor | None = None,
-    value: torch.Tensor | None = None,
     style_weight: float = 1.0,
 ) -> FusionInputs | None:
-    """``fusion_inputs`` from hidden states: the current pass's ``n_x`` and the stores' ``content_n``/``style_n``
-    ([1 or B, tokens, C]), projected here with the layer's own (affine) to_q/to_k/to_v.
+    """The FusionInputs of one batch part under `params`, or None where the part attends plainly.
 
-    Projects only what the fusion reads, which saves three of the eight projections the q/k/v route needs:
-    - the current pass's k/v only for ``include_self`` (from ``context``/``value`` when given, as attn1 does);
-    - one query projection: an affine map keeps affine combinations, so
-      ``to_q(gamma * n_c + (1 - gamma) * n_x) == gamma * to_q(n_c) + (1 - gamma) * to_q(n_x)``
-      (not with ``adain_qk``, which renormalises the current query before the mix).
-    ``hidden_fusion_inputs(...).attend(heads)`` equals ``fusion_inputs(...)`` on the projected q/k/v to float
-    rounding. Returns None for plain attention, like ``fusion_inputs``.
+    `content_n`/`style_n` are the stores' hidden states ([1 or B, tokens, C]; the style may have its own token
+    count), projected here with the layer's `proj`. Projects only what the fusion reads: the current pass's k/v
+    only for ``include_self``, the style's query only for ``adain_qk``; and, from a hidden state, one query
+    projection, since an affine map keeps affine combinations:
+    ``to_q(gamma * n_c + (1 - gamma) * n_x) == gamma * to_q(n_c) + (1 - gamma) * to_q(n_x)``
+    (not with ``adain_qk``, which renormalises the current query before the mix).
+
+    branch "cond" (or any part under uncond_mode "fuse"): query preservation, K/V of the enabled sources, AdaIN of
+    Q/K toward the style when ``adain_qk``. branch "uncond" follows ``params.uncond_mode``: "plain" -> None,
+    "style_only" -> the current (AdaIN-ed) query on the style K/V (and its own with include_self), no content.
+    `style_weight` weighs the style group (``style_side_by_side`` of N images: 1/N). Missing required sources raise
+    ValueError.
     """
-    mode = _fusion_mode(params, branch, content_n, style_n)
+    mode = fusion_mode(params, branch, content_n is not None, style_n is not None)
     if mode is None:
         return None
     style_only = mode == "style_only"
     preserve = not style_only and params.gamma > 0
-    kv_in = n_x if context is None else context
-    k_self = to_k(kv_in) if params.include_self else None
+    k_self = current.projected_key(proj) if params.include_self else None
     if params.adain_qk:
-        q = adain(to_q(n_x), to_q(style_n), dims=1)
+        q = adain(current.projected_query(proj), proj.to_q(style_n), dims=1)
         if k_self is not None:
-            k_self = adain(k_self, to_k(style_n), dims=1)
+            k_self = adain(k_self, proj.to_k(style_n), dims=1)
         if preserve:
-            q = _preserve_query(params.gamma, to_q(content_n), q, "query")
+            q = _preserve_query(params.gamma, proj.to_q(content_n), q, "query")
+    elif preserve and current.n is not None:
+        q = proj.to_q(_preserve_query(params.gamma, content_n, current.n, "hidden state"))
+    elif preserve:
+        q = _preserve_query(params.gamma, proj.to_q(content_n), current.q, "query")
     else:
-        q = to_q(_preserve_query(params.gamma, content_n, n_x, "hidden state") if preserve else n_x)
-    return _column_groups(params, q, style_only, content_n is not None, lambda: (to_k(style_n), to_v(style_n)),
-                          lambda: (to_k(content_n), to_v(content_n)),
-                          lambda: (k_self, to_v(kv_in if value is None else value)), style_weight)
+        q = current.projected_query(proj)
+    keys, values, weights = [], [], []
+    for group, weight in column_groups(params, style_only, content_n is not None, style_weight):
+        if group == "style":
+            k, v = proj.to_k(style_n), proj.to_v(style_n)
+        elif group == "content":
+            k, v = proj.to_k(content_n), proj.to_v(content_n)
+        else:
+            k, v = k_self, current.projected_value(proj)
+        keys.append(k)
+        values.append(v)
+        weights.append(weight)
+    if not keys:
+        raise ValueError("fused attention has no key/value source (style and content both absent or weighted 0)")
+    return FusionInputs(q=q, keys=keys, values=values, weights=weights, tau=float(params.tau))

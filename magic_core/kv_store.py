@@ -7,8 +7,15 @@ costs a third of the memory (see ``qkv_equivalent_nbytes``).
 - Steps are keyed by sigma. The store is created for one sampling schedule (descending sigmas; a trailing 0 is
   dropped), step ``i`` being the model call at ``sigmas[i]``. Lookups match a sigma with a relative tolerance of 1e-4.
   A step selection (explicit indices and/or a start-end percent of the steps) limits which steps are kept.
-- Storage: dtype fp16 (default), bf16 or fp32; device CPU (default, offloaded) or any torch device; a byte budget
-  checked *before* a tensor is stored (``StoreBudgetError``).
+- Storage: dtype fp16 (default), bf16 or fp32, or 8 bits per element: ``int8`` (symmetric, one scale per token
+  row: |x - deq(q(x))| <= scale / 2) or ``fp8_e4m3`` (float8 e4m3fn times one scale per token row: relative error
+  <= 2^-4, absolute <= 2^-10 * scale near zero); scales are fp16 (``scale_dtype``), rounded up so no value clips.
+  Recording quantises, ``get`` dequantises to the requested dtype/device. Device CPU (default, offloaded) or any
+  torch device; a byte budget (scales counted) checked *before* a tensor is stored (``StoreBudgetError``).
+- Plan: a store keeps only what a fusion will read. ``FeaturePlan`` (layers + step range, from a fusion preset or
+  a user's choice) is what the KV Feature Store node records and what Feature Fusion Attention checks against
+  (``KVStore.check_covers``): a layer or step the fusion needs and the store did not keep is a
+  ``StoreCoverageError`` naming both nodes, never a silently skipped layer.
 - Identity: ``model_id`` (opaque string from the caller: the checkpoint and architecture, weight patches such as
   LoRAs left out), ``weight_patches`` (opaque description of the weight patches the recording model carried, for
   notes), ``latent_shape`` (C, H, W), the schedule, the family. ``check_compatible`` raises ``StoreMismatchError``
@@ -27,6 +34,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -34,8 +42,15 @@ from .layers import LayerKey, format_layers, layer_info, normalize_family, token
 
 SIGMA_RTOL = 1e-4
 DEFAULT_BUDGET_BYTES = 8 * 1024**3
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+FLOAT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+# 8-bit formats: stored values times a per-token-row scale; QMAX is the largest stored magnitude
+QUANTIZED_DTYPES = {"int8": torch.int8, "fp8_e4m3": torch.float8_e4m3fn}
+QMAX = {torch.int8: 127.0, torch.float8_e4m3fn: float(torch.finfo(torch.float8_e4m3fn).max)}
+DTYPES = {**FLOAT_DTYPES, **QUANTIZED_DTYPES}
+SCALE_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+_DTYPE_ALIASES = {"float16": "fp16", "half": "fp16", "bfloat16": "bf16", "float32": "fp32", "float": "fp32",
+                  "float8_e4m3fn": "fp8_e4m3", "fp8": "fp8_e4m3", "e4m3": "fp8_e4m3"}
 
 
 class StoreBudgetError(RuntimeError):
@@ -46,16 +61,104 @@ class StoreMismatchError(ValueError):
     """A store used with a model, latent size, schedule or batch it was not recorded for."""
 
 
+class StoreCoverageError(StoreMismatchError):
+    """A fusion asks for a layer or step its store did not keep."""
+
+
 def storage_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         if dtype not in _DTYPE_NAMES:
             raise ValueError(f"storage dtype must be one of {', '.join(DTYPES)}, got {dtype}")
         return dtype
     key = str(dtype).strip().lower()
-    key = {"float16": "fp16", "half": "fp16", "bfloat16": "bf16", "float32": "fp32", "float": "fp32"}.get(key, key)
+    key = _DTYPE_ALIASES.get(key, key)
     if key not in DTYPES:
         raise ValueError(f"storage dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     return DTYPES[key]
+
+
+def is_quantized(dtype: torch.dtype) -> bool:
+    return dtype in QMAX
+
+
+def _round_up_to(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """float64 `values` in `dtype`, rounded toward +inf (so a scale never shrinks and no scaled value clips)."""
+    out = values.to(dtype)
+    below = out.double() < values
+    if bool(below.any()):
+        out = torch.where(below, torch.nextafter(out, torch.full_like(out, math.inf)), out)
+    return out
+
+
+def quantize_rows(x: torch.Tensor, dtype: str | torch.dtype, scale_dtype: torch.dtype = torch.float16
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric 8-bit quantisation with one scale per row (last dim): returns (values, scale [..., 1]).
+
+    scale = max|row| / QMAX, rounded up in `scale_dtype`; values = x / scale rounded to the format (int8: nearest
+    integer, |x - values * scale| <= scale / 2; float8 e4m3fn: nearest float8, relative error <= 2^-4 and absolute
+    <= 2^-10 * scale below e4m3's smallest normal). An all-zero row gets scale 0. `x` is not modified.
+    """
+    fmt = storage_dtype(dtype)
+    if not is_quantized(fmt):
+        raise ValueError(f"quantize_rows needs an 8-bit format ({', '.join(QUANTIZED_DTYPES)}), got {dtype!r}")
+    qmax = QMAX[fmt]
+    xf = x.detach().float()
+    amax = xf.abs().amax(dim=-1, keepdim=True)
+    if not bool(torch.isfinite(amax).all()):
+        raise ValueError("cannot quantise features holding inf or NaN")
+    # float64 so that rounding up in the scale's dtype is exact; on the CPU (one value per row), as not every
+    # device has float64
+    ideal = amax.cpu().double() / qmax
+    if bool((ideal > torch.finfo(scale_dtype).max).any()):
+        raise ValueError(f"features up to {float(amax.max()):.3g} overflow a {scale_dtype} scale; store them in "
+                         "fp32/bf16 or use fp32 scales")
+    scale = _round_up_to(ideal, scale_dtype).to(x.device)
+    divisor = torch.where(scale > 0, scale.float(), torch.ones_like(amax))
+    scaled = (xf / divisor).clamp_(-qmax, qmax)  # the clamp only trims float32 division rounding
+    values = scaled.round_().to(torch.int8) if fmt == torch.int8 else scaled.to(fmt)
+    return values, scale
+
+
+def dequantize_rows(values: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32,
+                    device: str | torch.device | None = None) -> torch.Tensor:
+    """values * scale, computed in float32 (exact for int8/e4m3 values times an fp16 scale) and cast to `dtype`."""
+    device = values.device if device is None else device
+    out = values.to(device=device, dtype=torch.float32) * scale.to(device=device, dtype=torch.float32)
+    return out.to(dtype)
+
+
+def entry_nbytes(rows: int, channels: int, dtype: torch.dtype, scale_dtype: torch.dtype = torch.float16) -> int:
+    """Bytes of `rows` token rows of `channels` stored in `dtype` (8-bit formats: plus one scale per row)."""
+    scale = _element_size(scale_dtype) if is_quantized(dtype) else 0
+    return int(rows) * (int(channels) * _element_size(dtype) + scale)
+
+
+@dataclass(frozen=True)
+class FeaturePlan:
+    """What a fusion will read from a store: its layers and step range (``percent_steps`` of the schedule).
+
+    `origin` says where the selection came from, for messages (e.g. "fusion preset 'magicstyle'"). The KV Feature
+    Store keeps exactly this; Feature Fusion Attention checks the store against the layers and steps it fuses.
+    """
+
+    layers: tuple[LayerKey, ...]
+    start_percent: float = 0.0
+    end_percent: float = 1.0
+    origin: str = ""
+
+    def __post_init__(self):
+        object.__setattr__(self, "layers", tuple(dict.fromkeys(_norm_key(k) for k in self.layers)))
+        if not self.layers:
+            raise ValueError("a feature plan needs at least one layer")
+        percent_steps(1, self.start_percent, self.end_percent)  # validates the range
+
+    def steps(self, n_steps: int) -> list[int]:
+        return percent_steps(n_steps, self.start_percent, self.end_percent)
+
+    def describe(self, n_steps: int | None = None) -> str:
+        steps = (f"steps {_ranges_text(self.steps(n_steps))} of {n_steps}" if n_steps is not None
+                 else f"steps {self.start_percent:g}-{self.end_percent:g} of the schedule")
+        return f"layers {format_layers(self.layers)}, {steps}"
 
 
 def human_bytes(n: int) -> str:
@@ -186,6 +289,9 @@ class KVStore:
         inner_dims: Mapping[LayerKey, int] | None = None,
         label: str = "",
         weight_patches: str = "",
+        scale_dtype: str | torch.dtype = "fp16",
+        selected_by: str = "",
+        origin: str = "",
     ):
         self.model_id = str(model_id)
         self.weight_patches = str(weight_patches)
@@ -202,6 +308,8 @@ class KVStore:
             raise ValueError("a KV store needs at least one layer")
         self._layer_set = frozenset(self.layers)
         self.dtype = storage_dtype(dtype)
+        self.quantized = is_quantized(self.dtype)
+        self.scale_dtype = _scale_dtype(scale_dtype)
         self.device = torch.device(device)
         if budget_bytes is not None and budget_bytes < 0:
             raise ValueError("budget_bytes must be >= 0 (or None for no budget)")
@@ -224,10 +332,24 @@ class KVStore:
         self.start_percent = float(start_percent)
         self.end_percent = float(end_percent)
         self.label = label
+        self.selected_by = str(selected_by)  # the node whose inputs chose the layers/steps, for messages
+        self.origin = str(origin)  # where that selection came from, e.g. "fusion preset 'magicstyle'"
         self.batch: int | None = None
-        self._data: dict[tuple[LayerKey, int], torch.Tensor] = {}
+        self._data: dict[tuple[LayerKey, int], torch.Tensor] = {}  # stored values (8-bit: before scaling)
+        self._scales: dict[tuple[LayerKey, int], torch.Tensor] = {}  # 8-bit formats: [B, tokens, 1] per entry
         self._inner_dims: dict[LayerKey, int] = {_norm_key(k): int(v) for k, v in (inner_dims or {}).items()}
         self._nbytes = 0
+
+    @classmethod
+    def for_plan(cls, model_id: str, latent_shape: Sequence[int], sigmas, family: str, plan: FeaturePlan,
+                 **kwargs) -> KVStore:
+        """A store keeping exactly `plan`'s layers and steps (its origin kept for messages)."""
+        return cls(model_id, latent_shape, sigmas, family, plan.layers, start_percent=plan.start_percent,
+                   end_percent=plan.end_percent, origin=kwargs.pop("origin", plan.origin), **kwargs)
+
+    @property
+    def dtype_name(self) -> str:
+        return _DTYPE_NAMES[self.dtype]
 
     # ----------------------------------------------------------------- identity
     @property
@@ -289,14 +411,30 @@ class KVStore:
                         "inversion (or feed the inversion's sampling_sigmas)."
                     )
 
-    # ----------------------------------------------------------------- capture
-    def wants(self, layer_key, sigma) -> bool:
-        """Whether a record at this layer and sigma would be kept (cheap test for a capture patch)."""
-        if _norm_key(layer_key) not in self._layer_set:
-            return False
-        idx = self.step_index(sigma)
-        return idx is not None and idx in self._kept
+    def check_covers(self, layers: Iterable[LayerKey], steps: Iterable[int], fusion: str = "the fusion",
+                     hint: str = "") -> None:
+        """Raise StoreCoverageError naming both sides when `fusion` would read a layer or step this store did not
+        keep (a fusion never silently skips a layer). `steps` are indices of the store's schedule."""
+        lacking_layers = [k for k in (_norm_key(x) for x in layers) if k not in self._layer_set]
+        lacking_steps = sorted({int(i) for i in steps} - self._kept)
+        if not lacking_layers and not lacking_steps:
+            return
+        wanted = []
+        if lacking_layers:
+            wanted.append(f"layers {format_layers(lacking_layers)}")
+        if lacking_steps:
+            wanted.append(f"steps {_ranges_text(lacking_steps)} of {self.n_steps}")
+        name = f"KV store{' ' + repr(self.label) if self.label else ''}"
+        origin = f" ({self.origin})" if self.origin else ""
+        raise StoreCoverageError(
+            f"the {name} does not hold {' and '.join(wanted)}, which {fusion} fuses: "
+            f"{self.selected_by or 'the KV Feature Store'} kept layers {format_layers(self.layers)} at steps "
+            f"{_ranges_text(self.step_indices)} of {self.n_steps}{origin}. "
+            + (hint or "Make the store keep what the fusion reads (its layers and start/end percent), or fuse only "
+               "what the store kept.")
+        )
 
+    # ----------------------------------------------------------------- capture
     def record(self, layer_key, sigma, n: torch.Tensor, cond_or_uncond: Sequence[int] | None = None,
                inner_dim: int | None = None) -> bool:
         """Keep `n` ([B, tokens, C]) for this layer and sigma; returns False when the layer/step is not selected.
@@ -329,20 +467,23 @@ class KVStore:
             raise StoreMismatchError(
                 f"KV store: {_fmt_key(key)} got a batch of {n.shape[0]} but earlier records hold {self.batch} images"
             )
-        new_bytes = n.numel() * _element_size(self.dtype)
-        old = self._data.get((key, idx))
-        old_bytes = 0 if old is None else old.numel() * old.element_size()
+        new_bytes = entry_nbytes(n.shape[0] * n.shape[1], n.shape[2], self.dtype, self.scale_dtype)
+        old_bytes = self._entry_nbytes((key, idx))
         total = self._nbytes - old_bytes + new_bytes
         if self.budget_bytes is not None and total > self.budget_bytes:
             raise StoreBudgetError(
                 f"KV store budget exceeded: storing {_fmt_key(key)} at step {idx} (sigma {self.sigmas[idx]:.4g}, "
                 f"{new_bytes:,} bytes) needs {total:,} bytes ({human_bytes(total)}) in total, over the budget of "
                 f"{self.budget_bytes:,} bytes ({human_bytes(self.budget_bytes)}). Store fewer layers (a smaller "
-                f"layer preset), fewer steps (start/end percent), fewer images, "
-                + ("fp16 storage (now " + _DTYPE_NAMES[self.dtype] + "), " if self.dtype == torch.float32 else "")
+                f"layer preset), fewer steps (start/end percent), fewer images, " + self._smaller_dtype_hint()
                 + "or raise the budget."
             )
-        self._data[(key, idx)] = n.detach().to(device=self.device, dtype=self.dtype, copy=True)
+        if self.quantized:  # quantised where the features are (less to move), then moved
+            values, scale = quantize_rows(n, self.dtype, self.scale_dtype)
+            self._data[(key, idx)] = values.to(self.device)
+            self._scales[(key, idx)] = scale.to(self.device)
+        else:
+            self._data[(key, idx)] = n.detach().to(device=self.device, dtype=self.dtype, copy=True)
         self._nbytes = total
         if inner_dim is not None:
             self._inner_dims[key] = int(inner_dim)
@@ -355,7 +496,8 @@ class KVStore:
 
     def get(self, layer_key, sigma, device=None, dtype=None, *, batch: int | None = None,
             cond_or_uncond: Sequence[int] | None = None) -> torch.Tensor:
-        """The stored `n` for this layer and sigma, on `device` in `dtype`.
+        """The stored `n` for this layer and sigma, on `device` in `dtype` (8-bit stores: dequantised, by default
+        to float32).
 
         `batch`: the per-chunk batch size B to map the stored B_s images onto (B_s == B or B_s == 1); default B_s.
         `cond_or_uncond`: ComfyUI's chunk list; the result then has len(cond_or_uncond) * B rows, the mapped batch
@@ -371,7 +513,10 @@ class KVStore:
                 f"it holds layers {format_layers(self.recorded_layers()) or 'none'} at steps "
                 f"{list(self.recorded_steps())}. Make the store's layers and step range cover where fusion is applied."
             )
-        t = t.to(device=device if device is not None else t.device, dtype=dtype if dtype is not None else t.dtype)
+        if self.quantized:
+            t = dequantize_rows(t, self._scales[(key, idx)], dtype if dtype is not None else torch.float32, device)
+        else:
+            t = t.to(device=device if device is not None else t.device, dtype=dtype if dtype is not None else t.dtype)
         b = t.shape[0] if batch is None else int(batch)
         if t.shape[0] != b:
             if t.shape[0] != 1:
@@ -407,22 +552,29 @@ class KVStore:
         return not self.missing()
 
     # ----------------------------------------------------------------- memory
+    def _entry_nbytes(self, entry: tuple[LayerKey, int]) -> int:
+        values, scale = self._data.get(entry), self._scales.get(entry)
+        return sum(t.numel() * t.element_size() for t in (values, scale) if t is not None)
+
     @property
     def nbytes(self) -> int:
-        """Exact bytes of all stored tensors."""
-        return sum(t.numel() * t.element_size() for t in self._data.values())
+        """Exact bytes of all stored tensors (8-bit formats: values and their scales)."""
+        return sum(t.numel() * t.element_size() for part in (self._data, self._scales) for t in part.values())
 
-    def qkv_equivalent_nbytes(self, inner_dims: Mapping[LayerKey, int] | None = None) -> int:
-        """Bytes that storing q, k and v (same dtype) instead of `n` would take: 3 * B * tokens * inner_dim per entry.
+    def qkv_equivalent_nbytes(self, inner_dims: Mapping[LayerKey, int] | None = None,
+                              dtype: str | torch.dtype | None = None) -> int:
+        """Bytes that storing q, k and v instead of `n` would take: 3 * B * tokens * inner_dim per entry, in `dtype`
+        (default the store's own format; 8-bit formats count one scale per token row of each of q, k and v).
 
         inner_dim per layer: `inner_dims` given here, else the one given at record/construction, else C of `n`
         (attn1 of SD1.5/SDXL projects C -> heads * dim_head = C).
         """
+        fmt = self.dtype if dtype is None else storage_dtype(dtype)
         extra = {_norm_key(k): int(v) for k, v in (inner_dims or {}).items()}
         total = 0
         for (key, _), t in self._data.items():
             inner = extra.get(key, self._inner_dims.get(key, t.shape[-1]))
-            total += 3 * t.shape[0] * t.shape[1] * inner * t.element_size()
+            total += 3 * entry_nbytes(t.shape[0] * t.shape[1], inner, fmt, self.scale_dtype)
         return total
 
     def planned_nbytes(self, batch: int = 1, tokens_channels: Mapping[LayerKey, tuple[int, int]] | None = None) -> int:
@@ -440,8 +592,8 @@ class KVStore:
                     raise ValueError(f"no layer table for family {self.family!r}: pass tokens_channels")
                 gh, gw = tokens_at(self.family, key[0], key[1], h, w)
                 tokens, channels = gh * gw, layer_info(self.family, key[0], key[1]).channels
-            per_step += tokens * channels
-        return per_step * len(self.step_indices) * int(batch) * _element_size(self.dtype)
+            per_step += entry_nbytes(tokens, channels, self.dtype, self.scale_dtype)
+        return per_step * len(self.step_indices) * int(batch)
 
     def check_plan(self, batch: int = 1, tokens_channels: Mapping[LayerKey, tuple[int, int]] | None = None) -> int:
         """Raise StoreBudgetError before an inversion starts if a full recording cannot fit; returns the plan."""
@@ -449,16 +601,23 @@ class KVStore:
         if self.budget_bytes is not None and need > self.budget_bytes:
             raise StoreBudgetError(
                 f"KV store budget too small: {len(self.layers)} layers x {len(self.step_indices)} steps x {batch} "
-                f"image(s) in {_DTYPE_NAMES[self.dtype]} need {need:,} bytes ({human_bytes(need)}), over the budget "
+                f"image(s) in {self.dtype_name} need {need:,} bytes ({human_bytes(need)}), over the budget "
                 f"of {self.budget_bytes:,} bytes ({human_bytes(self.budget_bytes)}). Store fewer layers (a smaller "
-                "layer preset), fewer steps (start/end percent), fewer images, "
-                + ("fp16 storage, " if self.dtype == torch.float32 else "")
+                "layer preset), fewer steps (start/end percent), fewer images, " + self._smaller_dtype_hint()
                 + "or raise the budget."
             )
         return need
 
+    def _smaller_dtype_hint(self) -> str:
+        if self.dtype == torch.float32:
+            return f"fp16 storage (now {self.dtype_name}) or 8-bit storage (int8, fp8_e4m3), "
+        if not self.quantized:
+            return "8-bit storage (int8 or fp8_e4m3), "
+        return ""
+
     def clear(self) -> None:
         self._data.clear()
+        self._scales.clear()
         self._nbytes = 0
         self.batch = None
 
@@ -467,7 +626,7 @@ class KVStore:
         return (
             f"{self.label + ': ' if self.label else ''}{len(self.recorded_layers())}/{len(self.layers)} layers x "
             f"{len(self.recorded_steps())}/{len(self.step_indices)} steps, {self.batch or 0} image(s), "
-            f"{human_bytes(self.nbytes)} {_DTYPE_NAMES[self.dtype]} on {self.device} "
+            f"{human_bytes(self.nbytes)} {self.dtype_name} on {self.device} "
             f"(q/k/v would take {human_bytes(self.qkv_equivalent_nbytes())})"
         )
 
@@ -487,6 +646,30 @@ class KVStore:
 
 def _element_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
+
+
+def _scale_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype) and dtype in SCALE_DTYPES.values():
+        return dtype
+    key = _DTYPE_ALIASES.get(str(dtype).strip().lower(), str(dtype).strip().lower())
+    if key not in SCALE_DTYPES:
+        raise ValueError(f"scale dtype must be one of {', '.join(SCALE_DTYPES)}, got {dtype!r}")
+    return SCALE_DTYPES[key]
+
+
+def _ranges_text(values: Iterable[int]) -> str:
+    """Sorted integers as compact ranges: [0, 1, 2, 5] -> '0-2, 5'."""
+    out, run = [], []
+    for v in sorted(set(values)):
+        if run and v == run[-1] + 1:
+            run.append(v)
+            continue
+        if run:
+            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+        run = [v]
+    if run:
+        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    return ", ".join(out) or "none"
 
 
 def _maybe_family(family: str) -> str:
