@@ -32,8 +32,51 @@ KVStoreType = io.Custom("MAGIC_KV_STORE")
 MODE_TOOLTIP = (
     "ddim: one model call per step (fast). fixed_point: k extra calls per step that solve the step exactly, "
     "lowering the round-trip error as k rises. edict: two coupled sequences, exact to float precision, "
-    "two calls per step."
+    "two calls per step. bdia: bi-directional integration, exact to float precision with one call per step."
 )
+STRENGTH_TOOLTIP = (
+    "The fraction of the schedule that is inverted, counted from the clean end: how far toward noise (1 = up to the "
+    "schedule's top sigma, pure noise). Not KSampler's denoise: 'steps' is the whole schedule here, so 20 steps at "
+    "0.5 invert the lower 10 steps of a 20-step schedule (9 inversion steps: the last sampling step, to sigma 0, has "
+    "none), where KSampler's denoise 0.5 with 20 steps samples 20 steps of a 40-step one. Sample back on the "
+    "'sampling_sigmas' output."
+)
+STEPS_TOOLTIP = (
+    "Steps of the whole sampling schedule (before strength). N sampling steps give N - 1 inversion steps: the last "
+    "sampling step, to sigma 0, has no inversion counterpart (the clean latent is the state at the smallest "
+    "non-zero sigma). So at least 2, more below strength 1."
+)
+GAMMA_TOOLTIP = (
+    "bdia mode: gamma of x_(i-1) = gamma * (x_(i+1) - delta(i->i+1)) + (1 - gamma) * x_i + delta(i->i-1), "
+    "delta(a->b) being the DDIM step from sigma_a to sigma_b evaluated at x_i. 1 (default, the "
+    "paper's exact-inversion setting) never grows anything; below 1 the inversion divides by gamma every step, so "
+    "errors grow like gamma^-steps: keep it near 1 for many steps (a diverging inversion is refused)."
+)
+# Where the nodes' own LATENT outputs name the latent format (class name) of the model that made them. SD1.5 and SDXL
+# latents both have 4 channels; only this tells them apart. VAEEncode's bare {"samples"} carries nothing.
+LATENT_FORMAT_KEY = "magic_latent_format"
+# A bdia inverted latent whose RMS exceeds this many times that of the source noised to the top sigma has diverged.
+DIVERGENCE_LIMIT = 10.0
+
+
+def latent_format_name(model) -> str:
+    return type(model.get_model_object("latent_format")).__name__
+
+
+def tag_latent(latent: dict, model) -> dict:
+    """`latent` (a new dict) naming the latent format of `model`, whose latent space its samples are in."""
+    return {**latent, LATENT_FORMAT_KEY: latent_format_name(model)}
+
+
+def check_latent_format(node: str, model, latent: dict, input_name: str = "latent") -> None:
+    """Refuse a LATENT that names another latent format than the MODEL's (e.g. an SD1.5 latent into SDXL: both have
+    4 channels, so the channel check cannot see it). A LATENT that names none (VAEEncode's) passes."""
+    recorded = latent.get(LATENT_FORMAT_KEY) if isinstance(latent, dict) else None
+    current = latent_format_name(model)
+    if recorded is not None and recorded != current:
+        raise NodeInputError(node, input_name, f"latent is in the {recorded} latent format but this "
+                             f"{model_family(model)} MODEL uses {current} (same channel count, another latent space); "
+                             "encode the image with this model's VAE, or use the model that made the latent")
 
 
 def _progress_callback(callback, total):
@@ -42,9 +85,13 @@ def _progress_callback(callback, total):
     return lambda i, x: callback({"i": i, "x": x, "denoised": x, "sigma": None, "sigma_hat": None})
 
 
-def inversion_sampler_function(mode: str, refine_iterations: int, edict_mix: float, sink: dict | None = None):
+def inversion_sampler_function(mode: str, refine_iterations: int, edict_mix: float, sink: dict | None = None, *,
+                               bdia_gamma: float = inv.BDIA_DEFAULT_GAMMA, boundary_log: inv.BoundaryLog | None = None,
+                               state_dtype: torch.dtype | None = None):
     """A k-diffusion style sampler function that inverts instead of denoising (sigmas in either order).
-    With a feature store attached (capture gates in transformer_options) it makes the one extra capture call."""
+    With a feature store attached (capture gates in transformer_options) it makes the one extra capture call.
+    EDICT/BDIA runs leave their exact top and partner states in `boundary_log` (for a paired reverse SAMPLER)."""
+    inv.check_bdia_gamma(bdia_gamma)
 
     def invert_fn(model, x, sigmas, extra_args=None, callback=None, disable=None):
         extra_args = extra_args or {}
@@ -62,43 +109,69 @@ def inversion_sampler_function(mode: str, refine_iterations: int, edict_mix: flo
             capture_top=capture_top,
             on_step=_progress_callback(callback, len(ascending) - 1),
             set_capture=inv.gate_setter(transformer_options),
+            bdia_gamma=bdia_gamma,
+            state_dtype=state_dtype,
         )
+        if mode == "bdia":
+            inv.check_divergence(x, outcome, bdia_gamma, DIVERGENCE_LIMIT)
         if sink is not None:
             sink["outcome"] = outcome
+        if boundary_log is not None:
+            boundary_log.remember(outcome.boundary)
         return outcome.latent
 
     return invert_fn
 
 
-def reverse_sampler_function(mode: str, edict_mix: float, partner: torch.Tensor | None = None, process_in=None):
-    """The exact reverse of `inversion_sampler_function`: ends at the smallest non-zero sigma."""
+def reverse_sampler_function(mode: str, edict_mix: float, partner: torch.Tensor | None = None, process_in=None, *,
+                             bdia_gamma: float = inv.BDIA_DEFAULT_GAMMA, boundaries=None,
+                             state_dtype: torch.dtype | None = None):
+    """The exact reverse of `inversion_sampler_function`: ends at the smallest non-zero sigma.
+
+    EDICT/BDIA: when the starting latent is the top of one of `boundaries` (an inversion's `ExactBoundary`, or a
+    `BoundaryLog`), its exact states are used and the round trip stays bit-exact. Otherwise `partner` (LATENT space;
+    `process_in` maps it to the model's) is the second state; without one, EDICT starts both sequences at the latent
+    and BDIA starts with a plain DDIM step (as it samples from noise)."""
+    inv.check_bdia_gamma(bdia_gamma)
 
     def reverse_fn(model, x, sigmas, extra_args=None, callback=None, disable=None):
         extra_args = extra_args or {}
-        descending = inv.inversion_sigmas(sigmas).flip(0).to(x.device)
+        ascending = inv.inversion_sigmas(sigmas)
+        descending = ascending.flip(0).to(x.device)
         s_in = x.new_ones([x.shape[0]])
-        y = None
-        if partner is not None:
-            y = partner.to(x.device, x.dtype)
-            y = process_in(y) if process_in is not None else y
-            if y.shape != x.shape:
-                raise ValueError(f"EDICT partner latent {tuple(y.shape)} does not match the latent {tuple(x.shape)}")
+        start, y = x, None
+        if mode in inv.EXACT_MODES:
+            found = inv.find_boundary(boundaries, x, ascending)
+            if found is not None:
+                start, y = found.top.to(x.device), found.partner.to(x.device)
+            elif partner is not None:
+                y = partner.to(x.device, x.dtype)
+                y = process_in(y) if process_in is not None else y
+                if y.shape != x.shape:
+                    raise ValueError(f"{mode} partner latent {tuple(y.shape)} does not match the latent "
+                                     f"{tuple(x.shape)}")
         return inv.sample_back(
             lambda z, sigma: model(z, sigma * s_in, **extra_args),
-            x,
+            start,
             descending,
-            mode="edict" if mode == "edict" else "ddim",
+            mode=mode if mode in inv.EXACT_MODES else "ddim",
             partner=y,
             edict_mix=edict_mix,
             on_step=_progress_callback(callback, len(descending) - 1),
+            bdia_gamma=bdia_gamma,
+            model_dtype=x.dtype,
+            state_dtype=state_dtype,
         )
 
     return reverse_fn
 
 
-def run_inversion(model, positive, negative, cfg, samples, sigmas, mode, refine_iterations, edict_mix):
+def run_inversion(model, positive, negative, cfg, samples, sigmas, mode, refine_iterations, edict_mix,
+                  bdia_gamma: float = inv.BDIA_DEFAULT_GAMMA):
     sink: dict = {}
-    sampler = comfy.samplers.KSAMPLER(inversion_sampler_function(mode, refine_iterations, edict_mix, sink))
+    sampler = comfy.samplers.KSAMPLER(
+        inversion_sampler_function(mode, refine_iterations, edict_mix, sink, bdia_gamma=bdia_gamma)
+    )
     latent = guided_run(model, positive, negative, cfg, samples, sampler, inv.inversion_sigmas(sigmas))
     outcome = sink["outcome"]
     process_out = model.get_model_object("latent_format").process_out
@@ -109,8 +182,11 @@ def run_inversion(model, positive, negative, cfg, samples, sigmas, mode, refine_
 
 def run_reverse(model, record: inv.InversionRecord, positive, negative, cfg, start: torch.Tensor | None = None):
     process_in = model.get_model_object("latent_format").process_in
+    # BDIA's partner belongs to the inverted latent only: another start begins with a DDIM step instead.
+    partner = None if record.mode == "bdia" else record.partner
     sampler = comfy.samplers.KSAMPLER(
-        reverse_sampler_function(record.mode, record.edict_mix, record.partner, process_in)
+        reverse_sampler_function(record.mode, record.edict_mix, partner, process_in, bdia_gamma=record.bdia_gamma,
+                                 boundaries=[record.boundary])
     )
     samples = record.latent if start is None else start
     return guided_run(model, positive, negative, cfg, samples, sampler, record.sigmas.flip(0))
@@ -131,9 +207,8 @@ class DDIMInvert(io.ComfyNode):
                 io.Conditioning.Input("positive", tooltip="Inversion conditioning; an empty prompt is usual."),
                 io.Latent.Input("latent"),
                 io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES, default="normal"),
-                io.Int.Input("steps", default=50, min=1, max=1000),
-                io.Float.Input("strength", default=1.0, min=0.01, max=1.0, step=0.01,
-                               tooltip="Fraction of the schedule to invert (like denoise); 1 inverts to pure noise."),
+                io.Int.Input("steps", default=50, min=2, max=1000, tooltip=STEPS_TOOLTIP),
+                io.Float.Input("strength", default=1.0, min=0.01, max=1.0, step=0.01, tooltip=STRENGTH_TOOLTIP),
                 io.Combo.Input("mode", options=list(inv.MODES), default="ddim", tooltip=MODE_TOOLTIP),
                 io.Int.Input("refine_iterations", default=3, min=0, max=50,
                              tooltip="fixed_point mode: extra model calls per step."),
@@ -142,6 +217,9 @@ class DDIMInvert(io.ComfyNode):
                 io.Float.Input("cfg", default=1.0, min=0.0, max=30.0, step=0.1, round=0.01),
                 io.Boolean.Input("measure_round_trip", default=False,
                                  tooltip="Also sample back and report the reconstruction error (costs one more pass)."),
+                # optional and after every older widget, so saved workflows and API prompts stay valid
+                io.Float.Input("bdia_gamma", default=inv.BDIA_DEFAULT_GAMMA, min=0.5, max=1.0, step=0.01,
+                               optional=True, tooltip=GAMMA_TOOLTIP),
                 io.Conditioning.Input("negative", optional=True, tooltip="Needed only when cfg is not 1."),
                 io.Sigmas.Input("sigmas", optional=True,
                                 tooltip="A sampling schedule to invert instead of scheduler/steps/strength."),
@@ -160,19 +238,31 @@ class DDIMInvert(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, latent, scheduler, steps, strength, mode, refine_iterations, edict_mix, cfg,
-                measure_round_trip, negative=None, sigmas=None, feature_store=None) -> io.NodeOutput:
+                measure_round_trip, bdia_gamma=inv.BDIA_DEFAULT_GAMMA, negative=None, sigmas=None,
+                feature_store=None) -> io.NodeOutput:
         node = cls.define_schema().node_id
         samples = check_latent(node, model, latent)
+        check_latent_format(node, model, latent)
         if cfg != 1.0 and negative is None:
             raise NodeInputError(node, "negative", f"cfg is {cfg}: connect a negative conditioning or set cfg to 1")
+        try:
+            inv.check_bdia_gamma(bdia_gamma)
+        except ValueError as err:
+            raise NodeInputError(node, "bdia_gamma", str(err)) from None
         if sigmas is not None:
             sampling_sigmas, source = sigmas.cpu().float(), "the SIGMAS input (scheduler, steps, strength unused)"
             schedule_input = "sigmas"
         else:
-            if steps < 1:
-                raise NodeInputError(node, "steps", f"must be at least 1, got {steps}")
             if not 0.0 < strength <= 1.0:
                 raise NodeInputError(node, "strength", f"must be in (0, 1], got {strength}")
+            if steps < 2:
+                raise NodeInputError(node, "steps", f"must be at least 2, got {steps}: N sampling steps give N - 1 "
+                                     "inversion steps (the last step, to sigma 0, has no inversion counterpart)")
+            if inv.inverted_steps(steps, strength) < 1:
+                raise NodeInputError(node, "steps", f"{steps} steps at strength {strength} cover "
+                                     f"{inv.strength_steps(steps, strength)} sampling step, which leaves nothing to "
+                                     "invert (the last step, to sigma 0, has no inversion counterpart); use at least "
+                                     f"{inv.minimum_steps(strength)} steps at this strength, or raise strength")
             sampling_sigmas = schedule(model, scheduler, steps, strength)
             source = f"{scheduler}, {steps} steps, strength {strength}"
             schedule_input = "strength"
@@ -181,15 +271,20 @@ class DDIMInvert(io.ComfyNode):
         except ValueError as err:
             raise NodeInputError(node, schedule_input, str(err)) from None
         if steps_covered < 1:
-            raise NodeInputError(node, schedule_input, "covers less than one inversion step; raise strength or steps")
+            raise NodeInputError(node, schedule_input, "covers less than one inversion step (a schedule needs two "
+                                 "non-zero sigmas); raise strength or steps")
 
         started = time.perf_counter()
         run_model, store = model, None
         if feature_store is not None:
             run_model, store = feature_store.begin(model=model, samples=samples, sigmas=sampling_sigmas, node=node)
-        inverted, trajectory, partner, outcome = run_inversion(
-            run_model, positive, negative, cfg, samples, sampling_sigmas, mode, refine_iterations, edict_mix
-        )
+        try:
+            inverted, trajectory, partner, outcome = run_inversion(
+                run_model, positive, negative, cfg, samples, sampling_sigmas, mode, refine_iterations, edict_mix,
+                bdia_gamma,
+            )
+        except inv.DivergenceError as err:
+            raise NodeInputError(node, "bdia_gamma", str(err)) from None
         if store is not None:
             feature_store.finish(store, node=node)
         elapsed = time.perf_counter() - started
@@ -198,15 +293,17 @@ class DDIMInvert(io.ComfyNode):
             refine_iterations=refine_iterations if mode == "fixed_point" else 0, edict_mix=edict_mix, partner=partner,
             model_id=model_identity(model), family=model_family(model), cfg=cfg, positive=positive, negative=negative,
             latent_format=model.get_model_object("latent_format"), weight_patches=weight_patch_signature(model),
+            bdia_gamma=float(bdia_gamma), boundary=outcome.boundary,
         )
-        report = (f"inverted {samples.shape[0]} latent(s) {tuple(samples.shape[2:])} with {mode} over {source}: "
+        described = f"bdia (gamma {bdia_gamma:g})" if mode == "bdia" else mode
+        report = (f"inverted {samples.shape[0]} latent(s) {tuple(samples.shape[2:])} with {described} over {source}: "
                   f"{len(outcome.sigmas) - 1} steps, {outcome.model_calls} model calls, {elapsed:.2f} s")
         if measure_round_trip:
             reconstruction = run_reverse(model, record, positive, negative, cfg)
             record.round_trip_error = inv.relative_error(reconstruction, samples.cpu().float())
             report += f"; round-trip error (relative RMS) {record.round_trip_error:.3e}"
-        out_latent = {**latent, "samples": inverted, "magic_family": record.family}
-        out_latent.pop("noise_mask", None)
+        out_latent = tag_latent({k: v for k, v in latent.items() if k != "noise_mask"}, model)
+        out_latent["samples"] = inverted
         if store is not None:
             report += f"; {store.summary()}"
         return io.NodeOutput(out_latent, record, sampling_sigmas, store, ui=ui.PreviewText(report))
@@ -232,7 +329,8 @@ class SampleInverted(io.ComfyNode):
                 io.Conditioning.Input("positive", optional=True, tooltip="Defaults to the inversion's conditioning."),
                 io.Conditioning.Input("negative", optional=True),
                 io.Latent.Input("start_latent", optional=True,
-                                tooltip="Start here instead of the inverted latent (e.g. after AdaIN)."),
+                                tooltip="Start here instead of the inverted latent (e.g. after AdaIN). bdia: a start "
+                                "other than the inverted latent begins with a plain DDIM step."),
             ],
             outputs=[io.Latent.Output(display_name="latent")],
         )
@@ -249,6 +347,7 @@ class SampleInverted(io.ComfyNode):
         start = None
         if start_latent is not None:
             start = check_latent(node, model, start_latent, "start_latent")
+            check_latent_format(node, model, start_latent, "start_latent")
             if tuple(start.shape) != tuple(inversion.latent.shape):
                 raise NodeInputError(node, "start_latent", f"shape {tuple(start.shape)} differs from the inverted "
                                      f"latent {tuple(inversion.latent.shape)}")
@@ -262,7 +361,7 @@ class SampleInverted(io.ComfyNode):
             report += f"; {patch_note}"
         if notes.lines:
             report += "\n" + notes.text("\n")
-        return io.NodeOutput({"samples": samples}, ui=ui.PreviewText(report))
+        return io.NodeOutput(tag_latent({"samples": samples}, model), ui=ui.PreviewText(report))
 
 
 def with_run_notes(model):
@@ -295,18 +394,35 @@ class InversionSampler(io.ComfyNode):
             category=CATEGORY + "/inversion",
             description="A SAMPLER that inverts: use it in SamplerCustom/SamplerCustomAdvanced with add_noise off "
             "(or DisableNoise) and a normal schedule; it walks the schedule upwards from its smallest non-zero "
-            "sigma. EDICT needs the DDIM Invert node (its second sequence cannot travel in a LATENT).",
+            "sigma. Its second output is the matching reverse SAMPLER, which samples this sampler's inverted latents "
+            "back exactly (bdia included: it keeps the state bdia needs besides the LATENT). EDICT needs the DDIM "
+            "Invert node.",
             inputs=[
-                io.Combo.Input("mode", options=["ddim", "fixed_point"], default="ddim", tooltip=MODE_TOOLTIP),
+                io.Combo.Input("mode", options=["ddim", "fixed_point", "bdia"], default="ddim", tooltip=MODE_TOOLTIP),
                 io.Int.Input("refine_iterations", default=3, min=0, max=50),
+                io.Float.Input("bdia_gamma", default=inv.BDIA_DEFAULT_GAMMA, min=0.5, max=1.0, step=0.01,
+                               optional=True, tooltip=GAMMA_TOOLTIP),
             ],
-            outputs=[io.Sampler.Output()],
+            outputs=[
+                io.Sampler.Output(display_name="inversion_sampler"),
+                io.Sampler.Output(display_name="reverse_sampler",
+                                  tooltip="Samples this sampler's inverted latents back on the same sigmas (exact for "
+                                  "bdia; for ddim/fixed_point the same as the Inverted Latent Sampler). A latent it "
+                                  "did not invert starts with a plain DDIM step."),
+            ],
         )
 
     @classmethod
-    def execute(cls, mode, refine_iterations) -> io.NodeOutput:
-        fn = inversion_sampler_function(mode, refine_iterations, inv.EDICT_DEFAULT_MIX)
-        return io.NodeOutput(comfy.samplers.KSAMPLER(fn))
+    def execute(cls, mode, refine_iterations, bdia_gamma=inv.BDIA_DEFAULT_GAMMA) -> io.NodeOutput:
+        try:
+            inv.check_bdia_gamma(bdia_gamma)
+        except ValueError as err:
+            raise NodeInputError(cls.define_schema().node_id, "bdia_gamma", str(err)) from None
+        log = inv.BoundaryLog()
+        forward = inversion_sampler_function(mode, refine_iterations, inv.EDICT_DEFAULT_MIX, bdia_gamma=bdia_gamma,
+                                             boundary_log=log)
+        reverse = reverse_sampler_function(mode, inv.EDICT_DEFAULT_MIX, bdia_gamma=bdia_gamma, boundaries=log)
+        return io.NodeOutput(comfy.samplers.KSAMPLER(forward), comfy.samplers.KSAMPLER(reverse))
 
 
 class InvertedSampler(io.ComfyNode):
@@ -318,7 +434,7 @@ class InvertedSampler(io.ComfyNode):
             category=CATEGORY + "/inversion",
             description="A SAMPLER that exactly reverses the inversion sampler on the same schedule (it stops at the "
             "smallest non-zero sigma, where the inversion started). With an inversion record it follows the "
-            "record's mode, including EDICT.",
+            "record's mode, including EDICT and BDIA (exact when it is given the record's inverted latent).",
             inputs=[InversionRecordType.Input("inversion", optional=True)],
             outputs=[io.Sampler.Output()],
         )
@@ -329,8 +445,10 @@ class InvertedSampler(io.ComfyNode):
             return io.NodeOutput(comfy.samplers.KSAMPLER(reverse_sampler_function("ddim", inv.EDICT_DEFAULT_MIX)))
         if not isinstance(inversion, inv.InversionRecord):
             raise NodeInputError(cls.define_schema().node_id, "inversion", "expected a MAGIC_INVERSION record")
-        fn = reverse_sampler_function(inversion.mode, inversion.edict_mix, inversion.partner,
-                                      inversion.latent_format.process_in)
+        # BDIA's partner belongs to the inverted latent only: the boundary finds it, another start takes a DDIM step
+        partner = None if inversion.mode == "bdia" else inversion.partner
+        fn = reverse_sampler_function(inversion.mode, inversion.edict_mix, partner, inversion.latent_format.process_in,
+                                      bdia_gamma=inversion.bdia_gamma, boundaries=[inversion.boundary])
         return io.NodeOutput(comfy.samplers.KSAMPLER(fn))
 
 

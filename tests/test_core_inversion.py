@@ -4,8 +4,10 @@ import math
 
 import pytest
 import torch
+from tolerances import float_tol, unit_roundoff
 
 from magic_core import inversion as inv
+from magic_core.gaussian_prior import GaussianPrior
 
 
 def gaussian_denoiser(data_std=1.0, warp=0.0):
@@ -91,7 +93,7 @@ def test_capture_gate_opens_once_per_sampler_sigma(x0):
         return gaussian_denoiser()(x, sigma)
 
     sig = inv.inversion_sigmas(schedule(6))
-    for mode, k in (("ddim", 0), ("fixed_point", 2), ("edict", 0)):
+    for mode, k in (("ddim", 0), ("fixed_point", 2), ("edict", 0), ("bdia", 0)):
         seen.clear()
         inv.invert(den, x0, sig, mode=mode, refine_iterations=k, capture_top=True,
                    set_capture=lambda flag: state.__setitem__("open", flag))
@@ -113,12 +115,184 @@ def test_strength_steps_and_argument_errors(x0):
 def test_inputs_not_mutated(x0):
     before = x0.clone()
     sig = inv.inversion_sigmas(schedule(4))
-    out = inv.invert(gaussian_denoiser(warp=0.2), x0, sig, mode="edict")
-    inv.sample_back(gaussian_denoiser(warp=0.2), out.latent, sig, mode="edict", partner=out.partner)
-    assert torch.equal(x0, before)
+    for mode in ("edict", "bdia"):
+        out = inv.invert(gaussian_denoiser(warp=0.2), x0, sig, mode=mode)
+        top, partner = out.latent.clone(), out.partner.clone()
+        inv.sample_back(gaussian_denoiser(warp=0.2), out.latent, sig, mode=mode, partner=out.partner)
+        assert torch.equal(x0, before) and torch.equal(out.latent, top) and torch.equal(out.partner, partner)
 
 
 def test_relative_error_is_scale_free():
     a = torch.ones(3)
     assert math.isclose(inv.relative_error(a * 1.1, a), 0.1, rel_tol=1e-6)
     assert math.isclose(inv.relative_error(a * 110, a * 100), 0.1, rel_tol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------------------ BDIA
+PRIOR = GaussianPrior.random((4, 8, 8), seed=5)
+HALF_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def bdia_round_trip_tol(x0: torch.Tensor, sig: torch.Tensor, prior: GaussianPrior) -> float:
+    """Relative RMS bound of a BDIA round trip whose model calls repeat the inversion's bit for bit: the one rounding
+    of the float64 result to x0's dtype, plus float64 rounding of the state updates (4 operations per step and
+    direction, on values up to the top state's size) carried by the parasitic mode, which grows by at most the ODE's
+    gain over the schedule."""
+    steps = len(sig) - 1
+    gain = prior.growth(float(sig[0]), float(sig[-1]))
+    top = float(x0.abs().max()) * gain + 4 * float(sig[-1])  # |x_N| <= |x0| * gain + a few sigma_max of noise
+    rms = float(x0.double().pow(2).mean().sqrt())
+    return 2 * unit_roundoff(x0.dtype) + float_tol(torch.float64, 8 * steps, top) * gain / rms
+
+
+@pytest.mark.parametrize("model_dtype", HALF_DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("steps", [10, 50, 200])
+def test_bdia_round_trip_is_exact_to_float_precision(steps, model_dtype):
+    """The Gaussian prior's exact denoiser evaluated in fp32, fp16 or bf16, states in float64: the reverse repeats the
+    inversion's model calls bit for bit, so nothing but the final rounding is left, whatever the model's precision."""
+    x0 = PRIOR.sample(2, seed=6)
+    sig = inv.inversion_sigmas(schedule(steps))
+    den = PRIOR.with_dtype(model_dtype)
+    out = inv.invert(den, x0, sig, mode="bdia")
+    back = inv.sample_back(den, out.boundary.top, sig, mode="bdia", partner=out.boundary.partner,
+                           model_dtype=x0.dtype)
+    assert back.dtype == x0.dtype
+    assert inv.relative_error(back, x0) <= bdia_round_trip_tol(x0, sig, PRIOR)
+    # what DDIM's round trip leaves on the same schedule, for scale: discretisation error, orders above
+    ddim = inv.sample_back(den, inv.invert(den, x0, sig).latent, sig)
+    assert inv.relative_error(ddim, x0) > 1e3 * bdia_round_trip_tol(x0, sig, PRIOR)
+
+
+def test_bdia_from_rounded_states_is_exact_up_to_the_rounding_grown_by_the_ode():
+    """Handed the top and partner rounded to float32 (as a LATENT carries them), the reverse starts one rounding off
+    and its model inputs then round differently at every step: errors of u times the state's size (up to the ODE's
+    gain times x0's), each grown by at most that gain again. Still far below DDIM's discretisation error."""
+    x0 = PRIOR.sample(2, seed=7)
+    for steps in (10, 50):
+        sig = inv.inversion_sigmas(schedule(steps))
+        out = inv.invert(PRIOR, x0, sig, mode="bdia")
+        back = inv.sample_back(PRIOR, out.latent, sig, mode="bdia", partner=out.partner)
+        gain = PRIOR.growth(float(sig[0]), float(sig[-1]))
+        bound = float_tol(torch.float32, steps, gain) * gain
+        ddim = inv.sample_back(PRIOR, inv.invert(PRIOR, x0, sig).latent, sig)
+        assert inv.relative_error(back, x0) <= bound < inv.relative_error(ddim, x0) / 10
+
+
+@pytest.mark.parametrize("gamma", [1.0, 0.95, 0.8])
+def test_bdia_update_is_the_papers_and_its_inverse(gamma):
+    """One step each way against the formula written out in sigmas, the first inversion step is plain DDIM, and the
+    call counts: N for the inversion, N - 1 for the reverse given the partner, N from a DDIM first step."""
+    x0 = PRIOR.sample(1, seed=8).double()
+    sig = inv.inversion_sigmas(schedule(6)).double()
+    calls = []
+
+    def den(x, sigma):
+        calls.append(float(sigma))
+        return PRIOR(x, sigma)
+
+    out = inv.invert(den, x0, sig, mode="bdia", bdia_gamma=gamma)
+    assert len(calls) == len(sig) - 1
+    x = out.trajectory
+    eps = [(x[i] - PRIOR(x[i], sig[i])) / sig[i] for i in range(len(sig) - 1)]
+    torch.testing.assert_close(x[1], x[0] + (sig[1] - sig[0]) * eps[0], rtol=0, atol=1e-12)
+    for i in range(1, len(sig) - 1):
+        lower = gamma * (x[i + 1] - (sig[i + 1] - sig[i]) * eps[i]) + (1 - gamma) * x[i] + (sig[i - 1] - sig[i]) * eps[i]
+        torch.testing.assert_close(lower, x[i - 1], rtol=0, atol=1e-10)
+    calls.clear()
+    back = inv.sample_back(den, out.latent, sig, mode="bdia", bdia_gamma=gamma, partner=out.partner)
+    assert len(calls) == len(sig) - 2
+    torch.testing.assert_close(back, x0, rtol=0, atol=1e-10)
+    calls.clear()
+    inv.sample_back(den, out.latent, sig, mode="bdia", bdia_gamma=gamma)
+    assert len(calls) == len(sig) - 1 and calls[0] == float(sig[-1])
+
+
+def test_bdia_one_step_reverses_to_its_partner():
+    x0 = PRIOR.sample(1, seed=9)
+    sig = inv.inversion_sigmas(schedule(2))
+    out = inv.invert(PRIOR, x0, sig, mode="bdia")
+    assert out.model_calls == 1 and torch.equal(out.partner, x0)
+    assert torch.equal(inv.sample_back(PRIOR, out.latent, sig, mode="bdia", partner=out.partner), x0)
+
+
+def test_bdia_follows_the_ode_closer_than_ddim():
+    """Against the Gaussian prior's exact flow: BDIA's inverted latent is nearer the exact ODE solution than DDIM's
+    (it corrects each interval from both ends), though neither is exact."""
+    x0 = PRIOR.sample(2, seed=10)
+    sig = inv.inversion_sigmas(schedule(50))
+    exact = PRIOR.flow(x0, float(sig[0]), float(sig[-1]))
+    bdia = inv.relative_error(inv.invert(PRIOR, x0, sig, mode="bdia").latent, exact)
+    ddim = inv.relative_error(inv.invert(PRIOR, x0, sig, mode="ddim").latent, exact)
+    assert 0 < bdia < ddim / 2, (bdia, ddim)
+
+
+def test_bdia_gamma_below_one_diverges_over_many_steps_and_is_refused():
+    """The inversion divides by gamma every step: gamma 0.5 over 50 steps blows the latent up; gamma 1 never does."""
+    x0 = PRIOR.sample(1, seed=11)
+    sig = inv.inversion_sigmas(schedule(50))
+    steady = inv.invert(PRIOR, x0, sig, mode="bdia", bdia_gamma=1.0)
+    assert inv.divergence_ratio(x0, steady.latent, float(sig[-1])) < 2
+    inv.check_divergence(x0, steady, 1.0, 10.0)
+    wild = inv.invert(PRIOR, x0, sig, mode="bdia", bdia_gamma=0.5)
+    assert inv.divergence_ratio(x0, wild.latent, float(sig[-1])) > 1e3
+    with pytest.raises(inv.DivergenceError, match="gamma 0.5 over 49 steps diverged"):
+        inv.check_divergence(x0, wild, 0.5, 10.0)
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="gamma"):
+            inv.invert(PRIOR, x0, sig, mode="bdia", bdia_gamma=bad)
+
+
+def test_exact_boundary_matches_its_rounded_top_only():
+    x0 = PRIOR.sample(1, seed=12)
+    sig = inv.inversion_sigmas(schedule(8))
+    boundary = inv.invert(PRIOR, x0, sig, mode="bdia").boundary
+    assert boundary.top.dtype == torch.float64
+    rounded = (boundary.top.float() / 0.18215) * 0.18215  # a LATENT's process_out / process_in round trip
+    assert boundary.matches(rounded, sig)
+    assert not boundary.matches(rounded + 1e-3, sig)
+    assert not boundary.matches(rounded, sig * 1.01)
+    assert not boundary.matches(rounded[:, :2], sig)
+    log = inv.BoundaryLog(keep=2)
+    other = inv.invert(PRIOR, PRIOR.sample(1, seed=13), sig, mode="bdia").boundary
+    for b in (boundary, other):
+        log.remember(b)
+    assert inv.find_boundary(log, rounded, sig) is boundary
+    log.remember(inv.invert(PRIOR, PRIOR.sample(1, seed=14), sig, mode="bdia").boundary)
+    assert inv.find_boundary(log, rounded, sig) is None and len(log) == 2  # the oldest went
+
+
+def test_steps_that_invert_nothing():
+    """N sampling steps give N - 1 inversion steps; strength keeps round(N * strength) of them."""
+    assert inv.inverted_steps(1, 1.0) == 0 and inv.inverted_steps(2, 1.0) == 1
+    assert inv.minimum_steps(1.0) == 2
+    assert inv.inverted_steps(3, 0.5) == 1  # round(1.5) = 2 sampling steps
+    assert inv.minimum_steps(0.5) == 3
+    assert inv.minimum_steps(0.1) == 15  # round(1.5) = 2 again
+
+
+# ---------------------------------------------------------------------------------------------- the analytic prior
+def test_gaussian_prior_flow_solves_the_probability_flow_ode():
+    """d/dsigma of the closed-form flow equals (x - D(x, sigma)) / sigma (central difference), and DDIM converges to
+    the flow at first order (4x the steps, about a quarter of the error)."""
+    x = PRIOR.sample(1, seed=15).double()
+    for sigma in (0.1, 1.0, 7.0):
+        h = 1e-4 * sigma
+        derivative = (PRIOR.flow(x, 1.0, sigma + h) - PRIOR.flow(x, 1.0, sigma - h)) / (2 * h)
+        at = PRIOR.flow(x, 1.0, sigma)
+        torch.testing.assert_close(derivative, (at - PRIOR(at, sigma)) / sigma, rtol=1e-6, atol=1e-8)
+    errors = []
+    for steps in (20, 80):
+        sig = inv.inversion_sigmas(schedule(steps)).double()
+        errors.append(inv.relative_error(inv.invert(PRIOR, x, sig).latent, PRIOR.flow(x, float(sig[0]), float(sig[-1]))))
+    assert 2.5 < errors[0] / errors[1] < 6, errors
+
+
+def test_gaussian_prior_denoiser_is_the_posterior_mean_in_its_dtype():
+    prior = GaussianPrior(torch.tensor([0.5, -1.0]), torch.tensor([1.0, 2.0]))
+    x = torch.tensor([[3.0, 3.0]])
+    torch.testing.assert_close(prior(x, 1.0), torch.tensor([[0.5 + 0.5 * 2.5, -1.0 + 0.8 * 4.0]]))
+    half = prior.with_dtype(torch.float16)(x, 1.0)
+    assert half.dtype == torch.float32
+    assert (half - prior(x, 1.0)).abs().max() <= 4 * unit_roundoff(torch.float16) * 4  # fp16 arithmetic, |D| < 4
+    with pytest.raises(ValueError, match="positive"):
+        GaussianPrior(0.0, torch.tensor([1.0, 0.0]))

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from helpers import assert_same_snapshot, latent, model_snapshot, run_node
+from tolerances import float_tol
 
 STEPS = 12
 
@@ -137,13 +138,17 @@ def test_input_model_is_not_changed(nodes, sd15, tiny):
 @pytest.mark.parametrize(
     ("change", "input_name", "message"),
     [
-        ({"steps": 0}, "steps", "at least 1"),
+        ({"steps": 1}, "steps", "at least 2"),
+        ({"steps": 4, "strength": 0.3}, "steps", "use at least 5 steps"),
         ({"strength": 0.0}, "strength", "(0, 1]"),
         ({"strength": 1.5}, "strength", "(0, 1]"),
         ({"latent": {"samples": torch.ones(1, 16, 8, 8)}}, "latent", "does not belong"),
         ({"latent": {"samples": torch.zeros(0, 4, 8, 8)}}, "latent", "empty"),
         ({"cfg": 5.0}, "negative", "cfg is 5.0"),
         ({"latent": {"samples": torch.ones(1, 4, 16, 16), "magic_family": "sdxl"}}, "latent", "sdxl"),
+        ({"latent": {"samples": torch.ones(1, 4, 16, 16), "magic_latent_format": "SDXL"}}, "latent",
+         "SDXL latent format"),
+        ({"mode": "bdia", "bdia_gamma": 0.0}, "bdia_gamma", "(0, 1]"),
     ],
 )
 def test_bad_input_names_node_and_input(nodes, sd15, tiny, change, input_name, message):
@@ -174,3 +179,118 @@ def test_inverted_sampler_follows_an_edict_record_inside_sampler_custom(nodes, s
     back = run_node(SamplerCustom, model=sd15, add_noise=False, noise_seed=0, cfg=1.0, positive=cond, negative=cond,
                     sampler=reverse, sigmas=sigmas, latent_image=inverted).result[0]["samples"]
     assert pack.magic_core.inversion.relative_error(back, lat["samples"]) < 1e-3
+
+
+# ------------------------------------------------------------------------------------------------------------ BDIA
+# Exact round trips end three roundings from the source: process_in on the way in, the float64 result rounded to
+# float32, process_out on the way out (the model calls of the reverse repeat the inversion's bit for bit).
+ROUND_TRIP_TOL = float_tol(torch.float32, 3)
+
+
+def test_bdia_node_route_is_exact(nodes, sd15, tiny, pack):
+    """DDIM Invert in bdia mode and Sample Inverted, on a random UNet: exact to float32 rounding, with the one model
+    call per step DDIM makes; the same start latent given explicitly is picked up exactly too."""
+    inv = pack.magic_core.inversion
+    cond, lat = tiny.sd15_cond(20), latent(20)
+    out = invert(nodes, sd15, cond, lat, mode="bdia", steps=STEPS)
+    record = out.result[1]
+    text = out.ui.as_dict()["text"][0]
+    assert f"{STEPS - 1} steps, {STEPS - 1} model calls" in text and "bdia (gamma 1)" in text, text
+    assert record.round_trip_error <= ROUND_TRIP_TOL
+    ddim = invert(nodes, sd15, cond, lat, mode="ddim", steps=STEPS).result[1].round_trip_error
+    assert ddim > 1e3 * ROUND_TRIP_TOL
+    back = run_node(nodes["MagicPortrait_SampleInverted"], model=sd15, inversion=record, cfg=1.0, measure_error=True)
+    assert inv.relative_error(back.result[0]["samples"], lat["samples"]) <= ROUND_TRIP_TOL
+    same = run_node(nodes["MagicPortrait_SampleInverted"], model=sd15, inversion=record, cfg=1.0, measure_error=False,
+                    start_latent=out.result[0]).result[0]["samples"]
+    assert torch.equal(same, back.result[0]["samples"])
+    # another start (an edit) begins with a DDIM step and lands elsewhere, without error
+    shifted = {"samples": out.result[0]["samples"] * 0.9}
+    edited = run_node(nodes["MagicPortrait_SampleInverted"], model=sd15, inversion=record, cfg=1.0,
+                      measure_error=False, start_latent=shifted).result[0]["samples"]
+    assert torch.isfinite(edited).all() and inv.relative_error(edited, lat["samples"]) > 1e-3
+
+
+def test_bdia_gamma_below_one_is_exact_and_a_diverging_one_is_refused(nodes, sd15, tiny):
+    cond, lat = tiny.sd15_cond(21), latent(21)
+    record = invert(nodes, sd15, cond, lat, mode="bdia", steps=8, bdia_gamma=0.9).result[1]
+    assert record.bdia_gamma == 0.9 and record.round_trip_error <= ROUND_TRIP_TOL
+    with pytest.raises(ValueError, match=r"MagicPortrait_DDIMInvert.*'bdia_gamma'.*diverged"):
+        invert(nodes, sd15, cond, lat, mode="bdia", steps=50, bdia_gamma=0.5, measure=False)
+
+
+def test_bdia_sampler_route_inside_sampler_custom(nodes, sd15, tiny, pack):
+    """The SAMPLER pair in core SamplerCustom: the inversion SAMPLER inverts as DDIM Invert does, its paired reverse
+    SAMPLER samples the result back exactly (it keeps BDIA's partner, which a LATENT cannot carry), and the Inverted
+    Latent Sampler given a bdia record does too."""
+    from comfy_extras.nodes_custom_sampler import BasicScheduler, SamplerCustom
+
+    inv = pack.magic_core.inversion
+    cond, lat = tiny.sd15_cond(22), latent(22)
+    sigmas = run_node(BasicScheduler, model=sd15, scheduler="normal", steps=STEPS, denoise=1.0).result[0]
+    forward, reverse = run_node(nodes["MagicPortrait_InversionSampler"], mode="bdia", refine_iterations=0,
+                                bdia_gamma=1.0).result
+
+    def custom(sampler, latent_image):
+        return run_node(SamplerCustom, model=sd15, add_noise=False, noise_seed=0, cfg=1.0, positive=cond,
+                        negative=cond, sampler=sampler, sigmas=sigmas, latent_image=latent_image).result[0]
+
+    inverted = custom(forward, lat)
+    ours = invert(nodes, sd15, cond, lat, mode="bdia", steps=STEPS, measure=False)
+    assert torch.equal(inverted["samples"], ours.result[0]["samples"])
+    back = custom(reverse, inverted)["samples"]
+    assert inv.relative_error(back, lat["samples"]) <= ROUND_TRIP_TOL
+    record_reverse = run_node(nodes["MagicPortrait_InvertedSampler"], inversion=ours.result[1]).result[0]
+    via_record = custom(record_reverse, ours.result[0])["samples"]
+    assert inv.relative_error(via_record, lat["samples"]) <= ROUND_TRIP_TOL
+    # a latent the pair did not invert gets a plain DDIM first step, not someone else's partner
+    other = custom(reverse, {"samples": inverted["samples"] * 0.9})["samples"]
+    assert torch.isfinite(other).all() and inv.relative_error(other, lat["samples"]) > 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_bdia_is_exact_through_comfy_sampling_with_the_analytic_denoiser(nodes, sd15, tiny, pack, dtype):
+    """The Gaussian prior's exact denoiser behind a real ModelPatcher (a model function wrapper), evaluated in fp32,
+    fp16 or bf16: BDIA's round trip through ComfyUI's guider is exact to float32 rounding; DDIM's is what the core
+    DDIM gives on the same prior (the same path, not a random network's error)."""
+    from magic_portrait.analytic_model import analytic_model, clean_latent, prior_for
+
+    inv = pack.magic_core.inversion
+    prior = prior_for(sd15, (16, 16), seed=23, compute_dtype=dtype)
+    model = analytic_model(sd15, prior)
+    lat = clean_latent(sd15, prior, seed=24)
+    cond = tiny.sd15_cond(23)
+    record = invert(nodes, model, cond, lat, mode="bdia", steps=50).result[1]
+    assert record.round_trip_error <= ROUND_TRIP_TOL
+    assert model.model_options["model_function_wrapper"].calls == 49 + 48
+    ddim = invert(nodes, model, cond, lat, mode="ddim", steps=50).result[1]
+    x0 = lat["samples"] * 0.18215
+    core = inv.sample_back(prior, inv.invert(prior, x0, ddim.sigmas).latent, ddim.sigmas)
+    # the same 49 + 49 Euler steps of a few operations each, in ComfyUI and in the core
+    assert abs(ddim.round_trip_error - inv.relative_error(core, x0)) <= float_tol(torch.float32, 4 * 98, 15.0)
+
+
+def test_latents_carry_and_check_their_latent_format(nodes, sd15, sdxl, tiny):
+    """An SD1.5 latent and an SDXL one both have 4 channels; the nodes' LATENT outputs name their latent format, so
+    one made with SD1.5 is refused by SDXL (and the other way round), naming the input."""
+    out = invert(nodes, sd15, tiny.sd15_cond(25), latent(25), steps=3, measure=False)
+    inverted, record = out.result[0], out.result[1]
+    assert inverted["magic_latent_format"] == "SD15"
+    back = run_node(nodes["MagicPortrait_SampleInverted"], model=sd15, inversion=record, cfg=1.0,
+                    measure_error=False).result[0]
+    assert back["magic_latent_format"] == "SD15"
+    with pytest.raises(ValueError, match=r"MagicPortrait_DDIMInvert.*'latent'.*SD15 latent format.*uses SDXL"):
+        invert(nodes, sdxl, tiny.sdxl_cond(25), back, steps=3, measure=False)
+    sdxl_latent = invert(nodes, sdxl, tiny.sdxl_cond(26), latent(26), steps=3, measure=False).result[0]
+    assert sdxl_latent["magic_latent_format"] == "SDXL"
+    with pytest.raises(ValueError, match=r"MagicPortrait_SampleInverted.*'start_latent'.*SDXL latent format"):
+        run_node(nodes["MagicPortrait_SampleInverted"], model=sd15, inversion=record, cfg=1.0, measure_error=False,
+                 start_latent=sdxl_latent)
+
+
+def test_schema_states_the_real_minimum_and_what_strength_is(nodes):
+    inputs = {i.id: i for i in nodes["MagicPortrait_DDIMInvert"].define_schema().inputs}
+    assert inputs["steps"].min == 2
+    tooltip = inputs["strength"].tooltip
+    assert "fraction of the schedule that is inverted" in tooltip and "Not KSampler's denoise" in tooltip
+    assert "bdia" in inputs["mode"].options and inputs["bdia_gamma"].default == 1.0
