@@ -384,8 +384,10 @@ class FusionRunWrapper:
         self.patches = patches or {}
         self.params = params
         self.last_report = ""
+        self.evaluated: set[float] = set()  # sigmas the model was called at in this run (EvaluatedSigmas)
 
     def __call__(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
+        self.evaluated = set()
         self._check_stores(latent_image, sigmas)
         guider = getattr(executor, "class_obj", None)
         options = getattr(guider, "model_options", None)
@@ -439,7 +441,9 @@ class FusionRunWrapper:
             return
         ref = next(iter(self.patches.values())).ref
         visited = set()
-        for s in sigmas[:-1]:
+        # the sigmas the model ran at: a sampler may skip some of the schedule (bdia's exact reverse starts from the
+        # two top states and never evaluates the top sigma)
+        for s in sorted(self.evaluated) or sigmas[:-1]:
             idx = ref.step_index(s)
             if idx is not None:
                 visited.add(idx)
@@ -585,10 +589,29 @@ def patch_model(model, params: ff.FusionParams, layers_choice: str, custom_layer
             clone.set_model_attn1_replace(patch, key[0], key[1], key[2])
         patches[key] = patch
     stores = [(name, s) for name, s in (("content_store", content), ("style_store", style)) if s is not None]
-    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY,
-                               FusionRunWrapper(stores, node, patches, params))
+    run = FusionRunWrapper(stores, node, patches, params)
+    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, run)
+    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, EvaluatedSigmas(run))
     return clone, patches
 
+
+
+class EvaluatedSigmas:
+    """APPLY_MODEL wrapper: notes each sigma the model runs at for the run's report (a chained wrapper list, never
+    a slot)."""
+
+    def __init__(self, run: FusionRunWrapper):
+        self.run = run
+
+    def __call__(self, executor, x, t, *args, **kwargs):
+        self.run.evaluated.update(float(v) for v in t.detach().flatten().unique().cpu())
+        return executor(x, t, *args, **kwargs)
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
 
 
 def describe_fusion(params: ff.FusionParams, patches: dict, model, content_store, style_store) -> str:

@@ -232,6 +232,19 @@ def stores(nodes, sd15, tiny):
     return {"cond": cond, "content": content, "style": style, "record": c_rec, "c_lat": c_lat, "s_lat": s_lat}
 
 
+def test_report_counts_only_the_sigmas_the_sampler_evaluates(nodes, sd15, tiny):
+    """bdia's exact reverse starts from the two top states and never evaluates the top sigma: the report must not
+    call that step unfused."""
+    cond = tiny.sd15_cond(6)
+    spec = store_spec(nodes, "decoder", dtype="fp16")
+    _, record, _, content = invert(nodes, sd15, cond, latent(6), spec, steps=4, mode="bdia")
+    _, _, _, style = invert(nodes, sd15, cond, latent(7), spec, steps=4, mode="bdia")
+    out = run_node(nodes["MagicPortrait_SampleInverted"], model=fuse(nodes, sd15, content=content, style=style),
+                   inversion=record, cfg=1.0, measure_error=False)
+    text = "\n".join(out.ui.as_dict()["text"])
+    assert "6/6 layers fused on every active step" in text and "WARNING" not in text, text
+
+
 def test_store_from_another_model_size_or_schedule_is_refused(nodes, sd15, tiny, stores):
     other = tiny.build_sd15_model(seed=11)
     with pytest.raises(ValueError) as err:
