@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .batch_rows import BatchRows
 from .layers import LayerKey, format_layers, layer_info, normalize_family, tokens_at
 
 SIGMA_RTOL = 1e-4
@@ -221,14 +222,6 @@ def percent_steps(n_steps: int, start_percent: float = 0.0, end_percent: float =
         raise ValueError(f"need 0 <= start_percent <= end_percent <= 1, got {start_percent}, {end_percent}")
     eps = 1e-9
     return [i for i in range(n_steps) if i >= start_percent * n_steps - eps and i < end_percent * n_steps - eps]
-
-
-def chunk_batch(rows: int, cond_or_uncond: Sequence[int] | None) -> int:
-    """Per-chunk batch size B of a ComfyUI model call whose rows are len(cond_or_uncond) chunks of B."""
-    chunks = len(cond_or_uncond) if cond_or_uncond else 1
-    if rows % chunks:
-        raise ValueError(f"{rows} batch rows do not split into {chunks} cond/uncond chunks")
-    return rows // chunks
 
 
 def _norm_key(layer_key) -> LayerKey:
@@ -457,10 +450,7 @@ class KVStore:
             return False
         if not isinstance(n, torch.Tensor) or n.ndim != 3:
             raise ValueError(f"record expects a [B, tokens, C] tensor, got {getattr(n, 'shape', type(n))}")
-        if cond_or_uncond is not None and len(cond_or_uncond) > 1:
-            b = chunk_batch(n.shape[0], cond_or_uncond)
-            chunk = list(cond_or_uncond).index(0) if 0 in cond_or_uncond else 0
-            n = n[chunk * b:(chunk + 1) * b]
+        n = n[BatchRows.of(n.shape[0], cond_or_uncond).kept_chunk()]
         if self.batch is None:
             self.batch = int(n.shape[0])
         elif n.shape[0] != self.batch:
@@ -517,17 +507,13 @@ class KVStore:
             t = dequantize_rows(t, self._scales[(key, idx)], dtype if dtype is not None else torch.float32, device)
         else:
             t = t.to(device=device if device is not None else t.device, dtype=dtype if dtype is not None else t.dtype)
-        b = t.shape[0] if batch is None else int(batch)
-        if t.shape[0] != b:
-            if t.shape[0] != 1:
-                raise StoreMismatchError(
-                    f"KV store holds {t.shape[0]} images but the sampling batch has {b} per cond/uncond chunk: "
-                    f"use a batch of {t.shape[0]}, or a store of one image (it is then shared by every image)"
-                )
-            t = t.expand(b, -1, -1)
-        if cond_or_uncond is not None and len(cond_or_uncond) > 1:
-            t = t.repeat(len(cond_or_uncond), 1, 1)
-        return t
+        rows = BatchRows.per_image(t.shape[0] if batch is None else int(batch), cond_or_uncond)
+        if not rows.accepts(t.shape[0]):
+            raise StoreMismatchError(
+                f"KV store holds {t.shape[0]} images but the sampling batch has {rows.per_chunk} per cond/uncond "
+                f"chunk: use a batch of {t.shape[0]}, or a store of one image (it is then shared by every image)"
+            )
+        return rows.source_rows(t, broadcast=False)
 
     def tokens(self, layer_key) -> int | None:
         """Token count of the recorded hidden states at this layer (None when nothing is recorded there)."""

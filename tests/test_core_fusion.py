@@ -17,7 +17,6 @@ from magic_core.kv_store import (
     KVStore,
     StoreBudgetError,
     StoreMismatchError,
-    chunk_batch,
     clean_schedule,
     find_sigma_index,
     percent_steps,
@@ -547,9 +546,8 @@ def test_store_batch_mapping_for_cond_uncond_chunks():
     single.record(LAYERS[0], 14.6, n[:1])
     wide = single.get(LAYERS[0], 14.6, batch=3, cond_or_uncond=[0, 1])
     assert wide.shape == (6, 64, 40) and torch.equal(wide[5], wide[0])
-    assert chunk_batch(6, [0, 1]) == 3
-    with pytest.raises(ValueError):
-        chunk_batch(5, [0, 1])
+    with pytest.raises(ValueError, match="do not split"):
+        single.record(LAYERS[0], 7.1, n[:1].repeat(3, 1, 1), cond_or_uncond=[0, 1])  # 3 rows, 2 chunks
 
 
 # ------------------------------------------------------------------------------------------------ layers
