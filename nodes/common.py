@@ -180,12 +180,26 @@ def check_latent(node: str, model, latent: dict, input_name: str = "latent") -> 
             f"latent of shape {tuple(samples.shape)} does not belong to this {model_family(model)} model "
             f"(it expects [B, {channels}, H, W]); encode the image with this model's VAE",
         )
-    family = latent.get("magic_family")
-    if family is not None and family != model_family(model):
-        raise NodeInputError(
-            node, input_name, f"latent was made with a {family} model but the MODEL is {model_family(model)}"
-        )
+    recorded, current = latent.get(LATENT_FORMAT_KEY), latent_format_name(model)
+    if recorded is not None and recorded != current:
+        raise NodeInputError(node, input_name, f"latent is in the {recorded} latent format but this "
+                             f"{model_family(model)} MODEL uses {current} (same channel count, another latent space); "
+                             "encode the image with this model's VAE, or use the model that made the latent")
     return samples
+
+
+# Where the pack's own LATENT outputs name the latent format (class name) of the model that made them. SD1.5 and SDXL
+# latents both have 4 channels; only this tells them apart. VAEEncode's bare {"samples"} carries nothing.
+LATENT_FORMAT_KEY = "magic_latent_format"
+
+
+def latent_format_name(model) -> str:
+    return type(model.get_model_object("latent_format")).__name__
+
+
+def tag_latent(latent: dict, model) -> dict:
+    """`latent` (a new dict) naming the latent format of `model`, whose latent space its samples are in."""
+    return {**latent, LATENT_FORMAT_KEY: latent_format_name(model)}
 
 
 def schedule(model, scheduler: str, steps: int, strength: float) -> torch.Tensor:

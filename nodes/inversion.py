@@ -19,6 +19,7 @@ from .common import (
     model_family,
     model_identity,
     schedule,
+    tag_latent,
     weight_patch_note,
     weight_patch_signature,
 )
@@ -52,31 +53,8 @@ GAMMA_TOOLTIP = (
     "paper's exact-inversion setting) never grows anything; below 1 the inversion divides by gamma every step, so "
     "errors grow like gamma^-steps: keep it near 1 for many steps (a diverging inversion is refused)."
 )
-# Where the nodes' own LATENT outputs name the latent format (class name) of the model that made them. SD1.5 and SDXL
-# latents both have 4 channels; only this tells them apart. VAEEncode's bare {"samples"} carries nothing.
-LATENT_FORMAT_KEY = "magic_latent_format"
 # A bdia inverted latent whose RMS exceeds this many times that of the source noised to the top sigma has diverged.
 DIVERGENCE_LIMIT = 10.0
-
-
-def latent_format_name(model) -> str:
-    return type(model.get_model_object("latent_format")).__name__
-
-
-def tag_latent(latent: dict, model) -> dict:
-    """`latent` (a new dict) naming the latent format of `model`, whose latent space its samples are in."""
-    return {**latent, LATENT_FORMAT_KEY: latent_format_name(model)}
-
-
-def check_latent_format(node: str, model, latent: dict, input_name: str = "latent") -> None:
-    """Refuse a LATENT that names another latent format than the MODEL's (e.g. an SD1.5 latent into SDXL: both have
-    4 channels, so the channel check cannot see it). A LATENT that names none (VAEEncode's) passes."""
-    recorded = latent.get(LATENT_FORMAT_KEY) if isinstance(latent, dict) else None
-    current = latent_format_name(model)
-    if recorded is not None and recorded != current:
-        raise NodeInputError(node, input_name, f"latent is in the {recorded} latent format but this "
-                             f"{model_family(model)} MODEL uses {current} (same channel count, another latent space); "
-                             "encode the image with this model's VAE, or use the model that made the latent")
 
 
 def _progress_callback(callback, total):
@@ -242,7 +220,6 @@ class DDIMInvert(io.ComfyNode):
                 feature_store=None) -> io.NodeOutput:
         node = cls.define_schema().node_id
         samples = check_latent(node, model, latent)
-        check_latent_format(node, model, latent)
         if cfg != 1.0 and negative is None:
             raise NodeInputError(node, "negative", f"cfg is {cfg}: connect a negative conditioning or set cfg to 1")
         try:
@@ -347,7 +324,6 @@ class SampleInverted(io.ComfyNode):
         start = None
         if start_latent is not None:
             start = check_latent(node, model, start_latent, "start_latent")
-            check_latent_format(node, model, start_latent, "start_latent")
             if tuple(start.shape) != tuple(inversion.latent.shape):
                 raise NodeInputError(node, "start_latent", f"shape {tuple(start.shape)} differs from the inverted "
                                      f"latent {tuple(inversion.latent.shape)}")

@@ -18,7 +18,7 @@ from comfy_api.v0_0_2 import io, ui
 from ..magic_core import fusion as ff
 from ..magic_core import inversion as inv
 from ..magic_core import kv_store as kvs
-from .common import CATEGORY, PREFIX, NodeInputError, check_latent, guided_run, schedule
+from .common import CATEGORY, PREFIX, NodeInputError, check_latent, guided_run, schedule, tag_latent
 from .inversion import KVStoreSpecType, KVStoreType, reverse_sampler_function, with_run_notes
 from .magicstyle_capture import FROM_FUSION, MATCH_FUSION, KVStoreSpec, invert_recording
 from .magicstyle_patch import describe_fusion, patch_model
@@ -294,7 +294,7 @@ class MagicStylePortrait(io.ComfyNode):
                   + f"; {time.perf_counter() - started:.1f} s")
         if notes.lines:
             report += "\n" + notes.text("\n")
-        return io.NodeOutput(image, {"samples": out}, ui=ui.PreviewText(report))
+        return io.NodeOutput(image, tag_latent({"samples": out}, model), ui=ui.PreviewText(report))
 
 
 NODES = [KVFeatureStore, FeatureFusionAttention, AdaINLatent, MagicStylePortrait]

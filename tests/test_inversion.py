@@ -145,7 +145,6 @@ def test_input_model_is_not_changed(nodes, sd15, tiny):
         ({"latent": {"samples": torch.ones(1, 16, 8, 8)}}, "latent", "does not belong"),
         ({"latent": {"samples": torch.zeros(0, 4, 8, 8)}}, "latent", "empty"),
         ({"cfg": 5.0}, "negative", "cfg is 5.0"),
-        ({"latent": {"samples": torch.ones(1, 4, 16, 16), "magic_family": "sdxl"}}, "latent", "sdxl"),
         ({"latent": {"samples": torch.ones(1, 4, 16, 16), "magic_latent_format": "SDXL"}}, "latent",
          "SDXL latent format"),
         ({"mode": "bdia", "bdia_gamma": 0.0}, "bdia_gamma", "(0, 1]"),
