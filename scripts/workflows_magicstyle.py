@@ -29,7 +29,9 @@ def _style_image(wf: Workflow, ckpt=None, encode: bool = True):
 def magicstyle_portrait(classes) -> Workflow:
     wf = Workflow(classes)
     wf.note("MagicStyle, node by node (Magic Portrait).\n\nBoth the portrait and the style image are DDIM-inverted "
-            "while a KV Feature Store keeps their self-attention features. AdaIN moves the portrait's inverted noise "
+            "while a KV Feature Store keeps their self-attention features: by default only the layers and steps "
+            "that its fusion_preset fuses (set it to the preset Feature Fusion Attention uses; dtype int8 halves "
+            "the store again). AdaIN moves the portrait's inverted noise "
             "toward the style's statistics, and Feature Fusion Attention fuses the stored features while the "
             "portrait is sampled back on the inversion's schedule.\n\nThe style image is used at its own size and "
             "aspect (no resizing to the portrait's size); a very large one only costs time and memory, so scale it "
@@ -41,7 +43,7 @@ def magicstyle_portrait(classes) -> Workflow:
     ckpt, text, encode = base(wf)
     style = _style_image(wf, ckpt)
     wf.column = 2
-    store = wf.node("MagicPortrait_KVFeatureStore", layers="decoder", title="KV Feature Store (decoder, fp16, CPU)")
+    store = wf.node("MagicPortrait_KVFeatureStore", title="KV Feature Store (fused layers and steps, fp16, CPU)")
     inv_c = wf.node("MagicPortrait_DDIMInvert", steps=STEPS, mode="ddim", title="Content DDIM Inversion")
     inv_s = wf.node("MagicPortrait_DDIMInvert", steps=STEPS, mode="ddim", title="Style DDIM Inversion")
     for inv, latent in ((inv_c, encode), (inv_s, style)):

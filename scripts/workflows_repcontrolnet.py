@@ -8,7 +8,7 @@ from __future__ import annotations
 from magic_portrait.workflow_builder import Workflow
 
 CHECKPOINT = "v1-5-pruned-emaonly-fp16.safetensors"
-REPCONTROLNET = "repcontrolnet_landmarks_sd15.safetensors"
+REPCONTROLNET = "my_repcontrolnet_canny.safetensors"  # what the repcontrolnet_train example saves
 CONDITION_IMAGE = "magic_portrait_condition.png"
 BUNDLED_DATASET = "magic_portrait_repcontrolnet_dataset"  # example_workflows/<this>, copied to ComfyUI/input on load
 BUNDLED_SIZE = 192  # the bundled pairs' side (scripts/make_repcontrolnet_dataset.py)
@@ -33,11 +33,11 @@ def repcontrolnet_apply(classes) -> Workflow:
     wf.note("RepControlNet (Magic Portrait).\n\nApply RepControlNet merges the control file's modal weights into a "
             "clone of the model (reversible) and adds its condition adapter once per run, so control costs what the "
             "base model costs. The condition image here is Canny edges of a portrait.\n\nNeeds an SD1.5 checkpoint "
-            "in models/checkpoints and a RepControlNet file in models/magic_repcontrolnet (train one with the "
-            "repcontrolnet_train example). The bypassed CheckpointSave writes the merged model when enabled.")
+            "in models/checkpoints and a RepControlNet file in models/magic_repcontrolnet: the repcontrolnet_train "
+            "example saves my_repcontrolnet_canny there, which this one loads (press R to refresh the list). The bypassed CheckpointSave writes the merged model when enabled.")
     ckpt = wf.node("CheckpointLoaderSimple", ckpt_name=CHECKPOINT)
     rcn = wf.node("MagicPortrait_LoadRepControlNet", repcontrolnet_name=REPCONTROLNET)
-    cond = wf.node("LoadImage", image=CONDITION_IMAGE, title="Condition image (landmarks)")
+    cond = wf.node("LoadImage", image=CONDITION_IMAGE, title="Condition image (Canny edges)")
     wf.column = 1
     apply = wf.node("MagicPortrait_ApplyRepControlNet", strength=1.0, merge_weights=True)
     wf.connect(ckpt.out("MODEL"), apply, "model")

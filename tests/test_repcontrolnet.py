@@ -561,7 +561,7 @@ def tiny_files(comfy, R, tiny, tmp_path_factory, tiny_checkpoint):
 
     root = tmp_path_factory.mktemp("rcn_models")
     ckpt = tiny_checkpoint(root / "checkpoints" / "v1-5-pruned-emaonly-fp16.safetensors")
-    rcn_file = tiny.write_tiny_repcontrolnet(root / "magic_repcontrolnet" / "repcontrolnet_landmarks_sd15.safetensors",
+    rcn_file = tiny.write_tiny_repcontrolnet(root / "magic_repcontrolnet" / "my_repcontrolnet_canny.safetensors",
                                           ckpt, seed=0)
     inputs_dir = root / "input"
     inputs_dir.mkdir()
