@@ -3,6 +3,7 @@
 import math
 
 import pytest
+import tolerances as tol
 import torch
 from tolerances import float_tol, unit_roundoff
 
@@ -52,7 +53,8 @@ def test_plain_mode_is_euler_over_ascending_sigmas(x0):
     x = x0
     for a, b in zip(sig[:-1], sig[1:], strict=True):
         x = x + (b - a) * (x - den(x, a)) / a
-    torch.testing.assert_close(out.latent, x, rtol=1e-6, atol=1e-5)
+    # the same Euler steps in another arithmetic order: a few operations per element and step
+    torch.testing.assert_close(out.latent, x, rtol=0, atol=tol.float_tol(x.dtype, 8 * len(sig), tol.magnitude(x)))
     assert out.model_calls == len(sig) - 1
     assert len(out.trajectory) == len(sig)
 
@@ -279,6 +281,7 @@ def test_gaussian_prior_flow_solves_the_probability_flow_ode():
         h = 1e-4 * sigma
         derivative = (PRIOR.flow(x, 1.0, sigma + h) - PRIOR.flow(x, 1.0, sigma - h)) / (2 * h)
         at = PRIOR.flow(x, 1.0, sigma)
+        # a central difference: truncation O(h^2) = 1e-8 sigma^2 relative, far above float64 rounding / h
         torch.testing.assert_close(derivative, (at - PRIOR(at, sigma)) / sigma, rtol=1e-6, atol=1e-8)
     errors = []
     for steps in (20, 80):
