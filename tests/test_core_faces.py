@@ -390,13 +390,14 @@ def test_tiny_pack_routes_through_insightface(tiny_pack, tiny_if, astronaut):
     assert gender in (0, 1) and 0 <= age <= 100
     # the 3D landmarks: 68 x 3, x/y in the face box, what the analyzer reports as landmarks68
     models["landmark_3d_68"].get(bgr, face)
-    np.testing.assert_allclose(face.landmark_3d_68[:, :2], f.landmarks68, atol=1e-3)
+    # the same ONNX run, read through insightface's and our post-processing (float32 pixel coordinates)
+    np.testing.assert_allclose(face.landmark_3d_68[:, :2], f.landmarks68, atol=tol.float_tol(torch.float32, 16, 1024))
     # the embedding is insightface's normed_embedding (and the raw norm is kept where Face has a field for it)
     rec = model_zoo.get_model(str(tiny_pack / "glintr100.onnx"), providers=["CPUExecutionProvider"])
     raw = rec.get(bgr, face)
-    np.testing.assert_allclose(f.embedding, face.normed_embedding, atol=1e-5)
+    np.testing.assert_allclose(f.embedding, face.normed_embedding, atol=tol.float_tol(torch.float32, f.embedding.size))
     if hasattr(f, "embedding_norm"):
-        assert f.embedding_norm == pytest.approx(float(np.linalg.norm(raw)), rel=1e-5)
+        assert f.embedding_norm == pytest.approx(float(np.linalg.norm(raw)), rel=tol.float_tol(torch.float32, raw.size))
 
 
 def test_tiny_embeddings_depend_on_the_face(tiny_if, astronaut):
