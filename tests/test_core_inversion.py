@@ -77,10 +77,12 @@ def test_edict_round_trip_is_exact(x0):
     sig = inv.inversion_sigmas(schedule(20))
     out = inv.invert(den, x0.double(), sig.double(), mode="edict")
     back = inv.sample_back(den, out.latent, sig.double(), mode="edict", partner=out.partner)
-    assert inv.relative_error(back, x0) < 1e-10
+    # exact in exact arithmetic: float64 rounding over 2 x 20 steps of a few operations each
+    assert inv.relative_error(back, x0) < tol.float_tol(torch.float64, 8 * 2 * len(sig))
     out32 = inv.invert(den, x0, sig, mode="edict")
     back32 = inv.sample_back(den, out32.latent, sig, mode="edict", partner=out32.partner)
-    assert inv.relative_error(back32, x0) < 1e-4
+    # states in float64 (the partner too), the denoiser in float32: one float32 rounding per call
+    assert inv.relative_error(back32, x0) < tol.float_tol(torch.float32, 8 * 2 * len(sig))
     # without the partner sequence the reverse is not exact: the partner carries information
     assert inv.relative_error(inv.sample_back(den, out32.latent, sig, mode="edict"), x0) > 1e-3
 
@@ -196,14 +198,15 @@ def test_bdia_update_is_the_papers_and_its_inverse(gamma):
     assert len(calls) == len(sig) - 1
     x = out.trajectory
     eps = [(x[i] - PRIOR(x[i], sig[i])) / sig[i] for i in range(len(sig) - 1)]
-    torch.testing.assert_close(x[1], x[0] + (sig[1] - sig[0]) * eps[0], rtol=0, atol=1e-12)
+    one_step = tol.float_tol(torch.float64, 8, tol.magnitude(*x))  # a few float64 operations on states this size
+    torch.testing.assert_close(x[1], x[0] + (sig[1] - sig[0]) * eps[0], rtol=0, atol=one_step)
     for i in range(1, len(sig) - 1):
         lower = gamma * (x[i + 1] - (sig[i + 1] - sig[i]) * eps[i]) + (1 - gamma) * x[i] + (sig[i - 1] - sig[i]) * eps[i]
-        torch.testing.assert_close(lower, x[i - 1], rtol=0, atol=1e-10)
+        torch.testing.assert_close(lower, x[i - 1], rtol=0, atol=one_step)
     calls.clear()
     back = inv.sample_back(den, out.latent, sig, mode="bdia", bdia_gamma=gamma, partner=out.partner)
     assert len(calls) == len(sig) - 2
-    torch.testing.assert_close(back, x0, rtol=0, atol=1e-10)
+    torch.testing.assert_close(back, x0, rtol=0, atol=tol.float_tol(torch.float64, 8 * len(sig), tol.magnitude(*x)))
     calls.clear()
     inv.sample_back(den, out.latent, sig, mode="bdia", bdia_gamma=gamma)
     assert len(calls) == len(sig) - 1 and calls[0] == float(sig[-1])

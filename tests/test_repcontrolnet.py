@@ -609,7 +609,9 @@ def test_example_workflow_runs_and_merged_checkpoint_round_trips(comfy, nodes, R
     expected = core.merged_state(weights, base_state)
     saved = merged_model.model.diffusion_model.state_dict()
     for key, value in expected.items():
-        torch.testing.assert_close(saved[key].float(), value.float(), rtol=2e-3, atol=2e-3)
+        # the checkpoint holds the merge rounded once to fp16 (below fp16's normal range: absolute spacing)
+        torch.testing.assert_close(saved[key].float(), value.float(), rtol=tol.float_tol(torch.float16, 1),
+                                   atol=torch.finfo(torch.float16).tiny)
     untouched = [k for k in base_state if k not in expected]
     assert all(torch.equal(saved[k], base_state[k]) for k in untouched)
 
@@ -620,5 +622,8 @@ def test_example_workflow_runs_and_merged_checkpoint_round_trips(comfy, nodes, R
     x, sigma = inputs(10)
     a = forward(apply(nodes, base_model, loaded, image), x, sigma, cond)
     b = forward(apply(nodes, merged_model, loaded, image, merge_weights=False), x, sigma, cond)
-    assert (a - forward(base_model, x, sigma, cond)).abs().max() > 1e-3
-    torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+    assert tol.differs(a, forward(base_model, x, sigma, cond))
+    # b runs the merged weights rounded to fp16 (checked exactly above), a the float32 merge: each merged layer
+    # adds one fp16 rounding of its weights to the chain
+    merged_layers = sum(key.endswith(".weight") for key in expected)
+    torch.testing.assert_close(a, b, rtol=0, atol=tol.float_tol(torch.float16, merged_layers, tol.magnitude(a)))

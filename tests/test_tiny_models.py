@@ -298,7 +298,9 @@ def test_sdxl_structure_and_sampling_with_sdxl_conds(sdxl):
     assert set(seen) == {((block, number), index) for block, number, index in recorders}  # no other layer
 
     reference = run(sdxl, cond)
-    torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-4)
+    # one euler step at cfg 3: a cond and an uncond evaluation
+    ops = tol.reduction_ops(sdxl.model.diffusion_model)
+    torch.testing.assert_close(out, reference, rtol=0, atol=tol.sampling_tol(torch.float32, ops, tol.magnitude(reference), 2))
     other_pooled = [[cond[0][0], dict(cond[0][1], pooled_output=tiny.sdxl_cond(5)[0][1]["pooled_output"])]]
     other_size = [[cond[0][0], dict(cond[0][1], width=512, height=768, target_width=512, target_height=768)]]
     assert _rel(run(sdxl, other_pooled), reference) > 0.01
