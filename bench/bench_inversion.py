@@ -62,9 +62,25 @@ def main() -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ 1. timing
+def core_routes(model, cond, steps: int):
+    """ComfyUI's own pieces for an inversion route: the normal schedule, its flip, Euler, and SamplerCustom (add_noise
+    off, cfg 1) as ``custom(sampler, sigmas, start_samples) -> samples``."""
+    from comfy_extras.nodes_custom_sampler import BasicScheduler, FlipSigmas, KSamplerSelect, SamplerCustom
+    from helpers import run_node
+
+    sigmas = run_node(BasicScheduler, model=model, scheduler="normal", steps=steps, denoise=1.0).result[0]
+    flipped = run_node(FlipSigmas, sigmas=sigmas).result[0]
+    euler = run_node(KSamplerSelect, sampler_name="euler").result[0]
+
+    def custom(sampler, sig, start):
+        return run_node(SamplerCustom, model=model, add_noise=False, noise_seed=0, cfg=1.0, positive=cond,
+                        negative=cond, sampler=sampler, sigmas=sig, latent_image={"samples": start}).result[0]["samples"]
+
+    return sigmas, flipped, euler, custom
+
+
 def timing_table(ctx) -> None:
     torch, runtime, tiny, args = ctx["torch"], ctx["runtime"], ctx["tiny"], ctx["args"]
-    from comfy_extras.nodes_custom_sampler import BasicScheduler, FlipSigmas, KSamplerSelect, SamplerCustom
     from helpers import latent, node_classes, run_node
 
     inv = runtime.pack.magic_core.inversion
@@ -74,14 +90,7 @@ def timing_table(ctx) -> None:
     lat = latent(0, height=args.size, width=args.size)
     source = lat["samples"]
     steps = args.steps
-
-    sigmas = run_node(BasicScheduler, model=model, scheduler="normal", steps=steps, denoise=1.0).result[0]
-    flipped = run_node(FlipSigmas, sigmas=sigmas).result[0]
-    euler = run_node(KSamplerSelect, sampler_name="euler").result[0]
-
-    def custom(sampler, sig, start):
-        return run_node(SamplerCustom, model=model, add_noise=False, noise_seed=0, cfg=1.0, positive=cond,
-                        negative=cond, sampler=sampler, sigmas=sig, latent_image={"samples": start}).result[0]["samples"]
+    sigmas, flipped, euler, custom = core_routes(model, cond, steps)
 
     def flip_euler():
         inverted = custom(euler, flipped, source)
@@ -146,7 +155,6 @@ def analytic_setup(ctx, seed: int = 1):
 
 def accuracy_table(ctx) -> None:
     runtime, tiny, args = ctx["runtime"], ctx["tiny"], ctx["args"]
-    from comfy_extras.nodes_custom_sampler import BasicScheduler, FlipSigmas, KSamplerSelect, SamplerCustom
     from helpers import node_classes, run_node
 
     inv = runtime.pack.magic_core.inversion
@@ -158,13 +166,7 @@ def accuracy_table(ctx) -> None:
     cond = tiny.sd15_cond(1)
     x0 = process_in(lat["samples"])
     steps = args.analytic_steps
-    sigmas = run_node(BasicScheduler, model=model, scheduler="normal", steps=steps, denoise=1.0).result[0]
-    flipped = run_node(FlipSigmas, sigmas=sigmas).result[0]
-    euler = run_node(KSamplerSelect, sampler_name="euler").result[0]
-
-    def custom(sampler, sig, start):
-        return run_node(SamplerCustom, model=model, add_noise=False, noise_seed=0, cfg=1.0, positive=cond,
-                        negative=cond, sampler=sampler, sigmas=sig, latent_image={"samples": start}).result[0]["samples"]
+    sigmas, flipped, euler, custom = core_routes(model, cond, steps)
 
     rows = []
     counter.calls = 0
