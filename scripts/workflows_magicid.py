@@ -48,6 +48,35 @@ def _faces_to_control(wf: Workflow, detect, ckpt, controlnet, positive_text: str
     return apply
 
 
+def _identity_models(wf: Workflow):
+    """Checkpoint, CLIP vision, IP-Adapter and landmark ControlNet loaders (the current column)."""
+    ckpt = wf.node("CheckpointLoaderSimple", ckpt_name=CHECKPOINT)
+    clip_vision = wf.node("CLIPVisionLoader", clip_name=CLIP_VISION)
+    ipadapter = wf.node("MagicPortrait_LoadIPAdapter", ipadapter_file=IPADAPTER)
+    controlnet = wf.node("ControlNetLoader", control_net_name=CONTROLNET)
+    return ckpt, clip_vision, ipadapter, controlnet
+
+
+def _id_embeds(wf: Workflow, ipadapter, clip_vision, ref, detect, person: int, **widgets):
+    """ID Embeds of person `person` (from 1) from their reference image and its detected faces."""
+    emb = wf.node("MagicPortrait_IDEmbeds", title=f"ID Embeds: person {person}", **widgets)
+    wf.connect(ipadapter.out(0), emb, "ipadapter")
+    wf.connect(ref.out("IMAGE"), emb, "images")
+    wf.connect(detect.out("faces"), emb, "faces")
+    wf.connect(clip_vision.out(0), emb, "clip_vision")
+    return emb
+
+
+def _add_identity(wf: Workflow, emb, previous, person: int, **widgets):
+    """Add Identity of person `person` (from 1), chained after `previous` (None for the first)."""
+    add = wf.node("MagicPortrait_AddIdentity", title=f"Add Identity: person {person}", label=f"person {person}",
+                  **widgets)
+    wf.connect(emb.out("id_embeds"), add, "id_embeds")
+    if previous is not None:
+        wf.connect(previous.out(0), add, "identities")
+    return add
+
+
 def _sample(wf: Workflow, model, apply, ckpt, width: int, height: int, prefix: str, columns: tuple[int, int]):
     wf.column = columns[0]
     empty = wf.node("EmptyLatentImage", width=width, height=height, batch_size=1)
@@ -103,10 +132,7 @@ def group_photo(classes) -> Workflow:
             f"OpenPose ControlNet ({CONTROLNET}). The offline face back-end needs no download; FaceID IP-Adapters "
             "need the insightface back-end (antelopev2 in models/insightface/models/). Replace the two references "
             "and the layout with your own photos.")
-    ckpt = wf.node("CheckpointLoaderSimple", ckpt_name=CHECKPOINT)
-    clip_vision = wf.node("CLIPVisionLoader", clip_name=CLIP_VISION)
-    ipadapter = wf.node("MagicPortrait_LoadIPAdapter", ipadapter_file=IPADAPTER)
-    controlnet = wf.node("ControlNetLoader", control_net_name=CONTROLNET)
+    ckpt, clip_vision, ipadapter, controlnet = _identity_models(wf)
     wf.column = 1
     analysis = wf.node("MagicPortrait_FaceAnalysisLoader", backend=OFFLINE)
     refs = [wf.node("LoadImage", image=PORTRAIT, title="Person 1 (left): reference"),
@@ -114,23 +140,13 @@ def group_photo(classes) -> Workflow:
     wf.column = 2
     detections = [_detect(wf, analysis, ref, f"Detect Faces: person {i + 1}") for i, ref in enumerate(refs)]
     wf.column = 3
-    embeds = []
-    for i, (ref, detect) in enumerate(zip(refs, detections, strict=True)):
-        emb = wf.node("MagicPortrait_IDEmbeds", title=f"ID Embeds: person {i + 1}", face_index=0, image_crop="auto")
-        wf.connect(ipadapter.out(0), emb, "ipadapter")
-        wf.connect(ref.out("IMAGE"), emb, "images")
-        wf.connect(detect.out("faces"), emb, "faces")
-        wf.connect(clip_vision.out(0), emb, "clip_vision")
-        embeds.append(emb)
+    embeds = [_id_embeds(wf, ipadapter, clip_vision, ref, detect, i + 1, face_index=0, image_crop="auto")
+              for i, (ref, detect) in enumerate(zip(refs, detections, strict=True))]
     wf.column = 4
     previous = None
     for i, (emb, box) in enumerate(zip(embeds, ((0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)), strict=True)):
-        add = wf.node("MagicPortrait_AddIdentity", title=f"Add Identity: person {i + 1}", weight=0.8,
-                      box_left=box[0], box_top=box[1], box_right=box[2], box_bottom=box[3], label=f"person {i + 1}")
-        wf.connect(emb.out("id_embeds"), add, "id_embeds")
-        if previous is not None:
-            wf.connect(previous.out(0), add, "identities")
-        previous = add
+        previous = _add_identity(wf, emb, previous, i + 1, weight=0.8, box_left=box[0], box_top=box[1],
+                                 box_right=box[2], box_bottom=box[3])
     mgmica = wf.node("MagicPortrait_MultiIDAttention", overlap="exclusive")
     wf.connect(ckpt.out("MODEL"), mgmica, "model")
     wf.connect(previous.out(0), mgmica, "identities")
@@ -164,10 +180,7 @@ def face_restore(classes) -> Workflow:
             "identity restores the i-th face from the left (or match 'by similarity').\n\n"
             f"Needs an SD1.5 checkpoint, {IPADAPTER}, {CLIP_VISION} and an OpenPose ControlNet ({CONTROLNET}). Load "
             "any image to restore, e.g. a group photo you generated, and one reference per person.")
-    ckpt = wf.node("CheckpointLoaderSimple", ckpt_name=CHECKPOINT)
-    clip_vision = wf.node("CLIPVisionLoader", clip_name=CLIP_VISION)
-    ipadapter = wf.node("MagicPortrait_LoadIPAdapter", ipadapter_file=IPADAPTER)
-    controlnet = wf.node("ControlNetLoader", control_net_name=CONTROLNET)
+    ckpt, clip_vision, ipadapter, controlnet = _identity_models(wf)
     wf.column = 1
     analysis = wf.node("MagicPortrait_FaceAnalysisLoader", backend=OFFLINE)
     target = wf.node("LoadImage", image=LAYOUT, title="Image to restore")
@@ -180,16 +193,8 @@ def face_restore(classes) -> Workflow:
     wf.column = 4
     previous = None
     for i, (ref, detect) in enumerate(zip(refs, detections, strict=True)):
-        emb = wf.node("MagicPortrait_IDEmbeds", title=f"ID Embeds: person {i + 1}")
-        wf.connect(ipadapter.out(0), emb, "ipadapter")
-        wf.connect(ref.out("IMAGE"), emb, "images")
-        wf.connect(detect.out("faces"), emb, "faces")
-        wf.connect(clip_vision.out(0), emb, "clip_vision")
-        add = wf.node("MagicPortrait_AddIdentity", title=f"Add Identity: person {i + 1}", label=f"person {i + 1}")
-        wf.connect(emb.out("id_embeds"), add, "id_embeds")
-        if previous is not None:
-            wf.connect(previous.out(0), add, "identities")
-        previous = add
+        emb = _id_embeds(wf, ipadapter, clip_vision, ref, detect, i + 1)
+        previous = _add_identity(wf, emb, previous, i + 1)
     wf.column = 5
     positive = wf.node("CLIPTextEncode", text="a photo of a face, natural skin, sharp focus", title="Positive prompt")
     wf.connect(ckpt.out("CLIP"), positive, "clip")
