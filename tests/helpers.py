@@ -2,9 +2,52 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from pathlib import Path
 
 import torch
+
+
+@contextlib.contextmanager
+def comfy_folders(root: Path):
+    """ComfyUI booted on `root`/models, `root`/input (created) and `root`/output for a module's graphs; ComfyUI's
+    previous input and output folders come back afterwards, since every module shares one booted ComfyUI."""
+    import folder_paths
+
+    from magic_portrait import comfy_env
+
+    old_in, old_out = folder_paths.get_input_directory(), folder_paths.get_output_directory()
+    comfy_env.boot(models_dir=root / "models", input_dir=root / "input", output_dir=root / "output")
+    (root / "input").mkdir(parents=True, exist_ok=True)
+    try:
+        yield root
+    finally:
+        folder_paths.set_input_directory(old_in)
+        folder_paths.set_output_directory(old_out)
+
+
+def text_to_image_nodes(ckpt: str, positive: str, width: int, height: int, *, bust_cache: bool = False):
+    """API-prompt nodes "ckpt", "pos", "neg" ("blurry"), "empty" for a text-to-image graph, and the latent to sample.
+    bust_cache sends the latent through LatentMultiply x1, so a KSampler runs again on a MODEL the executor cached."""
+    prompt = {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+        "pos": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": positive}},
+        "neg": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": "blurry"}},
+        "empty": {"class_type": "EmptyLatentImage", "inputs": {"width": width, "height": height, "batch_size": 1}},
+    }
+    if not bust_cache:
+        return prompt, ["empty", 0]
+    prompt["same"] = {"class_type": "LatentMultiply", "inputs": {"samples": ["empty", 0], "multiplier": 1.0}}
+    return prompt, ["same", 0]
+
+
+def saved_latent(workdir: Path, outputs: dict, node: str = "save") -> torch.Tensor:
+    """The latent a SaveLatent node `node` wrote into `workdir`/output, from the prompt's executor outputs."""
+    import safetensors.torch
+
+    info = outputs[node]["latents"][0]
+    return safetensors.torch.load_file(str(workdir / "output" / info["subfolder"] / info["filename"]))["latent_tensor"]
 
 
 def node_classes(pack) -> dict:

@@ -14,6 +14,7 @@ from helpers import (
     MAGICID_CONTROLNET,
     add_identity_inputs,
     assert_same_snapshot,
+    comfy_folders,
     detect_nodes,
     faceid_embeds_nodes,
     model_snapshot,
@@ -32,25 +33,17 @@ P = "MagicPortrait_"
 
 @pytest.fixture(scope="module")
 def workdir(comfy, tmp_path_factory, tiny_checkpoint, tiny_controlnet_file):
-    import folder_paths
-
-    from magic_portrait import comfy_env
-
     root = tmp_path_factory.mktemp("diir")
     models = root / "models"
     write_magicid_models(models, tiny_checkpoint, tiny_controlnet_file, seed=9)
-    old_in, old_out = folder_paths.get_input_directory(), folder_paths.get_output_directory()
-    comfy_env.boot(models_dir=models, input_dir=root / "input", output_dir=root / "output")
-    (root / "input").mkdir(exist_ok=True)
-    astronaut = skimage_data.astronaut()
-    Image.fromarray(astronaut).save(root / "input" / "astronaut.png")
-    Image.fromarray(np.ascontiguousarray(astronaut[:, ::-1])).save(root / "input" / "mirrored.png")
-    Image.fromarray(np.full((200, 328, 3), 90, np.uint8)).save(root / "input" / "flat.png")
-    # an odd size with the face a few pixels from the left border: its crop square reaches past the image
-    Image.fromarray(np.ascontiguousarray(astronaut[50:401, 168:505])).save(root / "input" / "border.png")
-    yield root
-    folder_paths.set_input_directory(old_in)
-    folder_paths.set_output_directory(old_out)
+    with comfy_folders(root):
+        astronaut = skimage_data.astronaut()
+        Image.fromarray(astronaut).save(root / "input" / "astronaut.png")
+        Image.fromarray(np.ascontiguousarray(astronaut[:, ::-1])).save(root / "input" / "mirrored.png")
+        Image.fromarray(np.full((200, 328, 3), 90, np.uint8)).save(root / "input" / "flat.png")
+        # an odd size with the face a few pixels from the left border: its crop square reaches past the image
+        Image.fromarray(np.ascontiguousarray(astronaut[50:401, 168:505])).save(root / "input" / "border.png")
+        yield root
 
 
 def _restore_inputs(**over):

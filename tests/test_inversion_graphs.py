@@ -10,6 +10,7 @@ import re
 
 import pytest
 import torch
+from helpers import comfy_folders
 from PIL import Image
 from skimage import data as skimage_data
 from tolerances import float_tol
@@ -24,20 +25,12 @@ ROUND_TRIP_TOL = float_tol(torch.float32, 3)
 
 @pytest.fixture(scope="module")
 def workdir(comfy, tmp_path_factory, tiny_checkpoint):
-    import folder_paths
-
-    from magic_portrait import comfy_env
-
     root = tmp_path_factory.mktemp("inversion_graphs")
     tiny_checkpoint(root / "models" / "checkpoints" / CKPT)
-    old_in, old_out = folder_paths.get_input_directory(), folder_paths.get_output_directory()
-    comfy_env.boot(models_dir=root / "models", input_dir=root / "input", output_dir=root / "output")
-    (root / "input").mkdir(exist_ok=True)
-    Image.fromarray(skimage_data.astronaut()).resize(SIZE).save(root / "input" / "portrait.png")
-    Image.fromarray(skimage_data.chelsea()).resize(SIZE).save(root / "input" / "style.png")
-    yield root
-    folder_paths.set_input_directory(old_in)
-    folder_paths.set_output_directory(old_out)
+    with comfy_folders(root):
+        Image.fromarray(skimage_data.astronaut()).resize(SIZE).save(root / "input" / "portrait.png")
+        Image.fromarray(skimage_data.chelsea()).resize(SIZE).save(root / "input" / "style.png")
+        yield root
 
 
 def _custom(sampler, sigmas, latent_image) -> dict:

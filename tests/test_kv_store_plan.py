@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import latent, run_node
+from helpers import comfy_folders, latent, run_node
 from PIL import Image
 from skimage import data as skimage_data
 
@@ -79,19 +79,12 @@ def test_store_defaults_keep_exactly_the_fused_layers_and_steps(nodes, sd15, tin
 @pytest.fixture(scope="module")
 def workdir(comfy, tmp_path_factory, tiny_checkpoint):
     """The tiny checkpoint in a models folder, a content and a style image in an input folder (restored after)."""
-    import folder_paths
-
-    from magic_portrait import comfy_env
-
     root = tmp_path_factory.mktemp("kv_store_plan")
     tiny_checkpoint(root / "models" / "checkpoints" / CKPT)
-    old_in, old_out = folder_paths.get_input_directory(), folder_paths.get_output_directory()
-    comfy_env.boot(models_dir=root / "models", input_dir=root / "input", output_dir=root / "output")
-    Image.fromarray(skimage_data.astronaut()).resize((128, 128)).save(root / "input" / "content.png")
-    Image.fromarray(skimage_data.chelsea()).resize((160, 96)).save(root / "input" / "style.png")
-    yield root
-    folder_paths.set_input_directory(old_in)
-    folder_paths.set_output_directory(old_out)
+    with comfy_folders(root):
+        Image.fromarray(skimage_data.astronaut()).resize((128, 128)).save(root / "input" / "content.png")
+        Image.fromarray(skimage_data.chelsea()).resize((160, 96)).save(root / "input" / "style.png")
+        yield root
 
 
 def test_single_node_keeps_only_the_fused_layers_in_8_bits(nodes, sd15, tiny, workdir):

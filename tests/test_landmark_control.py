@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tolerances as tol
 import torch
-from helpers import run_node
+from helpers import comfy_folders, run_node, saved_latent
 from PIL import Image
 
 NODE = "MagicPortrait_ApplyLandmarkControlNet"
@@ -139,24 +139,17 @@ def test_input_conditioning_is_not_mutated(nodes, control):
 # ------------------------------------------------------------------------------------------------ executor
 @pytest.fixture(scope="module")
 def workdir(comfy, tmp_path_factory, tiny_checkpoint, tiny_controlnet_file):
-    import folder_paths
-
-    from magic_portrait import comfy_env
-
     root = tmp_path_factory.mktemp("landmark_control")
     tiny_checkpoint(root / "models" / "checkpoints" / CKPT)
     tiny_controlnet_file(root / "models" / "controlnet" / CONTROLNET)
-    old_in, old_out = folder_paths.get_input_directory(), folder_paths.get_output_directory()
-    comfy_env.boot(models_dir=root / "models", input_dir=root / "input", output_dir=root / "output")
-    rng = np.random.default_rng(5)
-    Image.fromarray(rng.integers(0, 256, (96, 160, 3), dtype=np.uint8)).save(root / "input" / "cond.png")
-    region = np.zeros((96, 160, 3), dtype=np.uint8)
-    region[16:64, 40:100] = 255
-    Image.fromarray(region).save(root / "input" / "region.png")
-    Image.fromarray(np.zeros((96, 160, 3), dtype=np.uint8)).save(root / "input" / "empty.png")
-    yield root
-    folder_paths.set_input_directory(old_in)
-    folder_paths.set_output_directory(old_out)
+    with comfy_folders(root):
+        rng = np.random.default_rng(5)
+        Image.fromarray(rng.integers(0, 256, (96, 160, 3), dtype=np.uint8)).save(root / "input" / "cond.png")
+        region = np.zeros((96, 160, 3), dtype=np.uint8)
+        region[16:64, 40:100] = 255
+        Image.fromarray(region).save(root / "input" / "region.png")
+        Image.fromarray(np.zeros((96, 160, 3), dtype=np.uint8)).save(root / "input" / "empty.png")
+        yield root
 
 
 def _graph(*, ours=None, core=None, order="ours_first", mask_file="region.png"):
@@ -191,11 +184,7 @@ def _graph(*, ours=None, core=None, order="ours_first", mask_file="region.png"):
 
 
 def _run(comfy, workdir, prompt) -> torch.Tensor:
-    import safetensors.torch
-
-    outputs = comfy.run_prompt(prompt)
-    info = outputs["save"]["latents"][0]
-    return safetensors.torch.load_file(str(workdir / "output" / info["subfolder"] / info["filename"]))["latent_tensor"]
+    return saved_latent(workdir, comfy.run_prompt(prompt))
 
 
 def test_through_the_executor_strength_zero_and_empty_mask_equal_no_control(comfy, workdir):

@@ -14,9 +14,12 @@ from helpers import (
     MAGICID_CKPT,
     MAGICID_CONTROLNET,
     add_identity_inputs,
+    comfy_folders,
     detect_nodes,
     faceid_embeds_nodes,
     run_node,
+    saved_latent,
+    text_to_image_nodes,
     write_magicid_models,
 )
 from PIL import Image
@@ -47,25 +50,17 @@ def _three_people() -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def workdir(comfy, tmp_path_factory, tiny_checkpoint, tiny_controlnet_file):
-    import folder_paths
-
-    from magic_portrait import comfy_env
-
     root = tmp_path_factory.mktemp("magicid_graphs")
     models = root / "models"
     write_magicid_models(models, tiny_checkpoint, tiny_controlnet_file, seed=7)
     nested = write_tiny_insightface_pack(models / "insightface" / "models" / "buffalo_l" / "buffalo_l", seed=0,
                                          layout="buffalo_l")
     assert nested.is_dir()
-    old_in, old_out = folder_paths.get_input_directory(), folder_paths.get_output_directory()
-    comfy_env.boot(models_dir=models, input_dir=root / "input", output_dir=root / "output")
-    (root / "input").mkdir(exist_ok=True)
-    Image.fromarray(skimage_data.astronaut()).save(root / "input" / "astronaut.png")
-    Image.fromarray(_three_people()).save(root / "input" / "three.png")
-    Image.fromarray(np.full((200, 320, 3), 90, np.uint8)).save(root / "input" / "flat.png")
-    yield root
-    folder_paths.set_input_directory(old_in)
-    folder_paths.set_output_directory(old_out)
+    with comfy_folders(root):
+        Image.fromarray(skimage_data.astronaut()).save(root / "input" / "astronaut.png")
+        Image.fromarray(_three_people()).save(root / "input" / "three.png")
+        Image.fromarray(np.full((200, 320, 3), 90, np.uint8)).save(root / "input" / "flat.png")
+        yield root
 
 
 def _image_file(workdir, info) -> np.ndarray:
@@ -199,16 +194,7 @@ def test_insightface_loader_lists_the_packs_it_finds(nodes, comfy, workdir):
 def _group_graph(*, mgmica_weight=1.0, with_identities=True, with_control=True, bust_cache=False, seed=3):
     """Two FaceID identities from the astronaut (insightface stand-in) in left/right boxes, the landmark ControlNet
     confined to the face masks, and a KSampler on the tiny checkpoint."""
-    prompt = {
-        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT}},
-        "pos": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": "two people"}},
-        "neg": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": "blurry"}},
-        "empty": {"class_type": "EmptyLatentImage", "inputs": {"width": 96, "height": 64, "batch_size": 1}},
-    }
-    latent = ["empty", 0]
-    if bust_cache:  # the same latent through another node: KSampler runs again on the cached MODEL
-        prompt["same"] = {"class_type": "LatentMultiply", "inputs": {"samples": ["empty", 0], "multiplier": 1.0}}
-        latent = ["same", 0]
+    prompt, latent = text_to_image_nodes(CKPT, "two people", 96, 64, bust_cache=bust_cache)
     model, cond = ["ckpt", 0], (["pos", 0], ["neg", 0])
     if with_identities or with_control:
         prompt["refs"] = {"class_type": "LoadImage", "inputs": {"image": "astronaut.png"}}
@@ -244,11 +230,7 @@ def _group_graph(*, mgmica_weight=1.0, with_identities=True, with_control=True, 
 
 
 def _latent_of(comfy, workdir, prompt) -> torch.Tensor:
-    import safetensors.torch
-
-    out = comfy.run_prompt(prompt)
-    info = out["save"]["latents"][0]
-    return safetensors.torch.load_file(str(workdir / "output" / info["subfolder"] / info["filename"]))["latent_tensor"]
+    return saved_latent(workdir, comfy.run_prompt(prompt))
 
 
 def test_group_photo_graph_and_no_leak_into_a_later_plain_prompt(comfy, workdir):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import tolerances as tol
 import torch
-from helpers import assert_same_snapshot, latent, model_snapshot, run_node
+from helpers import assert_same_snapshot, comfy_folders, latent, model_snapshot, run_node
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 4
@@ -426,26 +426,20 @@ def test_sdxl_works(nodes, sdxl, tiny):
 def checkpoint(comfy, tiny_checkpoint, tmp_path_factory):
     """A tiny SD1.5 checkpoint under the examples' checkpoint name, loaded once; input/output dirs in tmp."""
     import comfy.sd
-    import folder_paths
     import numpy as np
     from PIL import Image
     from skimage import data
 
-    from magic_portrait import comfy_env
-
     root = tmp_path_factory.mktemp("magicstyle")
     name = "v1-5-pruned-emaonly-fp16.safetensors"
     path = tiny_checkpoint(root / "models" / "checkpoints" / name)
-    old_in, old_out = folder_paths.get_input_directory(), folder_paths.get_output_directory()
-    comfy_env.boot(models_dir=root / "models", input_dir=root / "input", output_dir=root / "output")
-    # the style at another size and aspect than the portrait: the examples use it as it is
-    for file, image, size in (("magic_portrait_astronaut.png", data.astronaut(), (128, 128)),
-                              ("magic_portrait_style.png", data.chelsea(), (160, 96))):
-        Image.fromarray(np.asarray(image)).resize(size).save(root / "input" / file)
-    vae = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=False)[2]
-    yield {"root": root, "vae": vae}
-    folder_paths.set_input_directory(old_in)
-    folder_paths.set_output_directory(old_out)
+    with comfy_folders(root):
+        # the style at another size and aspect than the portrait: the examples use it as it is
+        for file, image, size in (("magic_portrait_astronaut.png", data.astronaut(), (128, 128)),
+                                  ("magic_portrait_style.png", data.chelsea(), (160, 96))):
+            Image.fromarray(np.asarray(image)).resize(size).save(root / "input" / file)
+        vae = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=False)[2]
+        yield {"root": root, "vae": vae}
 
 
 def test_single_node_runs_end_to_end_on_a_batch(nodes, sd15, tiny, checkpoint):

@@ -14,7 +14,7 @@ import pytest
 import safetensors.torch
 import tolerances as tol
 import torch
-from helpers import latent, run_node
+from helpers import comfy_folders, latent, run_node, saved_latent, text_to_image_nodes
 from PIL import Image
 from skimage import data as skimage_data
 
@@ -53,20 +53,13 @@ def write_tiny_lora(checkpoint, path, rank: int = 4, seed: int = 0):
 
 @pytest.fixture(scope="module")
 def workdir(comfy, tmp_path_factory, tiny_checkpoint):
-    import folder_paths
-
-    from magic_portrait import comfy_env
-
     root = tmp_path_factory.mktemp("magicstyle_graphs")
     ckpt = tiny_checkpoint(root / "models" / "checkpoints" / CKPT)
     write_tiny_lora(ckpt.resolve(), root / "models" / "loras" / LORA)
-    old_in, old_out = folder_paths.get_input_directory(), folder_paths.get_output_directory()
-    comfy_env.boot(models_dir=root / "models", input_dir=root / "input", output_dir=root / "output")
-    Image.fromarray(skimage_data.astronaut()).resize(CONTENT_SIZE).save(root / "input" / "content.png")
-    Image.fromarray(skimage_data.chelsea()).resize(STYLE_SIZE).save(root / "input" / "style.png")
-    yield root
-    folder_paths.set_input_directory(old_in)
-    folder_paths.set_output_directory(old_out)
+    with comfy_folders(root):
+        Image.fromarray(skimage_data.astronaut()).resize(CONTENT_SIZE).save(root / "input" / "content.png")
+        Image.fromarray(skimage_data.chelsea()).resize(STYLE_SIZE).save(root / "input" / "style.png")
+        yield root
 
 
 def _model_node(kind: str, model, settings: dict) -> dict:
@@ -125,9 +118,7 @@ def _graph(chain=(), *, adain=True, prefix="ms") -> dict:
 
 def _run(comfy, workdir, prompt) -> tuple[torch.Tensor, dict]:
     outputs = comfy.run_prompt(prompt)
-    info = outputs["save"]["latents"][0]
-    file = workdir / "output" / info["subfolder"] / info["filename"]
-    return safetensors.torch.load_file(str(file))["latent_tensor"], outputs
+    return saved_latent(workdir, outputs), outputs
 
 
 def _text(outputs, node="sample") -> str:
@@ -314,16 +305,7 @@ def test_hypertile_on_a_fused_layer_is_a_clear_error(comfy, workdir, order):
 
 # ------------------------------------------------------------------------------------------------ no leak
 def _plain_graph(bust: bool) -> dict:
-    prompt = {
-        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT}},
-        "pos": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": "a portrait"}},
-        "neg": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": "blurry"}},
-        "empty": {"class_type": "EmptyLatentImage", "inputs": {"width": 128, "height": 128, "batch_size": 1}},
-    }
-    source = ["empty", 0]
-    if bust:  # the same latent through another node: KSampler runs again on the cached MODEL
-        prompt["same"] = {"class_type": "LatentMultiply", "inputs": {"samples": ["empty", 0], "multiplier": 1.0}}
-        source = ["same", 0]
+    prompt, source = text_to_image_nodes(CKPT, "a portrait", 128, 128, bust_cache=bust)
     prompt["sample"] = {"class_type": "KSampler", "inputs": {
         "model": ["ckpt", 0], "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": source, "seed": 5,
         "steps": 2, "cfg": 4.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}}
