@@ -14,12 +14,6 @@ STEPS = 12
 EXACT = tol.float_tol(torch.float32, 64)
 
 
-def routes_tol(model, calls: int, *tensors) -> float:
-    """Two routes that make the same `calls` model calls in another arithmetic order (tests/tolerances.py)."""
-    return tol.sampling_tol(torch.float32, tol.reduction_ops(model.model.diffusion_model), tol.magnitude(*tensors),
-                            calls)
-
-
 def invert(nodes, model, cond, lat, mode="ddim", k=0, steps=STEPS, strength=1.0, measure=True, **extra):
     out = run_node(nodes["MagicPortrait_DDIMInvert"], model=model, positive=cond, latent=lat, scheduler="normal",
                    steps=steps, strength=strength, mode=mode, refine_iterations=k, edict_mix=0.93, cfg=1.0,
@@ -61,7 +55,7 @@ def test_plain_mode_agrees_with_core_euler_on_flipped_schedule(nodes, sd15, tiny
     with torch.inference_mode():
         euler = pack.nodes.common.guided_run(sd15, cond, None, 1.0, lat["samples"],
                                              comfy.samplers.KSAMPLER(kd.sample_euler), record.sigmas)
-    torch.testing.assert_close(inverted, euler, rtol=0, atol=routes_tol(sd15, STEPS, euler))
+    torch.testing.assert_close(inverted, euler, rtol=0, atol=tol.model_tol(sd15, euler, calls=STEPS))
     assert torch.equal(record.sigmas, record.sigmas.sort().values)
 
 
@@ -75,14 +69,15 @@ def test_sampler_nodes_compose_with_core_sampler_custom(nodes, sd15, tiny):
     sampler = run_node(nodes["MagicPortrait_InversionSampler"], mode="fixed_point", refine_iterations=2).result[0]
     inverted = run_node(SamplerCustom, model=sd15, add_noise=False, noise_seed=0, cfg=1.0, positive=cond,
                         negative=cond, sampler=sampler, sigmas=sigmas, latent_image=lat).result[0]["samples"]
-    torch.testing.assert_close(inverted, ours.result[0]["samples"], rtol=0, atol=routes_tol(sd15, 3 * STEPS, inverted))
+    torch.testing.assert_close(inverted, ours.result[0]["samples"], rtol=0,
+                               atol=tol.model_tol(sd15, inverted, calls=3 * STEPS))
 
     reverse = run_node(nodes["MagicPortrait_InvertedSampler"], inversion=ours.result[1]).result[0]
     back = run_node(SamplerCustom, model=sd15, add_noise=False, noise_seed=0, cfg=1.0, positive=cond, negative=cond,
                     sampler=reverse, sigmas=sigmas, latent_image={"samples": inverted}).result[0]["samples"]
     direct = run_node(nodes["MagicPortrait_SampleInverted"], model=sd15, inversion=ours.result[1], cfg=1.0,
                       measure_error=False).result[0]["samples"]
-    torch.testing.assert_close(back, direct, rtol=0, atol=routes_tol(sd15, 4 * STEPS, direct))
+    torch.testing.assert_close(back, direct, rtol=0, atol=tol.model_tol(sd15, direct, calls=4 * STEPS))
 
 
 def test_strength_inverts_part_of_the_schedule(nodes, sd15, tiny):
@@ -93,7 +88,7 @@ def test_strength_inverts_part_of_the_schedule(nodes, sd15, tiny):
     torch.testing.assert_close(part.sigmas, full.sigmas[: STEPS // 2])
     # the partial trajectory is the start of the full one: same steps, same model calls
     torch.testing.assert_close(part.latent, full.trajectory[STEPS // 2 - 1], rtol=0,
-                               atol=routes_tol(sd15, STEPS // 2, part.latent))
+                               atol=tol.model_tol(sd15, part.latent, calls=STEPS // 2))
 
 
 def test_batch_entries_invert_independently(nodes, sd15, tiny):
@@ -101,7 +96,7 @@ def test_batch_entries_invert_independently(nodes, sd15, tiny):
     lat = latent(6, batch=2)
     both = invert(nodes, sd15, cond, lat, measure=False).result[0]["samples"]
     first = invert(nodes, sd15, cond, {"samples": lat["samples"][:1]}, measure=False).result[0]["samples"]
-    torch.testing.assert_close(both[:1], first, rtol=0, atol=routes_tol(sd15, STEPS, first))
+    torch.testing.assert_close(both[:1], first, rtol=0, atol=tol.model_tol(sd15, first, calls=STEPS))
 
 
 def test_v_prediction_round_trip_is_exact_with_edict(nodes, tiny):

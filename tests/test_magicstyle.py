@@ -16,15 +16,6 @@ FFA = "MagicPortrait_FeatureFusionAttention"
 TOKENS = 256  # the largest self-attention token grid of a 16x16 latent
 
 
-def sampling_tol(model, calls: int, *tensors, keys: int = TOKENS) -> float:
-    """Two float32 samplings that compute equal things in another order (fused on the very pass's own features vs
-    plain, stand-ins vs replaces, a batch vs one of its rows): `calls` UNet evaluations, each every Linear/Conv and
-    its self- and cross-attention layers over up to `keys` keys, relative to the latents' magnitude."""
-    unet = model.model.diffusion_model
-    layers = sum(1 for m in unet.modules() if type(m).__name__ == "CrossAttention")
-    return tol.sampling_tol(torch.float32, tol.reduction_ops(unet, keys, layers), tol.magnitude(*tensors), calls)
-
-
 @pytest.fixture(scope="module")
 def patch(pack):
     """The Feature Fusion Attention patch objects (nodes/magicstyle_patch.py)."""
@@ -96,7 +87,7 @@ def test_identity_with_the_very_pass_as_style_and_duplicated_keys(nodes, sd15, s
     patches = ffa_patches(patched)
     assert len(patches) == 16 and all(p.calls == STEPS - 1 for p in patches.values())
     torch.testing.assert_close(out, self_pass["plain"], rtol=0,
-                               atol=sampling_tol(sd15, STEPS - 1, out, keys=2 * TOKENS))
+                               atol=tol.model_tol(sd15, out, calls=STEPS - 1, attention_keys=2 * TOKENS))
     # and the check has teeth: a sharper temperature changes the result
     sharp = fuse(nodes, sd15, preset="styleid", style=store, layers="all", gamma=0.0, tau=2.0, start=0.0,
                  end=self_pass["end"])
@@ -372,7 +363,7 @@ def test_other_packs_attn1_and_attn2_replaces_still_run(nodes, sd15, tiny, store
     # composing through the other replace computes the same fused attention as FFA alone
     alone = sample(nodes, fuse(nodes, sd15, content=stores["content"], style=stores["style"], start=0.3),
                    stores["record"])
-    torch.testing.assert_close(out, alone, rtol=0, atol=sampling_tol(sd15, 2, alone, keys=3 * TOKENS))
+    torch.testing.assert_close(out, alone, rtol=0, atol=tol.model_tol(sd15, alone, calls=2, attention_keys=3 * TOKENS))
 
 
 def test_adain_latent_node(nodes, pack):
@@ -400,7 +391,7 @@ def test_batch_of_two_content_images_matches_each_alone(nodes, sd15, tiny):
     both = sample(nodes, fuse(nodes, sd15, content=content2, style=style), rec2)
     _, rec1, _, content1 = invert(nodes, sd15, cond, {"samples": lat["samples"][1:]}, spec, steps=3)
     one = sample(nodes, fuse(nodes, sd15, content=content1, style=style), rec1)
-    torch.testing.assert_close(both[1:], one, rtol=0, atol=sampling_tol(sd15, 2, one, keys=2 * TOKENS))
+    torch.testing.assert_close(both[1:], one, rtol=0, atol=tol.model_tol(sd15, one, calls=2, attention_keys=2 * TOKENS))
     plain = sample(nodes, sd15, rec2)
     assert tol.differs(both, plain)
 
@@ -503,7 +494,8 @@ def test_cfg_uncond_treatments(nodes, pack, sd15, tiny, stores):
         with torch.inference_mode():
             other = reverse(via_replaces, stores["record"], stores["cond"], tiny.sd15_cond(99), 2.0)
         torch.testing.assert_close(other, outs[mode], rtol=0,
-                                   atol=sampling_tol(sd15, 2 * 2, outs[mode], keys=2 * TOKENS))  # cond + uncond
+                                   # 2 steps x (cond + uncond)
+                                   atol=tol.model_tol(sd15, outs[mode], calls=2 * 2, attention_keys=2 * TOKENS))
     assert tol.differs(outs["fuse"], outs["plain"])
     assert tol.differs(outs["plain"], outs["style_only"])
 

@@ -88,10 +88,6 @@ def loaded_unet(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.model.diffusion_model.state_dict().items()}
 
 
-def net_tol(model, *outputs) -> float:
-    return tol.network_tol(torch.float32, model.model.diffusion_model, tol.magnitude(*outputs))
-
-
 def assert_weights_close(actual: dict, expected: dict, ops: int = MERGE_OPS, keys=None):
     for key in keys if keys is not None else expected:
         bound = tol.float_tol(torch.float32, ops, tol.magnitude(expected[key], actual[key]))
@@ -114,7 +110,7 @@ def test_merged_equals_unmerged(nodes, R, P, core, sd15, tiny, tiny_rcn):
             unmerged = forward(sd15, x, sigma, cond, {"patches": {"input_block_patch": [features]}})
         base = forward(sd15, x, sigma, cond)
         assert tol.differs(merged, base), "the RepControlNet must change the output"
-        torch.testing.assert_close(merged, unmerged, rtol=0, atol=net_tol(sd15, merged, unmerged))
+        torch.testing.assert_close(merged, unmerged, rtol=0, atol=tol.model_tol(sd15, merged, unmerged))
 
 
 def test_strength_zero_and_beta_zero_give_the_base_model(nodes, R, sd15, tiny, tiny_rcn):
@@ -255,7 +251,7 @@ def test_lowvram_partial_load_gives_the_full_load_result(nodes, P, sd15, tiny, t
             partial = model.model.apply_model(x, sigma, c_crossattn=cond[0][0], transformer_options=dict(to)).float()
     finally:
         model.unpatch_model(device_to=model.offload_device)
-    torch.testing.assert_close(partial, full, rtol=0, atol=net_tol(sd15, partial, full))
+    torch.testing.assert_close(partial, full, rtol=0, atol=tol.model_tol(sd15, partial, full))
     assert tol.differs(full, forward(sd15, x, sigma, cond))
     after = sd15.model.diffusion_model.state_dict()
     assert all(torch.equal(base[k], after[k]) for k in base)
@@ -304,8 +300,7 @@ def test_adapter_runs_once_per_sampling_run_with_batches(nodes, R, sd15, tiny, t
     assert patch.runs == 1
     first = sample(R.apply_repcontrolnet(sd15, tiny_rcn, two[:1], 1.0)[0], 2)
     # batched vs alone: the same sums in another order, over 2 steps x (cond, uncond) model calls
-    bound = tol.sampling_tol(torch.float32, tol.reduction_ops(sd15.model.diffusion_model),
-                             tol.magnitude(both, first), model_calls=4)
+    bound = tol.model_tol(sd15, both, first, calls=4)
     torch.testing.assert_close(both[:1], first[:1], rtol=0, atol=bound)
     assert tol.differs(both[1:], first[1:])
     bad, _ = R.apply_repcontrolnet(sd15, tiny_rcn, hint(7, batch=3), 1.0)

@@ -87,6 +87,16 @@ def sampling_tol(dtype: torch.dtype, ops_per_call: int, magnitude_: float, model
     return float_tol(dtype, ops_per_call * model_calls, magnitude_)
 
 
+def model_tol(model, *tensors: torch.Tensor, calls: int = 1, attention_keys: int = 0,
+              dtype: torch.dtype = torch.float32) -> float:
+    """sampling_tol for a ComfyUI ModelPatcher's UNet: `calls` evaluations compared with another route to the same
+    result (magnitude from `tensors`); with `attention_keys`, each of its attention layers also sums over that many
+    keys."""
+    unet = model.model.diffusion_model
+    layers = sum(type(m).__name__ == "CrossAttention" for m in unet.modules()) if attention_keys else 0
+    return sampling_tol(dtype, reduction_ops(unet, attention_keys, layers), magnitude(*tensors), calls)
+
+
 def network_tol(dtype: torch.dtype, module: torch.nn.Module, magnitude_: float, attention_tokens: int = 0,
                 attention_layers: int = 0) -> float:
     """float_tol for two evaluations of the same network by different routes (patched vs plain, another order of
