@@ -1,9 +1,15 @@
 """Two tiers: the core tier (magic_core alone) always runs; the ComfyUI tier runs on a real ComfyUI, found through
-COMFYUI_PATH, ~/comfy/ComfyUI, or the ComfyUI whose custom_nodes/ holds this pack. Any test that uses the `comfy`
-fixture belongs to the ComfyUI tier; the run ends with a line saying how many of those ran, or why none did."""
+COMFYUI_PATH, ~/comfy/ComfyUI, or the ComfyUI whose custom_nodes/ holds this pack (scripts/setup.sh unpacks the
+vendored archive there when none is found). Any test that uses the `comfy` fixture belongs to the ComfyUI tier; the
+run ends with a line saying how many of those ran, or why none did.
+
+Strict mode (CI=true, or MAGIC_PORTRAIT_REQUIRE_COMFYUI=1; MAGIC_PORTRAIT_REQUIRE_COMFYUI=0 turns it off under CI):
+the run fails when ComfyUI is not found, when a ComfyUI-tier test is skipped, or when the tier ran no test, so a green
+CI always means the ComfyUI tier ran."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -23,6 +29,20 @@ SKIP_REASON = (
 )
 _tier = {"passed": 0, "failed": 0, "skipped": 0}
 _tier_ids: set[str] = set()
+_tier_skips: list[str] = []  # "nodeid: reason" of every skipped ComfyUI-tier test
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes")
+
+
+def strict_comfy_tier() -> bool:
+    """Whether a skipped or empty ComfyUI tier fails the run: CI=true or MAGIC_PORTRAIT_REQUIRE_COMFYUI=1; an explicit
+    MAGIC_PORTRAIT_REQUIRE_COMFYUI=0 wins over CI."""
+    explicit = os.environ.get("MAGIC_PORTRAIT_REQUIRE_COMFYUI")
+    if explicit is not None and explicit.strip() != "":
+        return _truthy(explicit)
+    return _truthy(os.environ.get("CI"))
 
 
 def pytest_collection_modifyitems(config, items):
@@ -39,19 +59,50 @@ def pytest_configure(config):
 def pytest_runtest_logreport(report):
     if report.nodeid not in _tier_ids:
         return
+    outcome = None
     if report.when == "call":
-        _tier["passed" if report.passed else "failed" if report.failed else "skipped"] += 1
+        outcome = "passed" if report.passed else "failed" if report.failed else "skipped"
     elif report.when == "setup" and not report.passed:
-        _tier["skipped" if report.skipped else "failed"] += 1
+        outcome = "skipped" if report.skipped else "failed"
+    if outcome is None:
+        return
+    _tier[outcome] += 1
+    if outcome == "skipped":
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        _tier_skips.append(f"{report.nodeid}: {reason}")
 
 
-def pytest_terminal_summary(terminalreporter):
+def _tier_verdict() -> tuple[str, str | None]:
+    """The summary line, and why strict mode fails the run (None when it does not)."""
+    ran = _tier["passed"] + _tier["failed"]
     if COMFY_ROOT is None:
         line = f"ComfyUI tier: skipped ({len(_tier_ids)} tests) because {SKIP_REASON}"
     else:
-        line = (f"ComfyUI tier: {_tier['passed']} passed, {_tier['failed']} failed, {_tier['skipped']} skipped "
-                f"of {len(_tier_ids)} (ComfyUI at {COMFY_ROOT})")
-    terminalreporter.write_line(line)
+        line = (f"ComfyUI tier: {ran} ran ({_tier['passed']} passed, {_tier['failed']} failed), {_tier['skipped']} "
+                f"skipped, of {len(_tier_ids)} collected (ComfyUI at {COMFY_ROOT})")
+    problem = None
+    if COMFY_ROOT is None:
+        problem = SKIP_REASON + "; run scripts/setup.sh (it unpacks ../shared/vendor/ComfyUI-0.8.0.tar.gz)"
+    elif ran == 0:
+        problem = "no ComfyUI-tier test ran"
+    elif _tier["skipped"]:
+        problem = f"{_tier['skipped']} ComfyUI-tier test(s) skipped: " + "; ".join(_tier_skips[:5])
+    return line, problem
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _, problem = _tier_verdict()
+    if problem is not None and strict_comfy_tier() and exitstatus in (pytest.ExitCode.OK,
+                                                                      pytest.ExitCode.NO_TESTS_COLLECTED):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter):
+    line, problem = _tier_verdict()
+    if problem is not None and strict_comfy_tier():
+        line += f"\nComfyUI tier REQUIRED (CI=true or MAGIC_PORTRAIT_REQUIRE_COMFYUI=1) and {problem}: FAILED"
+    for text in line.splitlines():
+        terminalreporter.write_line(text)
     (REPO / ".pytest_cache").mkdir(exist_ok=True)
     (REPO / ".pytest_cache" / "comfy_tier.txt").write_text(line + "\n")
 

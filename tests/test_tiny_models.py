@@ -10,19 +10,14 @@ from pathlib import Path
 import pytest
 import tolerances as tol
 import torch
+from helpers import comfy_folders
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     # appended, not prepended: the pack's `nodes/` package must not shadow ComfyUI's `nodes` module
     sys.path.append(str(REPO_ROOT))
 
-from magic_portrait import comfy_env, tiny  # noqa: E402
-
-if comfy_env.find_comfyui() is None:
-    pytest.skip(
-        "ComfyUI not found (set COMFYUI_PATH or check out ComfyUI at ~/comfy/ComfyUI): ComfyUI-tier tests skipped",
-        allow_module_level=True,
-    )
+from magic_portrait import tiny  # noqa: E402
 
 LATENT = (1, 4, 16, 16)  # 128 px: ComfyUI's CPU attention (sub-quadratic) still costs ~ heads x tokens^2
 
@@ -43,10 +38,11 @@ def workdir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def comfy(workdir):
-    """ComfyUI booted on CPU with the pack (idempotent), models and outputs in this module's temporary folder.
-    Named like the shared conftest fixture, so these tests count in the ComfyUI tier."""
-    return comfy_env.boot(models_dir=workdir / "models", output_dir=workdir / "output")
+def comfy(comfy, workdir):
+    """The shared ComfyUI (conftest: skips each test, counted in the ComfyUI tier, when ComfyUI is missing), with
+    models and outputs in this module's temporary folder while it runs."""
+    with comfy_folders(workdir):
+        yield comfy
 
 
 @pytest.fixture(scope="module")
