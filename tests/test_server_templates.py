@@ -12,29 +12,19 @@ on a 2-core CI machine. One server serves every template, and stops with Ctrl+C 
 
 from __future__ import annotations
 
-import http.client
 import io
 import json
 import math
-import os
-import re
-import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from comfy_server import PACK_FOLDER, REPO, ServerError, definitions_from_object_info, start_server
 
 from magic_portrait import comfy_env, runner
 from magic_portrait.workflow import ui_to_api
 
-REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted(p.stem for p in (REPO / "example_workflows").glob("*.json"))
-# The folder an install gives the pack: the registry's node id, pyproject's [project] name.
-PACK_FOLDER = re.search(r'(?m)^name\s*=\s*"([^"]+)"', (REPO / "pyproject.toml").read_text()).group(1)
-HOST = "127.0.0.1"
 STARTUP_SECONDS = 300  # a cold start on a busy 2-core machine: imports, node registration, the pack's copy
 RUN_SECONDS = 600  # one quick template run there, with room to spare
 CLIENT_ID = "magic-portrait-server-test"
@@ -100,91 +90,6 @@ def execution_error(entry: dict) -> str:
     return json.dumps(entry["status"], indent=1)[:3000]
 
 
-class NodeDefinition:
-    """A node type as /object_info describes it: all the UI-to-API converter reads of a node class."""
-
-    def __init__(self, info: dict):
-        self.info = info
-
-    def INPUT_TYPES(self) -> dict:  # noqa: N802 (ComfyUI's name)
-        return self.info["input"]
-
-
-class ComfyServer:
-    """A ComfyUI server process on 127.0.0.1 and the folders it was given."""
-
-    def __init__(self, process: subprocess.Popen, port: int, base: Path, log_path: Path):
-        self.process, self.port, self.base, self.log_path = process, port, base, log_path
-        self.input_dir, self.output_dir, self.models_dir = base / "input", base / "output", base / "models"
-
-    def request(self, method: str, path: str, body=None, timeout: float = 60) -> tuple[int, bytes]:
-        connection = http.client.HTTPConnection(HOST, self.port, timeout=timeout)
-        try:
-            headers = {"Content-Type": "application/json"} if body is not None else {}
-            connection.request(method, path, body=None if body is None else json.dumps(body), headers=headers)
-            response = connection.getresponse()
-            return response.status, response.read()
-        finally:
-            connection.close()
-
-    def get_json(self, path: str):
-        status, data = self.request("GET", path)
-        assert status == 200, f"GET {path}: HTTP {status}: {data[:500]!r}"
-        return json.loads(data)
-
-    def log_tail(self, lines: int = 80) -> str:
-        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def wait_until_up(self, seconds: float) -> None:
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                pytest.fail(f"ComfyUI exited with code {self.process.returncode} while starting:\n{self.log_tail()}")
-            try:
-                if self.request("GET", "/api/system_stats", timeout=5)[0] == 200:
-                    return
-            except OSError:  # not listening yet
-                pass
-            time.sleep(0.5)
-        pytest.fail(f"ComfyUI did not answer within {seconds} s:\n{self.log_tail()}")
-
-    def run_prompt(self, prompt: dict, workflow: dict, seconds: float) -> dict:
-        """Queue an API prompt as the frontend does (with the UI workflow for the saved PNGs) and return its
-        history entry once ComfyUI has finished it."""
-        status, data = self.request("POST", "/api/prompt", {
-            "prompt": prompt, "client_id": CLIENT_ID, "extra_data": {"extra_pnginfo": {"workflow": workflow}}})
-        answer = json.loads(data)
-        assert status == 200, f"ComfyUI refused the prompt: {json.dumps(answer, indent=1)[:4000]}"
-        prompt_id = answer["prompt_id"]
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            entry = self.get_json(f"/api/history/{prompt_id}").get(prompt_id)
-            if entry:  # ComfyUI adds it to the history when the run has ended
-                return entry
-            if self.process.poll() is not None:
-                pytest.fail(f"ComfyUI exited with code {self.process.returncode} while running:\n{self.log_tail()}")
-            time.sleep(0.5)
-        pytest.fail(f"prompt {prompt_id} did not finish within {seconds} s:\n{self.log_tail()}")
-
-    def stop(self) -> int:
-        """Ctrl+C, as a user stops ComfyUI; a forced kill only if it hangs. Returns the exit code."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT if os.name != "nt" else signal.CTRL_BREAK_EVENT)
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((HOST, 0))
-        return probe.getsockname()[1]
-
-
 def write_stand_in_models(comfy, models_dir: Path) -> list[Path]:
     """Tiny stand-ins, written once, for every model file the example workflows load (what a user downloads for
     them), by the code behind `python -m magic_portrait run ... --make-tiny-checkpoint`."""
@@ -200,6 +105,25 @@ def write_stand_in_models(comfy, models_dir: Path) -> list[Path]:
     return written
 
 
+def run_prompt(server, prompt: dict, workflow: dict, seconds: float) -> dict:
+    """Queue an API prompt as the frontend does (with the UI workflow for the saved PNGs) and return its history entry
+    once ComfyUI has finished it."""
+    status, data = server.request("POST", "/api/prompt", {
+        "prompt": prompt, "client_id": CLIENT_ID, "extra_data": {"extra_pnginfo": {"workflow": workflow}}})
+    answer = json.loads(data)
+    assert status == 200, f"ComfyUI refused the prompt: {json.dumps(answer, indent=1)[:4000]}"
+    prompt_id = answer["prompt_id"]
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        entry = server.get_json(f"/api/history/{prompt_id}").get(prompt_id)
+        if entry:  # ComfyUI adds it to the history when the run has ended
+            return entry
+        if server.process.poll() is not None:
+            pytest.fail(f"ComfyUI exited with code {server.process.returncode} while running:\n{server.log_tail()}")
+        time.sleep(0.5)
+    pytest.fail(f"prompt {prompt_id} did not finish within {seconds} s:\n{server.log_tail()}")
+
+
 @pytest.fixture(scope="module")
 def server(request, tmp_path_factory):
     """ComfyUI's main.py serving from a fresh base folder with the pack installed and an empty input folder. While
@@ -207,28 +131,13 @@ def server(request, tmp_path_factory):
     comfy_root = comfy_env.find_comfyui()
     if comfy_root is None:
         request.getfixturevalue("comfy")  # skips, saying where ComfyUI was looked for
-    base = tmp_path_factory.mktemp("comfyui_server")
-    for folder in ("custom_nodes", "input", "output", "models", "user"):
-        (base / folder).mkdir()
-    (base / "custom_nodes" / PACK_FOLDER).symlink_to(REPO, target_is_directory=True)
-    port = free_port()
-    command = [
-        sys.executable, str(comfy_root / "main.py"), "--cpu", "--listen", HOST, "--port", str(port),
-        "--disable-auto-launch", "--base-directory", str(base), "--input-directory", str(base / "input"),
-        "--output-directory", str(base / "output"), "--temp-directory", str(base),  # ComfyUI adds "temp"
-        "--database-url", f"sqlite:///{base / 'user' / 'comfyui.db'}",  # by default it sits beside ComfyUI
-        # Faster on CPU (as comfy_env uses it); no API nodes: nothing of this test may reach the internet.
-        "--use-pytorch-cross-attention", "--disable-api-nodes",
-    ]
-    log_path = base / "comfyui.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, cwd=base, stdout=log, stderr=subprocess.STDOUT,
-                                   env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                                   creationflags=getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0))
-    instance = ComfyServer(process, port, base, log_path)
+    instance = start_server(comfy_root, tmp_path_factory.mktemp("comfyui_server"))
     try:
         write_stand_in_models(request.getfixturevalue("comfy"), instance.models_dir)
-        instance.wait_until_up(STARTUP_SECONDS)
+        try:
+            instance.wait_until_up(STARTUP_SECONDS)
+        except ServerError as err:
+            pytest.fail(str(err))
         yield instance
     finally:
         code = instance.stop()
@@ -239,7 +148,7 @@ def server(request, tmp_path_factory):
 @pytest.fixture(scope="module")
 def definitions(server) -> dict:
     """Every node type the server knows, from /object_info, as the frontend learns them."""
-    return {name: NodeDefinition(info) for name, info in server.get_json("/api/object_info").items()}
+    return definitions_from_object_info(server.get_json("/api/object_info"))
 
 
 @pytest.fixture(scope="module")
@@ -275,7 +184,7 @@ def test_template_runs_on_the_server(comfy, server, templates, definitions, name
     prompt has its outputs, the saved images in the output folder."""
     workflow = templates[name]
     prompt = make_quick(ui_to_api(workflow, definitions), definitions)
-    entry = server.run_prompt(prompt, workflow, RUN_SECONDS)
+    entry = run_prompt(server, prompt, workflow, RUN_SECONDS)
     assert entry["status"]["status_str"] == "success", execution_error(entry)
     output_nodes = {node_id for node_id, node in prompt.items()
                     if definitions[node["class_type"]].info.get("output_node")}
