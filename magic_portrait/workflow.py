@@ -148,6 +148,35 @@ def widget_layout(specs: list[InputSpec], *, legacy_force_input: bool = False, p
     return slots
 
 
+# What the frontend writes for each extra entry of a newly added node (the builder writes the same).
+NEW_NODE_EXTRA_VALUES = {"control": "fixed", "filter": "", "upload": "image"}
+
+
+def new_widget_values(specs: list[InputSpec], given: dict[str, Any], node_type: str = "node") -> list:
+    """widgets_values for a node of these inputs, as the frontend saves a node it just added and set: each widget's
+    value from `given` (else its default, else a COMBO's first option) and the extra entries of the same layout the
+    reader (`map_widget_values`) consumes. The builder of example workflows writes exactly this, so builder and reader
+    share one widget model. Refresh buttons (remote COMBOs) are left out: the reader accepts either."""
+    values, unused = [], dict(given)
+    for slot in widget_layout(specs):
+        if slot.kind == "value":
+            name = slot.name
+            if name in unused:
+                values.append(unused.pop(name))
+                continue
+            ok, default = _default_for(slot.input)
+            if not ok and slot.input.type == "COMBO" and slot.input.choices:
+                ok, default = True, slot.input.choices[0]
+            if not ok:
+                raise WorkflowFormatError(f"{node_type}: widget {name!r} has no default; give a value")
+            values.append(default)
+        elif slot.kind in NEW_NODE_EXTRA_VALUES:
+            values.append(NEW_NODE_EXTRA_VALUES[slot.kind])
+    if unused:
+        raise WorkflowFormatError(f"{node_type}: no widgets named {sorted(unused)}")
+    return values
+
+
 def _dynamic_option_specs(spec: InputSpec, value: Any) -> list[InputSpec]:
     """The inputs a V3 DynamicCombo shows for the chosen option (named '<combo>.<input>' in the prompt)."""
     for option in spec.options.get("options") or []:
@@ -354,8 +383,9 @@ def _collect_subgraphs(workflow: dict) -> dict[str, dict]:
 
 
 class _Converter:
-    def __init__(self, workflow: dict, node_classes: dict, warnings: list[str]):
+    def __init__(self, workflow: dict, node_classes: dict, warnings: list[str], display_names: dict | None = None):
         self.node_classes = node_classes
+        self.display_names = display_names or {}
         self.warnings = warnings
         self.subgraphs = _collect_subgraphs(workflow)
         self.group_nodes = set(((workflow.get("extra") or {}).get("groupNodes") or {}).keys())
@@ -564,7 +594,8 @@ class _Converter:
                 inputs[name] = _wrap(resolved[1])
             else:
                 inputs[name] = [resolved[1], resolved[2]]
-        title = node.get("title") or node["type"]
+        # the frontend's title: the node's own, else the node type's display name
+        title = node.get("title") or self.display_names.get(node["type"]) or node["type"]
         return {"inputs": inputs, "class_type": node["type"], "_meta": {"title": title}}
 
 
@@ -616,11 +647,14 @@ def is_ui_format(data: Any) -> bool:
     return isinstance(data, dict) and isinstance(data.get("nodes"), list)
 
 
-def ui_to_api(workflow: dict, node_classes: dict, *, warnings: list[str] | None = None) -> dict:
+def ui_to_api(workflow: dict, node_classes: dict, *, warnings: list[str] | None = None,
+              display_names: dict | None = None) -> dict:
     """Convert a workflow saved by the ComfyUI frontend into an API prompt {id: {class_type, inputs, _meta}}.
 
     `node_classes` maps node type -> class (e.g. ComfyUI's `nodes.NODE_CLASS_MAPPINGS`). Conversion problems the
     frontend would silently paper over are appended to `warnings`; real errors raise WorkflowFormatError.
+    `display_names` (node type -> display name, e.g. `nodes.NODE_DISPLAY_NAME_MAPPINGS`) gives untitled nodes the
+    `_meta.title` the frontend's Export (API) gives them (default: the node type).
     """
     if warnings is None:
         warnings = []
@@ -630,7 +664,7 @@ def ui_to_api(workflow: dict, node_classes: dict, *, warnings: list[str] | None 
         raise WorkflowFormatError("not a ComfyUI workflow: expected a UI-format file (with 'nodes' and 'links') "
                                   "or an API prompt ({id: {class_type, inputs}})")
     workflow = json.loads(json.dumps(workflow))  # never touch the caller's dict
-    converter = _Converter(workflow, node_classes, warnings)
+    converter = _Converter(workflow, node_classes, warnings, display_names)
     root = _Graph(nodes=_index_nodes(workflow["nodes"], "workflow"), links=_parse_links(workflow.get("links"), "workflow"))
     for node in root.nodes.values():
         node["_exec_id"] = root.exec_id(node)

@@ -1,5 +1,7 @@
 """Build UI-format workflow JSON (what the ComfyUI frontend saves) from node schemas, so example workflows
-always match the nodes' current inputs and widget order. Needs a booted ComfyUI (comfy_env.boot).
+always match the nodes' current inputs and widget order. Needs a booted ComfyUI (comfy_env.boot). Which inputs
+have widgets and which entries widgets_values holds come from magic_portrait.workflow, the reader's own model
+(checked against workflows saved by the real frontend, tests/fixtures/frontend/).
 
 Layout: nodes go into columns (``Workflow.column`` or ``column=``) in the order they are made; at ``to_json`` each
 column is as wide as its widest node and nodes are stacked with their title bars and a gap, so nothing overlaps.
@@ -12,7 +14,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+from .workflow import WorkflowFormatError, input_specs, new_widget_values, widget_layout
+
 # The frontend's geometry (LiteGraph, measured in ComfyUI's frontend 1.35): the title bar sits above a node's pos;
 # on load a node is grown to computeSize() = 20 per slot row (at least 1) + (each widget's height + 4, + 8 when there
 # are widgets) + 6, where a widget is 20 high, a multiline text 50 and an image preview 220; its width is at least
@@ -32,11 +35,6 @@ GROUP_PADDING = 20
 GROUP_TITLE_HEIGHT = 60  # the group's 34 px title bar plus room for a custom node's badge (drawn 22 px above it)
 GROUP_TITLE_CHAR_WIDTH = 11.5  # 24 px group titles
 ORIGIN = (60, 100)
-
-
-def _is_widget(spec) -> bool:
-    kind = spec[0]
-    return isinstance(kind, list) or kind in WIDGET_TYPES
 
 
 def _output_types(cls) -> list[tuple[str, str]]:
@@ -71,57 +69,31 @@ class Workflow:
 
     def node(self, node_type: str, title: str | None = None, column: int | None = None, **widgets) -> NodeRef:
         cls = self.classes[node_type]
-        spec = cls.INPUT_TYPES()
-        inputs, values, trailing = [], [], []
-        all_inputs = {**spec.get("required", {}), **spec.get("optional", {})}
-        for name, input_spec in all_inputs.items():
-            options = input_spec[1] if len(input_spec) > 1 else {}
-            if _is_widget(input_spec):
-                if name in widgets:
-                    value = widgets.pop(name)
-                elif "default" in options:
-                    value = options["default"]
-                elif isinstance(input_spec[0], list) and input_spec[0]:
-                    value = input_spec[0][0]
-                elif input_spec[0] == "COMBO":
-                    value = options["options"][0]
-                else:
-                    raise ValueError(f"{node_type}: widget {name!r} has no default; give a value")
-                values.append(value)
-                # the frontend's extra widget values: a seed control after the value (also for INTs named
-                # seed/noise_seed), a filter string after a controlled COMBO, the upload button after all inputs
-                control = options.get("control_after_generate")
-                if control or (control is None and input_spec[0] == "INT" and name in ("seed", "noise_seed")):
-                    values.append("fixed")
-                    if _socket_type(input_spec) == "COMBO":
-                        values.append("")
-                if options.get("image_upload"):
-                    trailing.append("image")
-                inputs.append({"name": name, "type": _socket_type(input_spec), "widget": {"name": name},
-                               "link": None})
-            else:
-                inputs.append({"name": name, "type": input_spec[0], "link": None})
-        if widgets:
-            raise ValueError(f"{node_type}: unknown widgets {sorted(widgets)}")
-        values.extend(trailing)
+        specs = input_specs(cls)
+        layout = widget_layout(specs)
+        # widgets_values as the frontend saves a new node: the reader's own layout (workflow.py), one widget model
+        try:
+            values = new_widget_values(specs, widgets, node_type)
+        except WorkflowFormatError as err:
+            raise ValueError(str(err)) from None
+        inputs = [{"name": spec.name, "type": spec.type, "widget": {"name": spec.name}, "link": None}
+                  if spec.has_widget else {"name": spec.name, "type": spec.type, "link": None} for spec in specs]
         node_id = len(self.nodes) + 1
         col = self.column if column is None else column
         widget_heights = []
-        for name, input_spec in all_inputs.items():
-            if _is_widget(input_spec):
-                options = input_spec[1] if len(input_spec) > 1 else {}
-                widget_heights.append(MULTILINE_HEIGHT if options.get("multiline") else WIDGET_HEIGHT)
-                control = options.get("control_after_generate")
-                if control or (control is None and input_spec[0] == "INT" and name in ("seed", "noise_seed")):
-                    widget_heights.append(WIDGET_HEIGHT)  # the control_after_generate combo
-                if options.get("image_upload"):
-                    widget_heights += [WIDGET_HEIGHT, IMAGE_PREVIEW_HEIGHT]  # upload button, then the preview
+        for slot in layout:
+            if slot.kind == "value":
+                widget_heights.append(MULTILINE_HEIGHT if slot.input.options.get("multiline") else WIDGET_HEIGHT)
+            elif slot.kind == "control":  # the control_after_generate combo (its filter entry is not drawn)
+                widget_heights.append(WIDGET_HEIGHT)
+            elif slot.kind == "upload":
+                widget_heights += [WIDGET_HEIGHT, IMAGE_PREVIEW_HEIGHT]  # upload button, then the preview
         rows = max(1, sum(1 for i in inputs if "widget" not in i), len(_output_types(cls)))
         height = rows * SLOT_HEIGHT + 6
         if widget_heights:
             height += sum(h + WIDGET_GAP for h in widget_heights) + 8
         shown = title or _display_name(node_type)
-        labels = [len(n) for n, spec in all_inputs.items() if _is_widget(spec)]
+        labels = [len(slot.input.name) for slot in layout if slot.kind == "value"]
         width = max(NODE_WIDTH, round(TITLE_CHAR_WIDTH * len(shown) + 60),
                     round(WIDGET_LABEL_CHAR_WIDTH * max(labels, default=0) + 140))
         data = {
@@ -236,7 +208,3 @@ def _display_name(node_type: str) -> str:
     import nodes
 
     return nodes.NODE_DISPLAY_NAME_MAPPINGS.get(node_type) or node_type
-
-
-def _socket_type(input_spec) -> str:
-    return "COMBO" if isinstance(input_spec[0], list) else input_spec[0]
