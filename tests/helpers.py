@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,13 +19,17 @@ def comfy_folders(root: Path):
     from magic_portrait import comfy_env
 
     old_in, old_out = folder_paths.get_input_directory(), folder_paths.get_output_directory()
-    comfy_env.boot(models_dir=root / "models", input_dir=root / "input", output_dir=root / "output")
+    runtime = comfy_env.boot(models_dir=root / "models", input_dir=root / "input", output_dir=root / "output")
+    # The executor keeps node instances between prompts, and SaveImage/SaveLatent read the output folder when they
+    # are made: a fresh executor, so no save node of another module's prompt writes into that module's folder.
+    runtime.executor = None
     (root / "input").mkdir(parents=True, exist_ok=True)
     try:
         yield root
     finally:
         folder_paths.set_input_directory(old_in)
         folder_paths.set_output_directory(old_out)
+        runtime.executor = None
 
 
 def text_to_image_nodes(ckpt: str, positive: str, width: int, height: int, *, bust_cache: bool = False):
@@ -48,6 +53,134 @@ def saved_latent(workdir: Path, outputs: dict, node: str = "save") -> torch.Tens
 
     info = outputs[node]["latents"][0]
     return safetensors.torch.load_file(str(workdir / "output" / info["subfolder"] / info["filename"]))["latent_tensor"]
+
+
+def cached_outputs(comfy, node_id: str) -> list:
+    """A node's outputs (one value per output slot) as the executor cached them after the last prompt: the objects
+    themselves (float tensors, MODELs, records), not what a save node wrote."""
+    entry = comfy.executor.caches.outputs.get(node_id)
+    assert entry is not None, f"node {node_id} has no cached output (was it in the prompt, and did it run?)"
+    return [value[0] if len(value) == 1 else value for value in entry.outputs]
+
+
+@contextlib.contextmanager
+def registered_node(node_id: str, cls):
+    """A test-only node class in ComfyUI's registry while the block runs, so prompts can use it (validation and
+    executor treat it like any installed node); removed afterwards."""
+    import nodes
+
+    assert node_id not in nodes.NODE_CLASS_MAPPINGS, node_id
+    nodes.NODE_CLASS_MAPPINGS[node_id] = cls
+    nodes.NODE_DISPLAY_NAME_MAPPINGS[node_id] = node_id
+    try:
+        yield cls
+    finally:
+        nodes.NODE_CLASS_MAPPINGS.pop(node_id, None)
+        nodes.NODE_DISPLAY_NAME_MAPPINGS.pop(node_id, None)
+
+
+# ------------------------------------------------------------------------------- one node through the executor
+_OBJECTS: dict[str, object] = {}  # objects handed to a prompt by key (read once by the object node)
+_OBJECT_NODE = "MagicPortraitTest_Object_"  # + the IO type it outputs
+SINK_NODE = "MagicPortraitTest_Sink"
+WIDGET_VALUE_TYPES = (bool, int, float, str)
+_counter = iter(range(10**9))
+
+
+def _object_node(io_type: str):
+    class ObjectNode:
+        """Test-only: outputs a Python object this process handed to the prompt (a MODEL, CONDITIONING, store ...)."""
+
+        @classmethod
+        def INPUT_TYPES(cls):  # noqa: N802 (ComfyUI's name)
+            return {"required": {"key": ("STRING", {"default": ""})}}
+
+        RETURN_TYPES = (io_type,)
+        FUNCTION = "get"
+        CATEGORY = "testing"
+
+        def get(self, key):
+            return (_OBJECTS.pop(key),)
+
+    return ObjectNode
+
+
+class _Sink:
+    """Test-only output node: takes any outputs, so the node under test runs and its outputs stay in the cache."""
+
+    @classmethod
+    def INPUT_TYPES(cls):  # noqa: N802
+        return {"required": {}, "optional": {f"value_{i}": ("*",) for i in range(16)}}
+
+    RETURN_TYPES = ()
+    FUNCTION = "take"
+    OUTPUT_NODE = True
+    CATEGORY = "testing"
+
+    def take(self, **values):
+        return {}
+
+
+@dataclass
+class GraphRun:
+    """What run_in_graph gives back: the node's outputs (from the executor's cache) and its UI outputs."""
+
+    result: tuple
+    ui: dict  # {"text": [...], ...} as the executor reports it
+
+
+def run_in_graph(node, **inputs) -> GraphRun:
+    """Run one node (ours or core; a node id or its class) as a server runs a prompt: ComfyUI's prompt validation
+    (types, min/max, combo options) and executor (caching, inference mode, V3 execution, UI outputs). Widget values
+    go into the prompt as they are; every other input (a MODEL, a CONDITIONING, a store, a tensor) comes from a
+    test-only node that outputs the given object; None inputs are left out. The outputs are the objects the node
+    returned (read from the executor's cache). Raises comfy_env.WorkflowError as the run would fail."""
+    import nodes
+    from magic_portrait import comfy_env
+
+    comfy = comfy_env.boot()  # the ComfyUI this process booted (idempotent)
+    if isinstance(node, str):
+        node_type = node
+    elif hasattr(node, "define_schema"):  # V3: its node id (a module imported twice still has the same id)
+        node_type = node.define_schema().node_id
+    else:
+        node_type = next(k for k, v in nodes.NODE_CLASS_MAPPINGS.items()
+                         if v is node or (v.__name__ == node.__name__ and v.__module__ == node.__module__))
+    cls = nodes.NODE_CLASS_MAPPINGS[node_type]
+    declared = {name: spec for section in ("required", "optional")
+                for name, spec in (cls.INPUT_TYPES().get(section) or {}).items()}
+    prompt, keys = {}, []
+    node_inputs = {}
+    for name, value in inputs.items():
+        if value is None:
+            continue
+        if name not in declared:
+            raise KeyError(f"{node_type} has no input {name!r}")
+        io_type = declared[name][0]
+        if isinstance(value, WIDGET_VALUE_TYPES) and (isinstance(io_type, list) or io_type in (
+                "INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")):
+            node_inputs[name] = value
+            continue
+        source = _OBJECT_NODE + str(io_type)
+        if source not in nodes.NODE_CLASS_MAPPINGS:
+            nodes.NODE_CLASS_MAPPINGS[source] = _object_node(str(io_type))
+        key = f"object_{next(_counter)}"
+        _OBJECTS[key] = value
+        keys.append(key)
+        prompt[f"in_{name}"] = {"class_type": source, "inputs": {"key": key}}
+        node_inputs[name] = [f"in_{name}", 0]
+    nodes.NODE_CLASS_MAPPINGS.setdefault(SINK_NODE, _Sink)
+    prompt["node"] = {"class_type": node_type, "inputs": node_inputs}
+    outputs = len(cls.RETURN_TYPES)
+    prompt["sink"] = {"class_type": SINK_NODE, "inputs": {f"value_{i}": ["node", i] for i in range(outputs)}}
+    if not outputs:
+        del prompt["sink"]
+    try:
+        ui = comfy.run_prompt(prompt).get("node", {})
+    finally:
+        for key in keys:
+            _OBJECTS.pop(key, None)
+    return GraphRun(tuple(cached_outputs(comfy, "node")) if outputs else (), ui)
 
 
 def node_classes(pack) -> dict:
