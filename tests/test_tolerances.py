@@ -20,8 +20,9 @@ def test_float_tol_bounds_dot_products_and_sums_in_any_order(dtype, n):
                               + (x[:, n // 2:].to(dtype) @ y[n // 2:].to(dtype))).double(),
         "reversed": (x.flip(1).to(dtype) @ y.flip(0).to(dtype)).double(),
     }
-    # one route against the exact value (half of float_tol); rounding x and y to dtype adds two roundings per term
-    bound = tol.float_tol(dtype, n + 2, magnitude) / 2
+    # one route against the exact value (half the bound); rounding x and y to dtype adds two roundings per term. The
+    # raw bound: at fp16/bf16 and these lengths it is wider than float_tol lets a test use, but it must still hold
+    bound = tol.rounding_bound(dtype, n + 2, magnitude) / 2
     for name, value in routes.items():
         assert float((value - exact).abs().max()) <= bound, name
 
@@ -42,7 +43,23 @@ def test_reduction_ops_counts_fan_ins():
 
 
 def test_tolerances_scale_with_dtype_and_magnitude():
-    assert tol.float_tol(torch.float16, 100) > 1000 * tol.float_tol(torch.float32, 100)
+    assert tol.rounding_bound(torch.float16, 100) > 1000 * tol.float_tol(torch.float32, 100)
     assert tol.float_tol(torch.float32, 100, 50.0) == pytest.approx(50 * tol.float_tol(torch.float32, 100))
     with pytest.raises(ValueError, match="ops"):
         tol.float_tol(torch.float32, 0)
+
+
+@pytest.mark.parametrize(("dtype", "ops", "magnitude"), [
+    (torch.float16, 82_000 * 8, 4.0),  # a tiny UNet over 8 fp16 model calls: the bound would be O(magnitude)
+    (torch.bfloat16, 64, 1.0),
+    (torch.float32, 100, 1e-6),  # tiny values: the floor of 1 would make the bound 1e4 times their size
+])
+def test_float_tol_refuses_a_bound_no_result_can_fail(dtype, ops, magnitude):
+    assert tol.rounding_bound(dtype, ops, magnitude) > tol.MAX_RELATIVE_BOUND * magnitude
+    with pytest.raises(tol.ToleranceTooWide, match="exceeds 1% of the magnitude"):
+        tol.float_tol(dtype, ops, magnitude)
+
+
+def test_float_tol_accepts_bounds_within_one_percent():
+    assert tol.float_tol(torch.float32, 82_000 * 8, 4.0) <= 0.01 * 4.0
+    assert tol.float_tol(torch.float16, 8, 1.0) <= 0.01

@@ -34,15 +34,38 @@ def unit_roundoff(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps / 2
 
 
-def float_tol(dtype: torch.dtype, ops: int, magnitude: float = 1.0) -> float:
-    """Largest difference between two correct evaluations, in any order, of a result built from `ops` rounded
-    operations along its longest chain on values bounded by `magnitude` (at least 1 keeps tiny values meaningful)."""
+# A bound wider than this share of the values it compares is no test: at fp16/bf16 with UNet-sized operation counts
+# float_tol reaches O(magnitude), which any result passes. float_tol refuses such a bound; the caller needs a wider
+# dtype, a shorter chain (compare a layer, not a whole sampling run), or another comparison (an exact invariant).
+MAX_RELATIVE_BOUND = 0.01
+
+
+class ToleranceTooWide(ValueError):
+    """float_tol was asked for a bound above MAX_RELATIVE_BOUND of the magnitude it compares."""
+
+
+def rounding_bound(dtype: torch.dtype, ops: int, magnitude: float = 1.0) -> float:
+    """The rounding-error bound itself (see the module docstring), however wide; tests compare through float_tol."""
     if ops < 1:
         raise ValueError(f"ops must be at least 1, got {ops}")
     u = unit_roundoff(dtype)
     worst_case = ops * u / (1 - ops * u) if ops * u < 0.5 else float("inf")
     probabilistic = PROBABILISTIC_LAMBDA * math.sqrt(ops) * u
     return 2.0 * min(worst_case, probabilistic) * max(float(magnitude), 1.0)
+
+
+def float_tol(dtype: torch.dtype, ops: int, magnitude: float = 1.0) -> float:
+    """Largest difference between two correct evaluations, in any order, of a result built from `ops` rounded
+    operations along its longest chain on values bounded by `magnitude` (at least 1 keeps tiny values meaningful).
+
+    Refuses (ToleranceTooWide) a bound above 1% of `magnitude`: such a comparison could not fail."""
+    bound = rounding_bound(dtype, ops, magnitude)
+    if not bound <= MAX_RELATIVE_BOUND * float(magnitude):
+        raise ToleranceTooWide(
+            f"float_tol({dtype}, ops={ops}, magnitude={float(magnitude):.3g}) = {bound:.3g} exceeds "
+            f"{MAX_RELATIVE_BOUND:.0%} of the magnitude compared: that comparison cannot fail. Compare in a wider "
+            "dtype, over a shorter chain, or by an exact invariant")
+    return bound
 
 
 def magnitude(*tensors) -> float:
