@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from pathlib import Path
 
 import cv2
@@ -345,15 +344,12 @@ def test_dlib_missing_packages_say_what_to_install(monkeypatch):
 # ----------------------------------------------------------------------------------------------------- insightface
 
 
-def test_tiny_pack_is_small_fast_and_deterministic(tmp_path):
-    start = time.perf_counter()
+def test_tiny_pack_is_small_and_deterministic(tmp_path):
     a = tiny.write_tiny_insightface_pack(tmp_path / "a" / "antelopev2", seed=3)
-    elapsed = time.perf_counter() - start
     b = tiny.write_tiny_insightface_pack(tmp_path / "b" / "antelopev2", seed=3)
     c = tiny.write_tiny_insightface_pack(tmp_path / "c" / "antelopev2", seed=4)
     names = sorted(p.name for p in a.glob("*.onnx"))
     assert names == sorted(fb.INSIGHTFACE_PACKS["antelopev2"])
-    assert elapsed < 2.0
     for n in names:
         assert (a / n).stat().st_size < 200_000
         assert (a / n).read_bytes() == (b / n).read_bytes()
