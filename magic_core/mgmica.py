@@ -170,6 +170,40 @@ def identity_attention(q: torch.Tensor, terms: Sequence[IdentityTerm], heads: in
     return torch.zeros_like(q).index_add_(1, plan.union, z)
 
 
+# How the unconditional rows of a cfg batch get identity attention: through each identity's negative tokens (what
+# IP-Adapter does), not at all, or through the positive tokens like the conditional rows.
+UNCOND_MODES = ("negative tokens", "none", "positive tokens")
+
+
+def _check_uncond(uncond: str) -> None:
+    if uncond not in UNCOND_MODES:
+        raise ValueError(f"uncond {uncond!r}: choose one of {', '.join(UNCOND_MODES)}")
+
+
+def chunk_row_scale(scale: torch.Tensor, cond_or_uncond: Sequence[int], uncond: str) -> torch.Tensor:
+    """Each row's weight x mask per (token, identity) pair for the batch ComfyUI assembles: one chunk of ``b`` rows
+    (the pictures) per entry of ``cond_or_uncond`` (0 conditional, 1 unconditional), in that order. ``scale`` [b, P]
+    is the pictures' (TokenPlan.scale); ``uncond="none"`` zeroes the unconditional chunks. Returns [len(cou) * b, P]."""
+    _check_uncond(uncond)
+    keep = torch.tensor([0.0 if c == 1 and uncond == "none" else 1.0 for c in cond_or_uncond], dtype=scale.dtype,
+                        device=scale.device)
+    return scale.repeat(len(cond_or_uncond), 1) * keep.repeat_interleave(scale.shape[0]).view(-1, 1)
+
+
+def chunk_keys_values(k_pos: torch.Tensor, v_pos: torch.Tensor, k_neg: torch.Tensor, v_neg: torch.Tensor,
+                      cond_or_uncond: Sequence[int], b: int, uncond: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One identity's keys and values [1 or len(cou) * b, T, inner] for that batch: with ``"negative tokens"`` the
+    unconditional chunks attend to the negative tokens and the conditional ones to the positive tokens (one row per
+    picture); otherwise every row uses the positive tokens (one shared row; "none" zeroes the unconditional rows'
+    term through chunk_row_scale instead)."""
+    _check_uncond(uncond)
+    if uncond == "negative tokens" and any(c == 1 for c in cond_or_uncond):
+        k = torch.cat([(k_neg if c == 1 else k_pos).expand(b, -1, -1) for c in cond_or_uncond])
+        v = torch.cat([(v_neg if c == 1 else v_pos).expand(b, -1, -1) for c in cond_or_uncond])
+        return k, v
+    return k_pos, v_pos
+
+
 def key_segments(token_counts: Sequence[int]) -> list[tuple[int, int]]:
     """Where each identity's keys sit when their token sets are laid side by side."""
     out, start = [], 0

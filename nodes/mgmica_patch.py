@@ -25,7 +25,7 @@ from ..magic_core import layers as lay
 from ..magic_core import mgmica
 from ..magic_core import regions as reg
 
-UNCOND_MODES = ("negative tokens", "none", "positive tokens")
+UNCOND_MODES = mgmica.UNCOND_MODES
 
 
 @dataclass(frozen=True)
@@ -146,8 +146,7 @@ class MultiIDAttention:
         plan = mgmica.plan_tokens(masks, [self.identities[i].weight for i in active])
         planned = None
         if plan is not None:
-            keep = torch.tensor([0.0 if c == 1 and self.uncond == "none" else 1.0 for c in cou])
-            row_scale = plan.scale.repeat(len(cou), 1) * keep.repeat_interleave(b).view(-1, 1)
+            row_scale = mgmica.chunk_row_scale(plan.scale, cou, self.uncond)
             plan = mgmica.TokenPlan(plan.tokens, plan.union.to(device), plan.pair_pos.to(device), plan.segments,
                                     plan.scale)
             tokens = [next(iter(self.identities[i].kv.values()))[0].shape[1] for i in active]
@@ -189,16 +188,10 @@ class MultiIDAttention:
         cached = self._kv_cache.get(cache_key)
         if cached is not None:
             return cached
-        per_chunk = self.uncond == "negative tokens" and any(c == 1 for c in cou)
         ks, vs = [], []
         for i in active:
-            k_pos, v_pos, k_neg, v_neg = (t.to(device=like.device, dtype=like.dtype)
-                                          for t in self.identities[i].kv[key])
-            if per_chunk:  # uncond rows attend to the identity's negative tokens
-                k = torch.cat([(k_neg if c == 1 else k_pos).expand(b, -1, -1) for c in cou])
-                v = torch.cat([(v_neg if c == 1 else v_pos).expand(b, -1, -1) for c in cou])
-            else:  # uncond rows use the positive tokens, or are masked out ("none")
-                k, v = k_pos, v_pos
+            k, v = mgmica.chunk_keys_values(*(t.to(device=like.device, dtype=like.dtype)
+                                              for t in self.identities[i].kv[key]), cou, b, self.uncond)
             ks.append(k)
             vs.append(v)
         out = (torch.cat(ks, dim=1), torch.cat(vs, dim=1))

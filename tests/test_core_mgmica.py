@@ -133,3 +133,52 @@ def test_layer_weights_apply_in_order_and_unnamed_layers_get_zero():
     for bad in ("", "output 3 = x", "output 42 = 1", "all = inf"):
         with pytest.raises(lay.LayerSpecError):
             lay.parse_layer_weights(bad, "sd15")
+
+
+# ------------------------------------------------------------------------------- cond/uncond rows of a cfg batch
+@pytest.mark.parametrize("cond_or_uncond", [(0, 1), (1, 0), (0,)])
+@pytest.mark.parametrize("uncond", ["negative tokens", "none", "positive tokens"])
+def test_cfg_batch_rows_get_their_chunks_tokens_and_none_masks_uncond(cond_or_uncond, uncond):
+    """A cfg batch as ComfyUI assembles it (one chunk of b pictures per cond_or_uncond entry) through the patch's
+    row assembly (chunk_keys_values, chunk_row_scale) and its planned attention, against the formula written out per
+    row: a conditional row attends to each identity's positive tokens; an unconditional row to its negative tokens,
+    to nothing ("none") or to the positive tokens; each picture's masks weight the terms."""
+    g = torch.Generator().manual_seed(7)
+    b, length, inner, heads, tokens = 2, 24, 8, 2, 3
+    rows = b * len(cond_or_uncond)
+    q = torch.randn(rows, length, inner, generator=g)
+    masks = (torch.rand(2, b, length, generator=g) > 0.4).float() * torch.rand(2, b, length, generator=g)
+    masks = mgmica.resolve_overlaps(masks, "exclusive")  # [identity, picture, token]
+    weights = [1.0, 0.6]
+    kv = [[torch.randn(1, tokens, inner, generator=g) for _ in range(4)] for _ in weights]  # k+, v+, k-, v-
+    plan = mgmica.plan_tokens(masks, weights)
+    assembled = [mgmica.chunk_keys_values(*kv[i], cond_or_uncond, b, uncond) for i in range(2)]
+    k, v = torch.cat([a[0] for a in assembled], dim=1), torch.cat([a[1] for a in assembled], dim=1)
+    row_scale = mgmica.chunk_row_scale(plan.scale, cond_or_uncond, uncond)
+    z = mgmica.planned_attention(q.index_select(1, plan.union), k, v, plan, row_scale,
+                                 mgmica.key_segments([tokens, tokens]), heads)
+    out = torch.zeros_like(q).index_add_(1, plan.union, z)
+
+    expected = torch.zeros(rows, length, inner, dtype=torch.float64)
+    for r in range(rows):
+        chunk, picture = cond_or_uncond[r // b], r % b
+        if chunk == 1 and uncond == "none":
+            continue
+        negative = chunk == 1 and uncond == "negative tokens"
+        for i, w in enumerate(weights):
+            k_i, v_i = (kv[i][2], kv[i][3]) if negative else (kv[i][0], kv[i][1])
+            term = mgmica.IdentityTerm(k_i, v_i, masks[i, picture][None], w)
+            expected[r] += _reference(q[r:r + 1], [term], heads)[0]
+    ops = tol.attention_ops(inner // heads, tokens) + 2
+    torch.testing.assert_close(out.double(), expected, rtol=0,
+                               atol=tol.float_tol(torch.float32, ops, tol.magnitude(expected)))
+    uncond_rows = [r for r in range(rows) if cond_or_uncond[r // b] == 1]
+    if uncond == "none":
+        assert all(out[r].abs().max() == 0 for r in uncond_rows)
+    elif uncond_rows:
+        assert tol.differs(out[uncond_rows[0]], torch.zeros_like(out[uncond_rows[0]]))
+
+
+def test_row_assembly_refuses_an_unknown_uncond_mode():
+    with pytest.raises(ValueError, match="negative tokens"):
+        mgmica.chunk_row_scale(torch.ones(1, 3), (0, 1), "zero")
