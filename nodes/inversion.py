@@ -222,19 +222,11 @@ class DDIMInvert(io.ComfyNode):
         samples = check_latent(node, model, latent)
         if cfg != 1.0 and negative is None:
             raise NodeInputError(node, "negative", f"cfg is {cfg}: connect a negative conditioning or set cfg to 1")
-        try:
-            inv.check_bdia_gamma(bdia_gamma)
-        except ValueError as err:
-            raise NodeInputError(node, "bdia_gamma", str(err)) from None
+        # steps >= 2, 0 < strength <= 1 and 0.5 <= bdia_gamma <= 1 are the schema's bounds: validation enforces them
         if sigmas is not None:
             sampling_sigmas, source = sigmas.cpu().float(), "the SIGMAS input (scheduler, steps, strength unused)"
             schedule_input = "sigmas"
         else:
-            if not 0.0 < strength <= 1.0:
-                raise NodeInputError(node, "strength", f"must be in (0, 1], got {strength}")
-            if steps < 2:
-                raise NodeInputError(node, "steps", f"must be at least 2, got {steps}: N sampling steps give N - 1 "
-                                     "inversion steps (the last step, to sigma 0, has no inversion counterpart)")
             if inv.inverted_steps(steps, strength) < 1:
                 raise NodeInputError(node, "steps", f"{steps} steps at strength {strength} cover "
                                      f"{inv.strength_steps(steps, strength)} sampling step, which leaves nothing to "

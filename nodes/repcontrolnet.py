@@ -167,8 +167,6 @@ class ApplyRepControlNet(io.ComfyNode):
     @classmethod
     def execute(cls, model, repcontrolnet, image, strength, merge_weights=True) -> io.NodeOutput:
         node = cls.define_schema().node_id
-        if not 0.0 <= strength <= 10.0:
-            raise NodeInputError(node, "strength", f"must be between 0 and 10, got {strength}")
         patched, _ = apply_repcontrolnet(model, repcontrolnet, image, strength, merge_weights=merge_weights,
                                          node=node)
         return io.NodeOutput(patched)

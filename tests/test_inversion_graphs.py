@@ -96,12 +96,21 @@ def test_bdia_round_trips_are_exact_through_the_executor(comfy, workdir, pack):
     assert torch.equal(_latent(comfy, "pair_invert"), _latent(comfy, "invert"))
 
 
-def test_steps_below_the_real_minimum_are_refused_by_validation(comfy, workdir):
+@pytest.mark.parametrize(("change", "message"), [
+    ({"steps": 1}, r"smaller than min of 2: steps"),
+    ({"strength": 0.0}, r"smaller than min of 0\.01: strength"),
+    ({"strength": 1.5}, r"bigger than max of 1\.0: strength"),
+    ({"mode": "bdia", "bdia_gamma": 0.2}, r"smaller than min of 0\.5: bdia_gamma"),
+])
+def test_values_outside_the_schema_are_refused_by_validation(comfy, workdir, change, message):
+    """The schema's bounds are the only check of these inputs (DDIM Invert does not repeat them): ComfyUI's own
+    validation refuses the prompt, naming the node and the input."""
     from magic_portrait.comfy_env import WorkflowError
 
-    node_route = {k: v for k, v in _graph(steps=1).items()
+    node_route = {k: v for k, v in _graph().items()
                   if k in ("ckpt", "text", "load", "encode", "invert", "back", "save_back")}
-    with pytest.raises(WorkflowError, match=r"(?s)invert.*smaller than min of 2: steps"):
+    node_route["invert"]["inputs"].update(change)
+    with pytest.raises(WorkflowError, match=r"(?s)invert.*" + message):
         comfy.run_prompt(node_route)
 
 
