@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 import tolerances as tol
 import torch
-from helpers import comfy_folders, run_node, saved_latent
+from helpers import comfy_folders, run_in_graph, saved_latent
 from PIL import Image
+
+from magic_portrait.comfy_env import WorkflowError
 
 NODE = "MagicPortrait_ApplyLandmarkControlNet"
 CKPT = "tiny_sd15.safetensors"
@@ -24,7 +26,7 @@ def control(tiny):
 
 def _apply(nodes, control, image, strength=1.0, mask=None, cond=None, start=0.0, end=1.0):
     cond = cond if cond is not None else [[torch.zeros(1, 77, 768), {}]]
-    return run_node(nodes[NODE], positive=cond, negative=cond, control_net=control, image=image, strength=strength,
+    return run_in_graph(nodes[NODE], positive=cond, negative=cond, control_net=control, image=image, strength=strength,
                     start_percent=start, end_percent=end, mask=mask).result
 
 
@@ -108,7 +110,7 @@ def test_chains_with_core_controlnets_in_either_order(nodes, sd15, control, tiny
     base = [[torch.zeros(1, 77, 768), {}]]
 
     def core_apply(cond):
-        return run_node(ControlNetApplyAdvanced, positive=cond, negative=cond, control_net=other, image=core_hint,
+        return run_in_graph(ControlNetApplyAdvanced, positive=cond, negative=cond, control_net=other, image=core_hint,
                         strength=0.7, start_percent=0.0, end_percent=1.0).result[0]
 
     ours_alone = _residuals(sd15, _apply(nodes, control, hint, mask=mask, cond=base)[0][0][1]["control"], (16, 16))
@@ -124,9 +126,9 @@ def test_chains_with_core_controlnets_in_either_order(nodes, sd15, control, tiny
 
 
 def test_bad_masks_are_refused_naming_node_and_input(nodes, control):
-    with pytest.raises(ValueError, match=rf"\[{NODE}\] input 'mask'.*aspect"):
+    with pytest.raises(WorkflowError, match=rf"\[{NODE}\] input 'mask'.*aspect"):
         _apply(nodes, control, torch.rand(1, 64, 96, 3), mask=torch.ones(1, 64, 64))
-    with pytest.raises(ValueError, match=rf"\[{NODE}\] input 'start_percent'"):
+    with pytest.raises(WorkflowError, match=rf"\[{NODE}\] input 'start_percent'"):
         _apply(nodes, control, torch.rand(1, 64, 64, 3), start=0.8, end=0.2)
 
 
@@ -215,7 +217,6 @@ def test_through_the_executor_core_controlnet_before_or_after_still_applies(comf
 
 
 def test_through_the_executor_a_mask_of_another_aspect_is_refused(comfy, workdir):
-    from magic_portrait.comfy_env import WorkflowError
 
     Image.fromarray(np.full((64, 64, 3), 255, dtype=np.uint8)).save(workdir / "input" / "square.png")
     with pytest.raises(WorkflowError, match=r"input 'mask'.*aspect"):

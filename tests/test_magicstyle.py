@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import tolerances as tol
 import torch
-from helpers import assert_same_snapshot, comfy_folders, latent, model_snapshot, run_node
+from helpers import assert_same_snapshot, cached_outputs, comfy_folders, latent, model_snapshot, run_in_graph
+
+from magic_portrait.comfy_env import WorkflowError
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 4
@@ -23,13 +25,13 @@ def patch(pack):
 
 
 def store_spec(nodes, layers="all", dtype="fp32", start=0.0, end=1.0, budget_mb=4096.0, custom=""):
-    return run_node(nodes["MagicPortrait_KVFeatureStore"], layers=layers, custom_layers=custom, dtype=dtype,
+    return run_in_graph(nodes["MagicPortrait_KVFeatureStore"], layers=layers, custom_layers=custom, dtype=dtype,
                     device="cpu (offload)", budget_mb=budget_mb, start_percent=start, end_percent=end).result[0]
 
 
 def invert(nodes, model, cond, lat, spec=None, steps=STEPS, mode="ddim"):
     """DDIM Invert with a feature store; returns (inverted LATENT, record, sampling sigmas, store)."""
-    out = run_node(nodes["MagicPortrait_DDIMInvert"], model=model, positive=cond, latent=lat, scheduler="normal",
+    out = run_in_graph(nodes["MagicPortrait_DDIMInvert"], model=model, positive=cond, latent=lat, scheduler="normal",
                    steps=steps, strength=1.0, mode=mode, refine_iterations=0, edict_mix=0.93, cfg=1.0,
                    measure_round_trip=False, feature_store=spec)
     return out.result
@@ -37,13 +39,13 @@ def invert(nodes, model, cond, lat, spec=None, steps=STEPS, mode="ddim"):
 
 def fuse(nodes, model, preset="magicstyle", content=None, style=None, layers="preset default", custom="",
          gamma=-1.0, content_weight=-1.0, tau=-1.0, start=-1.0, end=-1.0, uncond="preset default"):
-    return run_node(nodes[FFA], model=model, preset=preset, gamma=gamma, content_weight=content_weight, tau=tau,
+    return run_in_graph(nodes[FFA], model=model, preset=preset, gamma=gamma, content_weight=content_weight, tau=tau,
                     layers=layers, custom_layers=custom, start_percent=start, end_percent=end, uncond=uncond,
                     content_store=content, style_store=style).result[0]
 
 
 def sample(nodes, model, record, start=None):
-    return run_node(nodes["MagicPortrait_SampleInverted"], model=model, inversion=record, cfg=1.0,
+    return run_in_graph(nodes["MagicPortrait_SampleInverted"], model=model, inversion=record, cfg=1.0,
                     measure_error=False, start_latent=start).result[0]["samples"]
 
 
@@ -208,7 +210,7 @@ def test_recomputed_qkv_equal_stored_qkv_and_bytes_are_exact(nodes, pack, sd15, 
 
 def test_budget_is_checked_before_inverting(nodes, sd15, tiny):
     spec = store_spec(nodes, "all", budget_mb=0.01)
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(WorkflowError) as err:
         invert(nodes, sd15, tiny.sd15_cond(5), latent(5), spec, steps=3)
     text = str(err.value)
     assert "MagicPortrait_DDIMInvert" in text and "budget" in text and "budget_mb" in text, text
@@ -230,15 +232,15 @@ def test_report_counts_only_the_sigmas_the_sampler_evaluates(nodes, sd15, tiny):
     spec = store_spec(nodes, "decoder", dtype="fp16")
     _, record, _, content = invert(nodes, sd15, cond, latent(6), spec, steps=4, mode="bdia")
     _, _, _, style = invert(nodes, sd15, cond, latent(7), spec, steps=4, mode="bdia")
-    out = run_node(nodes["MagicPortrait_SampleInverted"], model=fuse(nodes, sd15, content=content, style=style),
+    out = run_in_graph(nodes["MagicPortrait_SampleInverted"], model=fuse(nodes, sd15, content=content, style=style),
                    inversion=record, cfg=1.0, measure_error=False)
-    text = "\n".join(out.ui.as_dict()["text"])
+    text = "\n".join(out.ui["text"])
     assert "6/6 layers fused on every active step" in text and "WARNING" not in text, text
 
 
 def test_store_from_another_model_size_or_schedule_is_refused(nodes, sd15, tiny, stores):
     other = tiny.build_sd15_model(seed=11)
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(WorkflowError) as err:
         fuse(nodes, other, content=stores["content"], style=stores["style"])
     text = str(err.value)
     assert f"[{FFA}] input 'content_store'" in text and "another checkpoint" in text, text
@@ -246,20 +248,20 @@ def test_store_from_another_model_size_or_schedule_is_refused(nodes, sd15, tiny,
     cond = stores["cond"]
     # another latent size
     _, big, _, _ = invert(nodes, sd15, cond, latent(8, height=24, width=24), steps=3)
-    with pytest.raises(Exception) as err:
+    with pytest.raises(WorkflowError) as err:
         sample(nodes, patched, big)
     text = str(err.value)
     assert f"[{FFA}] input 'content_store'" in text and "latent size differs" in text, text
     # another schedule
     _, longer, _, _ = invert(nodes, sd15, cond, latent(8), steps=4)
-    with pytest.raises(Exception) as err:
+    with pytest.raises(WorkflowError) as err:
         sample(nodes, patched, longer)
     text = str(err.value)
     assert f"[{FFA}] input 'content_store'" in text and "schedule" in text, text
     # a store whose layers do not cover the fusion layers; a preset's required store missing
-    with pytest.raises(ValueError, match=r"input 'content_store'.*does not hold layers input 1-2"):
+    with pytest.raises(WorkflowError, match=r"input 'content_store'.*does not hold layers input 1-2"):
         fuse(nodes, sd15, content=stores["content"], style=stores["style"], layers="all")
-    with pytest.raises(ValueError, match=r"input 'style_store'.*needs it"):
+    with pytest.raises(WorkflowError, match=r"input 'style_store'.*needs it"):
         fuse(nodes, sd15, content=stores["content"])
 
 
@@ -292,10 +294,10 @@ def test_fused_layers_stand_in_for_attn1_and_are_reverted(nodes, pack, sd15, tin
     key = "diffusion_model.output_blocks.11.1.transformer_blocks.0.attn1.to_q.weight"
     delta = torch.randn(tb.attn1.to_q.weight.shape, generator=torch.Generator().manual_seed(3))
     lora.add_patches({key: (delta,)}, 1.0)
-    out = run_node(nodes["MagicPortrait_SampleInverted"], model=lora, inversion=stores["record"], cfg=1.0,
+    out = run_in_graph(nodes["MagicPortrait_SampleInverted"], model=lora, inversion=stores["record"], cfg=1.0,
                    measure_error=False)  # a weight patch added after the inversion is allowed, and noted
     assert tol.differs(out.result[0]["samples"], fused)
-    assert "weight patches differ from the inversion's (none; this MODEL: 1 patched keys)" in out.ui.as_dict()["text"][0]
+    assert "weight patches differ from the inversion's (none; this MODEL: 1 patched keys)" in out.ui["text"][0]
     torch.testing.assert_close(sample(nodes, patched, stores["record"]), fused, rtol=0, atol=0)
     assert torch.equal(sample(nodes, sd15, stores["record"]), plain_before)
     assert type(tb.attn1).__name__ == "CrossAttention"
@@ -370,14 +372,14 @@ def test_adain_latent_node(nodes, pack):
     c = latent(10, batch=2)
     s = latent(11, scale=2.0)
     s["samples"] = s["samples"] + 3.0
-    out = run_node(nodes["MagicPortrait_AdaINLatent"], content=c, style=s, strength=1.0).result[0]["samples"]
+    out = run_in_graph(nodes["MagicPortrait_AdaINLatent"], content=c, style=s, strength=1.0).result[0]["samples"]
     # statistics: sums over the 16x16 grid, twice (mean, then the std around it), float32, relative to the values
     stat_tol = tol.float_tol(torch.float32, 2 * 16 * 16, tol.magnitude(out, s["samples"]))
     torch.testing.assert_close(out.mean(dim=(2, 3)), s["samples"].mean(dim=(2, 3)).expand(2, -1), rtol=0,
                                atol=stat_tol)
     torch.testing.assert_close(out.std(dim=(2, 3), correction=0),
                                s["samples"].std(dim=(2, 3), correction=0).expand(2, -1), rtol=0, atol=stat_tol)
-    zero = run_node(nodes["MagicPortrait_AdaINLatent"], content=c, style=s, strength=0.0).result[0]["samples"]
+    zero = run_in_graph(nodes["MagicPortrait_AdaINLatent"], content=c, style=s, strength=0.0).result[0]["samples"]
     torch.testing.assert_close(zero, c["samples"])
 
 
@@ -415,38 +417,115 @@ def test_sdxl_works(nodes, sdxl, tiny):
 # ----------------------------------------------------------------------------------- single node and workflows
 @pytest.fixture(scope="module")
 def checkpoint(comfy, tiny_checkpoint, tmp_path_factory):
-    """A tiny SD1.5 checkpoint under the examples' checkpoint name, loaded once; input/output dirs in tmp."""
-    import comfy.sd
+    """A tiny SD1.5 checkpoint under the examples' checkpoint name; input/output dirs in tmp: the portrait and a second
+    one (128 px), three style images at another size and aspect (160x96), as the examples use them."""
     import numpy as np
     from PIL import Image
     from skimage import data
 
     root = tmp_path_factory.mktemp("magicstyle")
-    name = "v1-5-pruned-emaonly-fp16.safetensors"
-    path = tiny_checkpoint(root / "models" / "checkpoints" / name)
+    tiny_checkpoint(root / "models" / "checkpoints" / CHECKPOINT)
     with comfy_folders(root):
-        # the style at another size and aspect than the portrait: the examples use it as it is
         for file, image, size in (("magic_portrait_astronaut.png", data.astronaut(), (128, 128)),
-                                  ("magic_portrait_style.png", data.chelsea(), (160, 96))):
+                                  ("second_portrait.png", data.coffee(), (128, 128)),
+                                  ("magic_portrait_style.png", data.chelsea(), (160, 96)),
+                                  ("style_2.png", data.rocket(), (160, 96)),
+                                  ("style_3.png", data.immunohistochemistry(), (160, 96))):
             Image.fromarray(np.asarray(image)).resize(size).save(root / "input" / file)
-        vae = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=False)[2]
-        yield {"root": root, "vae": vae}
+        yield {"root": root}
 
 
-def test_single_node_runs_end_to_end_on_a_batch(nodes, sd15, tiny, checkpoint):
-    g = torch.Generator().manual_seed(16)
-    content = torch.rand(2, 128, 128, 3, generator=g)
-    style = torch.rand(3, 96, 160, 3, generator=g)  # three style images of another size and aspect: used as they are
-    out = run_node(nodes["MagicPortrait_MagicStylePortrait"], model=sd15, vae=checkpoint["vae"], content_image=content,
-                   style_image=style, positive=tiny.sd15_cond(16), scheduler="normal", steps=3, cfg=1.0,
-                   preset="magicstyle", gamma=-1.0, content_weight=-1.0, tau=-1.0, layers="preset default",
-                   custom_layers="", start_percent=-1.0, end_percent=-1.0, uncond="preset default", adain_latent=True,
-                   inversion_mode="ddim", refine_iterations=0, store_dtype="fp16", store_device="cpu (offload)",
-                   store_budget_mb=64.0)
-    image, lat = out.result
+CHECKPOINT = "v1-5-pruned-emaonly-fp16.safetensors"
+PORTRAIT_STEPS = 3
+
+
+def _portrait_graph(preset: str, contents=("magic_portrait_astronaut.png",), styles=("magic_portrait_style.png",),
+                    separate: bool = True) -> dict:
+    """The MagicStyle pipeline twice in one prompt: the MagicStyle Portrait node ("single") and, with `separate`, the
+    same pipeline built from the separate nodes ("sample"): a KV Feature Store matching the preset, DDIM Invert of
+    the content and of the style with it, AdaIN Latent, Feature Fusion Attention on both stores, Sample Inverted from
+    the AdaIN start, decoded. Same model, prompt, images, schedule and store dtype (fp16, the node's default)."""
+    prompt = {"ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT}},
+              "pos": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": "a painted portrait"}}}
+
+    def batch(prefix: str, files) -> list:
+        for i, file in enumerate(files):
+            prompt[f"{prefix}{i}"] = {"class_type": "LoadImage", "inputs": {"image": file}}
+        last = [f"{prefix}0", 0]
+        for i in range(1, len(files)):
+            prompt[f"{prefix}_batch{i}"] = {"class_type": "ImageBatch", "inputs": {"image1": last,
+                                                                                   "image2": [f"{prefix}{i}", 0]}}
+            last = [f"{prefix}_batch{i}", 0]
+        return last
+
+    content, style = batch("content", contents), batch("style", styles)
+    from_preset = {"preset": preset, "gamma": -1.0, "content_weight": -1.0, "tau": -1.0, "layers": "preset default",
+                   "custom_layers": "", "start_percent": -1.0, "end_percent": -1.0, "uncond": "preset default"}
+    prompt["single"] = {"class_type": "MagicPortrait_MagicStylePortrait", "inputs": {
+        "model": ["ckpt", 0], "vae": ["ckpt", 2], "content_image": content, "style_image": style,
+        "positive": ["pos", 0], "scheduler": "normal", "steps": PORTRAIT_STEPS, "cfg": 1.0, **from_preset,
+        "adain_latent": True, "inversion_mode": "ddim", "refine_iterations": 0, "store_dtype": "fp16",
+        "store_device": "cpu (offload)", "store_budget_mb": 256.0}}
+    prompt["single_save"] = {"class_type": "SaveLatent", "inputs": {"samples": ["single", 1],
+                                                                    "filename_prefix": "single"}}
+    if not separate:
+        return prompt
+    invert = {"model": ["ckpt", 0], "positive": ["pos", 0], "scheduler": "normal", "steps": PORTRAIT_STEPS,
+              "strength": 1.0, "mode": "ddim", "refine_iterations": 0, "edict_mix": 0.93, "cfg": 1.0,
+              "measure_round_trip": False, "feature_store": ["store", 0]}
+    prompt |= {
+        "enc_content": {"class_type": "VAEEncode", "inputs": {"pixels": content, "vae": ["ckpt", 2]}},
+        "enc_style": {"class_type": "VAEEncode", "inputs": {"pixels": style, "vae": ["ckpt", 2]}},
+        "store": {"class_type": "MagicPortrait_KVFeatureStore", "inputs": {
+            "layers": "match fusion preset", "custom_layers": "", "dtype": "fp16", "device": "cpu (offload)",
+            "budget_mb": 256.0, "start_percent": -1.0, "end_percent": -1.0, "fusion_preset": preset}},
+        "inv_content": {"class_type": "MagicPortrait_DDIMInvert", "inputs": {**invert, "latent": ["enc_content", 0]}},
+        "inv_style": {"class_type": "MagicPortrait_DDIMInvert", "inputs": {**invert, "latent": ["enc_style", 0]}},
+        "adain": {"class_type": "MagicPortrait_AdaINLatent", "inputs": {
+            "content": ["inv_content", 0], "style": ["inv_style", 0], "strength": 1.0}},
+        "fuse": {"class_type": "MagicPortrait_FeatureFusionAttention", "inputs": {
+            "model": ["ckpt", 0], **from_preset, "content_store": ["inv_content", 3], "style_store": ["inv_style", 3]}},
+        "sample": {"class_type": "MagicPortrait_SampleInverted", "inputs": {
+            "model": ["fuse", 0], "inversion": ["inv_content", 1], "cfg": 1.0, "measure_error": False,
+            "start_latent": ["adain", 0]}},
+        "save": {"class_type": "SaveLatent", "inputs": {"samples": ["sample", 0], "filename_prefix": "separate"}},
+        "plain": {"class_type": "MagicPortrait_SampleInverted", "inputs": {
+            "model": ["ckpt", 0], "inversion": ["inv_content", 1], "cfg": 1.0, "measure_error": False,
+            "start_latent": ["adain", 0]}},
+        "plain_save": {"class_type": "SaveLatent", "inputs": {"samples": ["plain", 0], "filename_prefix": "plain"}},
+    }
+    return prompt
+
+
+@pytest.mark.parametrize("preset", ["magicstyle", "styleid", "stylealigned", "masactrl"])
+def test_single_node_equals_the_pipeline_of_separate_nodes(comfy, checkpoint, preset):
+    """MagicStyle Portrait and the same pipeline built from the separate nodes, in one prompt through the executor:
+    equal latents for every preset (a swapped store, a wrong AdaIN or schedule in either route cannot pass), and the
+    fusion acts (the fused latent differs from sampling back the same AdaIN start unpatched)."""
+    comfy.run_prompt(_portrait_graph(preset))
+    single = cached_outputs(comfy, "single")[1]["samples"]
+    separate = cached_outputs(comfy, "sample")[0]["samples"]
+    plain = cached_outputs(comfy, "plain")[0]["samples"]
+    model = cached_outputs(comfy, "ckpt")[0]
+    assert single.shape == separate.shape == (1, 4, 16, 16)
+    # inversions and the fused reverse pass of both routes: 2 x (steps - 1) inverted + (steps - 1) sampled calls
+    calls = 3 * (PORTRAIT_STEPS - 1)
+    torch.testing.assert_close(single, separate, rtol=0, atol=tol.model_tol(model, separate, calls=calls,
+                                                                             attention_keys=2 * TOKENS))
+    assert tol.differs(separate, plain), f"{preset}: fusion changed nothing"
+
+
+def test_single_node_runs_end_to_end_on_a_batch(comfy, checkpoint):
+    """Two portraits, three style images of another size and aspect, through the executor: one result per portrait,
+    and the report says what fused."""
+    out = comfy.run_prompt(_portrait_graph("magicstyle", contents=("magic_portrait_astronaut.png",
+                                                                   "second_portrait.png"),
+                                           styles=("magic_portrait_style.png", "style_2.png", "style_3.png"),
+                                           separate=False))
+    image, lat = cached_outputs(comfy, "single")
     assert image.shape == (2, 128, 128, 3) and torch.isfinite(image).all()
-    assert lat["samples"].shape == (2, 4, 16, 16)
-    text = out.ui.as_dict()["text"][0]
+    assert lat["samples"].shape == (2, 4, 16, 16) and tol.differs(lat["samples"][0], lat["samples"][1])
+    text = out["single"]["text"][0]
     assert "magicstyle" in text and "style (12, 20) x 3" in text, text
     assert "6/6 layers fused on every active step" in text, text
 
@@ -483,7 +562,7 @@ def test_cfg_uncond_treatments(nodes, pack, sd15, tiny, stores):
     reverse = pack.nodes.inversion.run_reverse
     for mode in ("fuse", "plain", "style_only"):
         patched = fuse(nodes, sd15, content=stores["content"], style=stores["style"], uncond=mode)
-        outs[mode] = run_node(nodes["MagicPortrait_SampleInverted"], model=patched, inversion=stores["record"],
+        outs[mode] = run_in_graph(nodes["MagicPortrait_SampleInverted"], model=patched, inversion=stores["record"],
                               cfg=2.0, measure_error=False, positive=stores["cond"],
                               negative=tiny.sd15_cond(99)).result[0]["samples"]
         assert torch.isfinite(outs[mode]).all()
@@ -507,12 +586,12 @@ def test_controlnet_still_applies_under_fusion(nodes, sd15, tiny, stores):
     control = tiny.build_sd15_controlnet(seed=12)
     hint = torch.rand(1, 128, 128, 3, generator=torch.Generator().manual_seed(12))
     cond = stores["cond"]
-    positive, _ = run_node(ControlNetApplyAdvanced, positive=cond, negative=cond, control_net=control, image=hint,
+    positive, _ = run_in_graph(ControlNetApplyAdvanced, positive=cond, negative=cond, control_net=control, image=hint,
                            strength=1.0, start_percent=0.0, end_percent=1.0).result
     patched = fuse(nodes, sd15, content=stores["content"], style=stores["style"])
 
     def run(conditioning):
-        return run_node(nodes["MagicPortrait_SampleInverted"], model=patched, inversion=stores["record"], cfg=1.0,
+        return run_in_graph(nodes["MagicPortrait_SampleInverted"], model=patched, inversion=stores["record"], cfg=1.0,
                         measure_error=False, positive=conditioning).result[0]["samples"]
 
     plain, controlled = run(cond), run(positive)

@@ -14,9 +14,11 @@ import pytest
 import safetensors.torch
 import tolerances as tol
 import torch
-from helpers import comfy_folders, latent, run_node, saved_latent, text_to_image_nodes
+from helpers import comfy_folders, latent, run_in_graph, saved_latent, text_to_image_nodes
 from PIL import Image
 from skimage import data as skimage_data
+
+from magic_portrait.comfy_env import WorkflowError
 
 CKPT = "tiny_sd15.safetensors"
 LORA = "tiny_lora_sd15.safetensors"
@@ -162,7 +164,6 @@ def test_fusion_inside_another_replace_that_cannot_be_exact_is_refused_naming_bo
     """Inside another function the content weight is realised by repeating key groups: 0.7 (7:10 to the style)
     cannot be, so the run (SAG set after: found when sampling starts) or the node (SAG set before) is refused with
     an error naming Feature Fusion Attention, the layer and SAG; 0.25 composes."""
-    from magic_portrait.comfy_env import WorkflowError
 
     ffa = ("ffa", {"layers": "custom", "custom_layers": "middle 0", "content_weight": 0.7})
     chain = [ffa, ("sag", {})] if order == "sag_after" else [("sag", {}), ffa]
@@ -191,7 +192,6 @@ def test_two_fusion_nodes_compose_by_layer_and_step_and_refuse_overlap(comfy, wo
     chained, _ = _run(comfy, workdir, _graph([("ffa", {"layers": "custom", "custom_layers": "output 9-11"}),
                                               ("ffa", {"layers": "custom", "custom_layers": "middle 0"})]))
     torch.testing.assert_close(chained, both, rtol=0, atol=_tolerance(workdir, chained, both))
-    from magic_portrait.comfy_env import WorkflowError
 
     with pytest.raises(WorkflowError, match=rf"\[{FFA}\] input 'layers': output 9-11 already fused by an earlier "
                        r"Feature Fusion Attention \(magicstyle\) on this MODEL at the same steps \(\[1, 2\] of 3\)"):
@@ -237,7 +237,7 @@ def test_identity_survives_other_clones_patches_in_place_and_tells_weight_patche
     common = pack.nodes.common
     base = tiny.build_sd15_model(seed=21)
     cond = tiny.sd15_cond(21)
-    record = run_node(nodes[P + "DDIMInvert"], model=base, positive=cond, latent=latent(21), scheduler="normal",
+    record = run_in_graph(nodes[P + "DDIMInvert"], model=base, positive=cond, latent=latent(21), scheduler="normal",
                       steps=3, strength=1.0, mode="ddim", refine_iterations=0, edict_mix=0.93, cfg=1.0,
                       measure_round_trip=False).result[1]
     identity = common.model_identity(base)
@@ -255,7 +255,7 @@ def test_identity_survives_other_clones_patches_in_place_and_tells_weight_patche
         assert not torch.equal(base.model_state_dict()[first_key], before)  # the patches sit in the weights
         assert common.model_identity(base) == identity
         assert common.model_identity(patched) == identity
-        out = run_node(nodes[P + "SampleInverted"], model=base, inversion=record, cfg=1.0, measure_error=False)
+        out = run_in_graph(nodes[P + "SampleInverted"], model=base, inversion=record, cfg=1.0, measure_error=False)
         assert torch.isfinite(out.result[0]["samples"]).all()
     finally:
         comfy.model_management.load_models_gpu([base])  # put the checkpoint's own weights back
@@ -266,8 +266,8 @@ def test_identity_survives_other_clones_patches_in_place_and_tells_weight_patche
     signatures = {common.weight_patch_signature(m) for m in (patched, half, other)}
     assert len(signatures) == 3 and all(s.startswith(f"{len(diffs)} patched keys:") for s in signatures)
     # another checkpoint of the same architecture is still refused, naming what differs
-    with pytest.raises(ValueError, match=r"input 'inversion': was made with another checkpoint"):
-        run_node(nodes[P + "SampleInverted"], model=tiny.build_sd15_model(seed=23), inversion=record, cfg=1.0,
+    with pytest.raises(WorkflowError, match=r"input 'inversion': was made with another checkpoint"):
+        run_in_graph(nodes[P + "SampleInverted"], model=tiny.build_sd15_model(seed=23), inversion=record, cfg=1.0,
                  measure_error=False)
 
 
@@ -290,7 +290,6 @@ def test_style_of_another_size_and_aspect_runs_for_every_preset(comfy, workdir, 
 # ------------------------------------------------------------------------------------------------ token count
 @pytest.mark.parametrize("order", ["hypertile_after", "hypertile_before"])
 def test_hypertile_on_a_fused_layer_is_a_clear_error(comfy, workdir, order):
-    from magic_portrait.comfy_env import WorkflowError
 
     chain = [("ffa", {}), ("hypertile", {})]
     if order == "hypertile_before":
@@ -328,22 +327,22 @@ def test_reports_warn_about_off_schedule_sigmas_and_displaced_modules(nodes, pac
     from comfy_extras.nodes_custom_sampler import KSamplerSelect, SamplerCustom
 
     cond = tiny.sd15_cond(30)
-    spec = run_node(nodes[P + "KVFeatureStore"], layers="decoder", custom_layers="", dtype="fp32",
+    spec = run_in_graph(nodes[P + "KVFeatureStore"], layers="decoder", custom_layers="", dtype="fp32",
                     device="cpu (offload)", budget_mb=4096.0, start_percent=0.0, end_percent=1.0).result[0]
 
     def invert(seed):
-        return run_node(nodes[P + "DDIMInvert"], model=sd15, positive=cond, latent=latent(seed), scheduler="normal",
+        return run_in_graph(nodes[P + "DDIMInvert"], model=sd15, positive=cond, latent=latent(seed), scheduler="normal",
                         steps=STEPS, strength=1.0, mode="ddim", refine_iterations=0, edict_mix=0.93, cfg=1.0,
                         measure_round_trip=False, feature_store=spec).result
 
     inverted, record, sigmas, content = invert(30)
     style = invert(31)[3]
-    fused = run_node(nodes[FFA], model=sd15, preset="magicstyle", gamma=-1.0, content_weight=-1.0, tau=-1.0,
+    fused = run_in_graph(nodes[FFA], model=sd15, preset="magicstyle", gamma=-1.0, content_weight=-1.0, tau=-1.0,
                      layers="preset default", custom_layers="", start_percent=-1.0, end_percent=-1.0,
                      uncond="preset default", content_store=content, style_store=style).result[0]
     caplog.set_level(logging.INFO)
-    sampler = run_node(KSamplerSelect, sampler_name="dpm_2").result[0]
-    run_node(SamplerCustom, model=fused, add_noise=False, noise_seed=0, cfg=1.0, positive=cond, negative=cond,
+    sampler = run_in_graph(KSamplerSelect, sampler_name="dpm_2").result[0]
+    run_in_graph(SamplerCustom, model=fused, add_noise=False, noise_seed=0, cfg=1.0, positive=cond, negative=cond,
              sampler=sampler, sigmas=sigmas, latent_image=inverted)
     logged = "\n".join(r.getMessage() for r in caplog.records)
     assert "Feature Fusion Attention (magicstyle): 6/6 layers fused on every active step (3 steps)" in logged, logged
@@ -353,8 +352,8 @@ def test_reports_warn_about_off_schedule_sigmas_and_displaced_modules(nodes, pac
     path = next(k for k, o in fused.object_patches.items() if getattr(o, "fusion", None) is not None
                 and o.fusion.key == ("output", 11, 0))
     displaced.add_object_patch(path, pack.nodes.magicstyle_patch.original_attn1(fused.object_patches[path]))
-    out = run_node(nodes[P + "SampleInverted"], model=displaced, inversion=record, cfg=1.0, measure_error=False)
-    text = out.ui.as_dict()["text"][0]
+    out = run_in_graph(nodes[P + "SampleInverted"], model=displaced, inversion=record, cfg=1.0, measure_error=False)
+    text = out.ui["text"][0]
     assert "5/6 layers fused on every active step" in text, text
     assert "WARNING output 11: never fused at steps [0, 1] of 3: the UNet never ran this layer's fusion" in text, text
 
@@ -368,19 +367,19 @@ def test_style_stores_of_several_images_count_together_as_one(nodes, sd15, tiny)
     """A style store of three copies of one style image (another size than the portrait) fuses like a store of that
     one image: side by side, each weighs a third. Three different style images give another result."""
     cond = tiny.sd15_cond(50)
-    spec = run_node(nodes[P + "KVFeatureStore"], layers="styleid", custom_layers="", dtype="fp32",
+    spec = run_in_graph(nodes[P + "KVFeatureStore"], layers="styleid", custom_layers="", dtype="fp32",
                     device="cpu (offload)", budget_mb=4096.0, start_percent=0.0, end_percent=1.0).result[0]
 
     def invert(samples):
-        return run_node(nodes[P + "DDIMInvert"], model=sd15, positive=cond, latent={"samples": samples},
+        return run_in_graph(nodes[P + "DDIMInvert"], model=sd15, positive=cond, latent={"samples": samples},
                         scheduler="normal", steps=STEPS, strength=1.0, mode="ddim", refine_iterations=0,
                         edict_mix=0.93, cfg=1.0, measure_round_trip=False, feature_store=spec).result
 
     def fused(style):
-        model = run_node(nodes[FFA], model=sd15, preset="magicstyle", gamma=-1.0, content_weight=-1.0, tau=-1.0,
+        model = run_in_graph(nodes[FFA], model=sd15, preset="magicstyle", gamma=-1.0, content_weight=-1.0, tau=-1.0,
                          layers="preset default", custom_layers="", start_percent=-1.0, end_percent=-1.0,
                          uncond="preset default", content_store=content, style_store=style).result[0]
-        return run_node(nodes[P + "SampleInverted"], model=model, inversion=record, cfg=1.0,
+        return run_in_graph(nodes[P + "SampleInverted"], model=model, inversion=record, cfg=1.0,
                         measure_error=False).result[0]["samples"]
 
     _, record, _, content = invert(latent(50)["samples"])
@@ -402,9 +401,9 @@ def test_adain_latent_node_takes_any_style_size_and_count(nodes):
     content = latent(40, batch=2)
     style = {"samples": torch.cat([latent(41, height=12, width=20)["samples"] + 2.0,
                                    latent(42, height=12, width=20)["samples"] * 3.0])}
-    paired = run_node(nodes[P + "AdaINLatent"], content=content, style=style, strength=1.0).result[0]["samples"]
+    paired = run_in_graph(nodes[P + "AdaINLatent"], content=content, style=style, strength=1.0).result[0]["samples"]
     three = {"samples": torch.cat([style["samples"], latent(43, height=12, width=20)["samples"]])}
-    out3 = run_node(nodes[P + "AdaINLatent"], content=content, style=three, strength=1.0).result[0]["samples"]
+    out3 = run_in_graph(nodes[P + "AdaINLatent"], content=content, style=three, strength=1.0).result[0]["samples"]
     ref = three["samples"].transpose(0, 1).reshape(4, -1)
     # statistics: sums over every pooled element, twice (mean, then the std around it), float32
     stat_tol = tol.float_tol(torch.float32, 2 * ref.shape[1], tol.magnitude(three["samples"], out3, paired))
