@@ -105,6 +105,19 @@ def _object_node(io_type: str):
     return ObjectNode
 
 
+def object_node(value, io_type: str) -> dict:
+    """A prompt entry for a test-only node that outputs `value` (of ComfyUI type `io_type`, e.g. "MODEL"): for graphs
+    that start from an object built in the test (the in-memory tiny models) instead of a loader node."""
+    import nodes
+
+    source = _OBJECT_NODE + io_type
+    if source not in nodes.NODE_CLASS_MAPPINGS:
+        nodes.NODE_CLASS_MAPPINGS[source] = _object_node(io_type)
+    key = f"object_{next(_counter)}"
+    _OBJECTS[key] = value
+    return {"class_type": source, "inputs": {"key": key}}
+
+
 class _Sink:
     """Test-only output node: takes any outputs, so the node under test runs and its outputs stay in the cache."""
 
@@ -161,13 +174,8 @@ def run_in_graph(node, **inputs) -> GraphRun:
                 "INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")):
             node_inputs[name] = value
             continue
-        source = _OBJECT_NODE + str(io_type)
-        if source not in nodes.NODE_CLASS_MAPPINGS:
-            nodes.NODE_CLASS_MAPPINGS[source] = _object_node(str(io_type))
-        key = f"object_{next(_counter)}"
-        _OBJECTS[key] = value
-        keys.append(key)
-        prompt[f"in_{name}"] = {"class_type": source, "inputs": {"key": key}}
+        prompt[f"in_{name}"] = object_node(value, str(io_type))
+        keys.append(prompt[f"in_{name}"]["inputs"]["key"])
         node_inputs[name] = [f"in_{name}", 0]
     nodes.NODE_CLASS_MAPPINGS.setdefault(SINK_NODE, _Sink)
     prompt["node"] = {"class_type": node_type, "inputs": node_inputs}

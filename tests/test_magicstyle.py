@@ -8,7 +8,15 @@ from pathlib import Path
 import pytest
 import tolerances as tol
 import torch
-from helpers import assert_same_snapshot, cached_outputs, comfy_folders, latent, model_snapshot, run_in_graph
+from helpers import (
+    assert_same_snapshot,
+    cached_outputs,
+    comfy_folders,
+    latent,
+    model_snapshot,
+    object_node,
+    run_in_graph,
+)
 
 from magic_portrait.comfy_env import WorkflowError
 
@@ -429,6 +437,7 @@ def checkpoint(comfy, tiny_checkpoint, tmp_path_factory):
         for file, image, size in (("magic_portrait_astronaut.png", data.astronaut(), (128, 128)),
                                   ("second_portrait.png", data.coffee(), (128, 128)),
                                   ("magic_portrait_style.png", data.chelsea(), (160, 96)),
+                                  ("square_style.png", data.chelsea(), (128, 128)),
                                   ("style_2.png", data.rocket(), (160, 96)),
                                   ("style_3.png", data.immunohistochemistry(), (160, 96))):
             Image.fromarray(np.asarray(image)).resize(size).save(root / "input" / file)
@@ -440,13 +449,19 @@ PORTRAIT_STEPS = 3
 
 
 def _portrait_graph(preset: str, contents=("magic_portrait_astronaut.png",), styles=("magic_portrait_style.png",),
-                    separate: bool = True) -> dict:
+                    separate: bool = True, model=None) -> dict:
     """The MagicStyle pipeline twice in one prompt: the MagicStyle Portrait node ("single") and, with `separate`, the
     same pipeline built from the separate nodes ("sample"): a KV Feature Store matching the preset, DDIM Invert of
     the content and of the style with it, AdaIN Latent, Feature Fusion Attention on both stores, Sample Inverted from
-    the AdaIN start, decoded. Same model, prompt, images, schedule and store dtype (fp16, the node's default)."""
+    the AdaIN start. Same model, prompt, images, schedule and store dtype (fp16, the node's default). The MODEL is
+    the checkpoint's, or `model` (an in-memory ModelPatcher handed in by a test-only node: the narrow tiny SD1.5
+    samples ~25x faster than the smallest loadable checkpoint's 320 channels); VAE and text encoder are the
+    checkpoint's."""
     prompt = {"ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT}},
               "pos": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": "a painted portrait"}}}
+    if model is not None:
+        prompt["model"] = object_node(model, "MODEL")
+    unet = ["model", 0] if model is not None else ["ckpt", 0]
 
     def batch(prefix: str, files) -> list:
         for i, file in enumerate(files):
@@ -462,7 +477,7 @@ def _portrait_graph(preset: str, contents=("magic_portrait_astronaut.png",), sty
     from_preset = {"preset": preset, "gamma": -1.0, "content_weight": -1.0, "tau": -1.0, "layers": "preset default",
                    "custom_layers": "", "start_percent": -1.0, "end_percent": -1.0, "uncond": "preset default"}
     prompt["single"] = {"class_type": "MagicPortrait_MagicStylePortrait", "inputs": {
-        "model": ["ckpt", 0], "vae": ["ckpt", 2], "content_image": content, "style_image": style,
+        "model": unet, "vae": ["ckpt", 2], "content_image": content, "style_image": style,
         "positive": ["pos", 0], "scheduler": "normal", "steps": PORTRAIT_STEPS, "cfg": 1.0, **from_preset,
         "adain_latent": True, "inversion_mode": "ddim", "refine_iterations": 0, "store_dtype": "fp16",
         "store_device": "cpu (offload)", "store_budget_mb": 256.0}}
@@ -470,7 +485,7 @@ def _portrait_graph(preset: str, contents=("magic_portrait_astronaut.png",), sty
                                                                     "filename_prefix": "single"}}
     if not separate:
         return prompt
-    invert = {"model": ["ckpt", 0], "positive": ["pos", 0], "scheduler": "normal", "steps": PORTRAIT_STEPS,
+    invert = {"model": unet, "positive": ["pos", 0], "scheduler": "normal", "steps": PORTRAIT_STEPS,
               "strength": 1.0, "mode": "ddim", "refine_iterations": 0, "edict_mix": 0.93, "cfg": 1.0,
               "measure_round_trip": False, "feature_store": ["store", 0]}
     prompt |= {
@@ -484,29 +499,33 @@ def _portrait_graph(preset: str, contents=("magic_portrait_astronaut.png",), sty
         "adain": {"class_type": "MagicPortrait_AdaINLatent", "inputs": {
             "content": ["inv_content", 0], "style": ["inv_style", 0], "strength": 1.0}},
         "fuse": {"class_type": "MagicPortrait_FeatureFusionAttention", "inputs": {
-            "model": ["ckpt", 0], **from_preset, "content_store": ["inv_content", 3], "style_store": ["inv_style", 3]}},
+            "model": unet, **from_preset, "content_store": ["inv_content", 3], "style_store": ["inv_style", 3]}},
         "sample": {"class_type": "MagicPortrait_SampleInverted", "inputs": {
             "model": ["fuse", 0], "inversion": ["inv_content", 1], "cfg": 1.0, "measure_error": False,
             "start_latent": ["adain", 0]}},
         "save": {"class_type": "SaveLatent", "inputs": {"samples": ["sample", 0], "filename_prefix": "separate"}},
         "plain": {"class_type": "MagicPortrait_SampleInverted", "inputs": {
-            "model": ["ckpt", 0], "inversion": ["inv_content", 1], "cfg": 1.0, "measure_error": False,
+            "model": unet, "inversion": ["inv_content", 1], "cfg": 1.0, "measure_error": False,
             "start_latent": ["adain", 0]}},
         "plain_save": {"class_type": "SaveLatent", "inputs": {"samples": ["plain", 0], "filename_prefix": "plain"}},
     }
     return prompt
 
 
-@pytest.mark.parametrize("preset", ["magicstyle", "styleid", "stylealigned", "masactrl"])
-def test_single_node_equals_the_pipeline_of_separate_nodes(comfy, checkpoint, preset):
+@pytest.mark.parametrize(("preset", "style"), [
+    # a style of the portrait's size: stores of one shape, so a swapped pair would pass every size check
+    *((preset, "square_style.png") for preset in ("magicstyle", "styleid", "stylealigned", "masactrl")),
+    ("magicstyle", "magic_portrait_style.png"),  # another size and aspect, used as it is
+])
+def test_single_node_equals_the_pipeline_of_separate_nodes(comfy, checkpoint, sd15, preset, style):
     """MagicStyle Portrait and the same pipeline built from the separate nodes, in one prompt through the executor:
     equal latents for every preset (a swapped store, a wrong AdaIN or schedule in either route cannot pass), and the
     fusion acts (the fused latent differs from sampling back the same AdaIN start unpatched)."""
-    comfy.run_prompt(_portrait_graph(preset))
+    comfy.run_prompt(_portrait_graph(preset, styles=(style,), model=sd15))
     single = cached_outputs(comfy, "single")[1]["samples"]
     separate = cached_outputs(comfy, "sample")[0]["samples"]
     plain = cached_outputs(comfy, "plain")[0]["samples"]
-    model = cached_outputs(comfy, "ckpt")[0]
+    model = sd15
     assert single.shape == separate.shape == (1, 4, 16, 16)
     # inversions and the fused reverse pass of both routes: 2 x (steps - 1) inverted + (steps - 1) sampled calls
     calls = 3 * (PORTRAIT_STEPS - 1)
@@ -515,13 +534,13 @@ def test_single_node_equals_the_pipeline_of_separate_nodes(comfy, checkpoint, pr
     assert tol.differs(separate, plain), f"{preset}: fusion changed nothing"
 
 
-def test_single_node_runs_end_to_end_on_a_batch(comfy, checkpoint):
+def test_single_node_runs_end_to_end_on_a_batch(comfy, checkpoint, sd15):
     """Two portraits, three style images of another size and aspect, through the executor: one result per portrait,
     and the report says what fused."""
     out = comfy.run_prompt(_portrait_graph("magicstyle", contents=("magic_portrait_astronaut.png",
                                                                    "second_portrait.png"),
                                            styles=("magic_portrait_style.png", "style_2.png", "style_3.png"),
-                                           separate=False))
+                                           separate=False, model=sd15))
     image, lat = cached_outputs(comfy, "single")
     assert image.shape == (2, 128, 128, 3) and torch.isfinite(image).all()
     assert lat["samples"].shape == (2, 4, 16, 16) and tol.differs(lat["samples"][0], lat["samples"][1])
