@@ -23,14 +23,15 @@ if ! "$PY" -c "import torch, torchvision" >/dev/null 2>&1; then
 fi
 
 find_comfy() { "$PY" -c "from magic_portrait.comfy_env import find_comfyui; print(find_comfyui() or '')"; }
-COMFY=$(find_comfy)
-if [ -n "${COMFYUI_PATH:-}" ] && [ "$COMFY" != "$(cd "$COMFYUI_PATH" 2>/dev/null && pwd -P)" ]; then
-  echo "setup: COMFYUI_PATH=$COMFYUI_PATH is not a ComfyUI checkout (no comfy/model_management.py and nodes.py);" \
+if [ -n "${COMFYUI_PATH:-}" ] && { [ ! -f "$COMFYUI_PATH/nodes.py" ] || [ ! -f "$COMFYUI_PATH/comfy/model_management.py" ]; }; then
+  # the user named a ComfyUI: never fall back to another one (or unpack one) behind their back
+  echo "setup: COMFYUI_PATH=$COMFYUI_PATH is not a ComfyUI checkout (no nodes.py and comfy/model_management.py);" \
        "fix or unset it" >&2
   exit 1
 fi
+COMFY=$(find_comfy)
 if [ -z "$COMFY" ]; then
-  ARCHIVE=${MAGIC_PORTRAIT_COMFYUI_ARCHIVE:-../shared/vendor/ComfyUI-0.8.0.tar.gz}
+  ARCHIVE=${MAGIC_PORTRAIT_COMFYUI_ARCHIVE:-$(cd .. && pwd)/shared/vendor/ComfyUI-0.8.0.tar.gz}
   TARGET="$HOME/comfy/ComfyUI"
   if [ ! -f "$ARCHIVE" ]; then
     echo "setup: no ComfyUI found (COMFYUI_PATH, $TARGET, or a ComfyUI holding this pack) and no ComfyUI archive" \
