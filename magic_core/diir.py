@@ -22,7 +22,7 @@ This module does not import ComfyUI.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -77,14 +77,7 @@ def extract_crop(image: np.ndarray, box: CropBox, size: int) -> np.ndarray:
 
 def face_in_crop(face: Face, box: CropBox, size: int) -> Face:
     """`face` in the coordinates of the crop resized to size x size."""
-    scale = size / box.side
-    shift = np.array([box.left, box.top], dtype=np.float32)
-
-    def move(points):
-        return None if points is None else (points - shift) * scale
-
-    return replace(face, bbox=(face.bbox - np.tile(shift, 2)) * scale, kps=move(face.kps),
-                   landmarks68=move(face.landmarks68), landmarks106=move(face.landmarks106))
+    return face.mapped(offset=(box.left, box.top), scale=size / box.side)
 
 
 def region_mask(face: Face, height: int, width: int, grow: float, feather: float) -> np.ndarray:
