@@ -30,7 +30,7 @@ metadata (``min_face_px``).
    larger ones. Duplicates (one face seen by two tiles or two passes) are merged by non-maximum suppression
    (`merge_detections`: IoU >= 0.4, or one box mostly inside the other).
 3. Retries, when fewer faces than wanted are found (``expected_faces``, at least one): detection scales finer
-   (x1.5, x2: faces under ``min_face``) when faces are expected, then coarser (x0.7 ... x0.25: close-ups larger than
+   (x1.5, x2, x3: faces under ``min_face``) when faces are expected, then coarser (x0.7 ... x0.25: close-ups larger than
    SCRFD's anchors; dlib's pyramid already covers every larger size), then, with ``expected_faces`` set, the best
    detections scoring down to half ``score_threshold``, to reach that count. Every retry's faces are merged with
    what was found before.
@@ -67,7 +67,7 @@ INSIGHTFACE_INSTALL = "pip install insightface onnxruntime"
 DEFAULT_MIN_FACE = 48  # px: the smallest face Detect Faces looks for by default (group photos)
 MAX_UPSCALE = 4.0  # the detection image is never more than 4x the picture (a face under floor / 4 px is out of reach)
 MIN_DETECTION_SIDE = 64  # px: coarser retries stop at this long side
-RETRY_FINER = (1.5, 2.0)  # x the detection scale, when fewer faces than expected were found
+RETRY_FINER = (1.5, 2.0, 3.0)  # x the detection scale, when fewer faces than expected were found
 RETRY_COARSER = (0.7, 0.5, 0.35, 0.25)  # x the detection scale: close-ups larger than the detector's anchors
 WEAK_SCORE_FACTOR = 0.5  # expected_faces: detections down to this x score_threshold may fill the count
 MERGE_IOU = 0.4  # two boxes of one face (two tiles, two scales): IoU at least this ...

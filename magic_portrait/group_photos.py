@@ -88,7 +88,7 @@ def _overlaps(box, others, gap) -> bool:
                for o in others)
 
 
-def group_photo(width: int, height: int, face_sizes: Sequence[int], *, seed: int = 0, border_cut: float = 0.15,
+def group_photo(width: int, height: int, face_sizes: Sequence[int], *, seed: int = 0, border_cut: float = 0.25,
                 astronaut: bool = True, people: str = "lfw") -> GroupPhoto:
     """A `width` x `height` group picture with one face per entry of `face_sizes` (px). ``people="lfw"``: the first
     is the astronaut when `astronaut`, the others LFW people in turn; ``people="astronaut"``: every face is the
