@@ -83,6 +83,23 @@ def bench_backend(name: str, analyzer: fb.FaceAnalyzer, people: str, repeats: in
     return rows
 
 
+def min_face_tradeoff(analyzer: fb.FaceAnalyzer, repeats: int) -> list[tuple]:
+    """dlib on the 1024 px picture at other min_face values: scale, faces found, times, against the old default."""
+    w, h, sizes = PICTURES[1024]
+    photo = gp.group_photo(w, h, sizes, seed=1024, people="lfw")
+    rows = []
+    for min_face in (48, 56, 64, 80):
+        old_d, new_d, new_t = [], [], []
+        for _ in range(repeats):
+            old_d.append(old_default(analyzer, photo.rgb)[1])
+            search = fb.find_faces(analyzer, photo.rgb, min_face=min_face)
+            new_d.append(search.detect_seconds)
+            new_t.append(search.total_seconds)
+        rows.append((min_face, search.scale, found_placed(search.faces, photo, w, h), len(photo.faces), min(new_d),
+                     min(new_t), min(new_d) / min(old_d)))
+    return rows
+
+
 def paste_coverage() -> list[tuple]:
     rows = []
     analyzer = fb.DlibAnalyzer("hog")
@@ -131,6 +148,13 @@ def main() -> None:
         print(f"| {name:<18} | {pic:<9} | {f'{old_found}/{placed}':>10} | {old_d:6.2f} | {old_t:6.2f} | "
               f"{f'{new_found}/{placed}':>10} | {image:<20} | {new_d:6.2f} | {new_t:6.2f} | {new_d / old_d:8.2f} | "
               f"{new_t / old_t:7.2f} |")
+    print("\ndlib on the 1024 px picture: min_face against time (detect x: over the old default's search)")
+    print("| min_face | scale | found | detect s | total s | detect x |")
+    print("|----------|-------|-------|----------|---------|----------|")
+    for min_face, scale, found, placed, detect, total, ratio in min_face_tradeoff(fb.DlibAnalyzer("hog"),
+                                                                                   args.repeats):
+        print(f"| {min_face:>8} | {scale:5.2f} | {f'{found}/{placed}':>5} | {detect:8.2f} | {total:7.2f} | "
+              f"{ratio:8.2f} |")
     print("\nDIIR paste masks: share of the picture they touch (%)")
     print("| picture   | faces | old > 0 | old >= 1/255 | new > 0 |")
     print("|-----------|-------|---------|--------------|---------|")
