@@ -815,9 +815,10 @@ class FaceSearch:
     def summary(self) -> str:
         first = self.passes[0]
         more = f" + {len(self.passes) - 1} more pass(es)" if len(self.passes) > 1 else ""
+        wanted = f" for faces from {self.min_face:g} px" if self.min_face else ""
         return (f"{len(self.faces)} face(s); detected at {first.size[0]}x{first.size[1]} (x{first.scale:.2f}"
-                f"{f', {first.tiles} tiles' if first.tiles > 1 else ''}){more}, faces from "
-                f"{self.min_face:g} px, {self.detect_seconds:.2f} s detecting, {self.total_seconds:.2f} s in all")
+                f"{f', {first.tiles} tiles' if first.tiles > 1 else ''}){more}{wanted}, {self.detect_seconds:.2f} s "
+                f"detecting, {self.total_seconds:.2f} s in all")
 
 
 def run_detection(analyzer: FaceAnalyzer, rgb: np.ndarray, scale: float, score_threshold: float,
