@@ -2,14 +2,17 @@
 
 For each face, in a stable order (left to right):
 
-1. ``crop_box``: a square around the face, ``1 + 2 * margin`` times the face box's longer side, centred on the box;
-   it may reach past the image border. ``extract_crop`` cuts it out (the part outside the image mirrored in, so the
+1. ``crop_box``: a square around the face, ``1 + 2 * margin`` times the face box's longer side (the box clipped to
+   the picture), centred on the box, and larger when the paste mask reaches further (``paste_extent``), so the
+   paste never meets the crop's edge; it may reach past the image border. ``extract_crop`` cuts it out (the part outside the image mirrored in, so the
    model sees a plausible surrounding) and resizes it to the model's native size (small faces are upscaled).
 2. The caller encodes, inverts, re-denoises with the identity and landmarks of ``face_in_crop`` and decodes.
 3. ``match_colors``: the restored crop's per-channel mean and std in CIELAB, measured inside the face region, are
    moved to those of the original crop there (a restored face keeps the photo's light and white balance).
-4. ``paste_mask``: where the restored crop replaces the image: the face hull grown and feathered (in pixels of the
-   image), never outside the crop square and exactly 0 elsewhere.
+4. ``paste_mask``: where the restored crop replaces the image: 1 on the face hull (with the forehead) grown by
+   ``grow`` pixels, falling to 0 across a feather band of ``feather`` pixels outside it (smoothstep of the distance,
+   ``face_masks``' band feather), exactly 0 beyond: non-zero only within ``grow + feather`` pixels of the hull, and
+   never outside the crop square.
 5. ``paste``: ``image * (1 - m) + crop * m`` inside the crop square; every pixel where ``m`` is 0 is the input's
    own value, bit for bit.
 
@@ -22,7 +25,7 @@ This module does not import ComfyUI.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -50,14 +53,29 @@ class CropBox:
         return self.top + self.side
 
 
-def crop_box(face: Face, margin: float) -> CropBox:
-    """The square around `face`: side = (1 + 2 * margin) x the box's longer side, centred on the box."""
+def crop_box(face: Face, margin: float, contain: tuple[float, float, float, float] | None = None) -> CropBox:
+    """The square around `face`: side = (1 + 2 * margin) x the box's longer side, centred on the box; with
+    `contain` (x1, y1, x2, y2), large enough to hold that region too (still centred on the face)."""
     if not math.isfinite(margin) or margin < 0:
         raise ValueError(f"margin must be >= 0, got {margin}")
     x0, y0, x1, y1 = (float(v) for v in face.bbox)
     side = max(8, int(math.ceil(max(x1 - x0, y1 - y0) * (1.0 + 2.0 * margin))))
     cx, cy = (x0 + x1) / 2.0, (y0 + y1) / 2.0
+    if contain is not None:
+        reach = max(cx - contain[0], contain[2] - cx, cy - contain[1], contain[3] - cy)
+        side = max(side, int(math.ceil(2.0 * reach)) + 2)
     return CropBox(int(round(cx - side / 2.0)), int(round(cy - side / 2.0)), side)
+
+
+def paste_extent(face: Face, grow: float, feather: float) -> tuple[float, float, float, float]:
+    """The box (x1, y1, x2, y2) outside which `paste_mask` is 0: the region's points plus grow + feather px."""
+    points = fm.hull_points(face) if face.landmarks is not None else None
+    if points is None:
+        x0, y0, x1, y1 = (float(v) for v in face.full_bbox)
+    else:
+        (x0, y0), (x1, y1) = points.min(axis=0), points.max(axis=0)
+    reach = max(float(grow), 0.0) + max(float(feather), 0.0) + 1.0
+    return x0 - reach, y0 - reach, x1 + reach, y1 + reach
 
 
 def extract_crop(image: np.ndarray, box: CropBox, size: int) -> np.ndarray:
@@ -77,25 +95,19 @@ def extract_crop(image: np.ndarray, box: CropBox, size: int) -> np.ndarray:
 
 def face_in_crop(face: Face, box: CropBox, size: int) -> Face:
     """`face` in the coordinates of the crop resized to size x size."""
-    scale = size / box.side
-    shift = np.array([box.left, box.top], dtype=np.float32)
-
-    def move(points):
-        return None if points is None else (points - shift) * scale
-
-    return replace(face, bbox=(face.bbox - np.tile(shift, 2)) * scale, kps=move(face.kps),
-                   landmarks68=move(face.landmarks68), landmarks106=move(face.landmarks106))
+    return face.mapped(offset=(box.left, box.top), scale=size / box.side)
 
 
 def region_mask(face: Face, height: int, width: int, grow: float, feather: float) -> np.ndarray:
     """The face region to restore: the landmark hull (forehead included; the box's ellipse without landmarks) grown
-    and feathered by the given pixels."""
+    by `grow` pixels, with a feather band of `feather` pixels outside it (exactly 0 beyond)."""
     shape = "hull" if face.landmarks is not None else "ellipse"
-    return fm.face_mask(face, height, width, shape=shape, grow=grow, feather=feather)
+    return fm.face_mask(face, height, width, shape=shape, grow=grow, feather=feather, feather_kind="band")
 
 
 def paste_mask(face: Face, box: CropBox, height: int, width: int, grow: float, feather: float) -> np.ndarray:
-    """Where the restored crop goes, at image size: the face region, exactly 0 outside the crop square."""
+    """Where the restored crop goes, at image size: the face region grown by `grow` px with a `feather` px band
+    (module docstring), exactly 0 beyond it and outside the crop square."""
     mask = region_mask(face, height, width, grow, feather)
     inside = np.zeros_like(mask)
     inside[max(0, box.top):max(0, min(height, box.bottom)), max(0, box.left):max(0, min(width, box.right))] = 1.0

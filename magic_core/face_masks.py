@@ -26,9 +26,16 @@ from; the ellipse's axes are drawn half a pixel shorter so its area matches the 
 box.
 
 ``grow`` (pixels, rounded to an integer): positive dilates, negative erodes, with an elliptical (disc) kernel of
-radius ``|grow|``, so every edge moves by ``|grow|`` pixels (corners round off when growing). ``feather`` (pixels) is
-the sigma of a Gaussian blur of the binary mask (kernel radius ``ceil(3 * feather)``): an edge becomes a ramp
-0 -> 1 centred on it (0.5 on the edge), and nothing leaks further than ``ceil(3 * feather)`` pixels from it.
+radius ``|grow|``, so every edge moves by ``|grow|`` pixels (corners round off when growing). ``feather`` (pixels)
+softens the edge in one of two ways (``feather_kind``):
+
+- ``"gaussian"`` (Face Masks): the sigma of a Gaussian blur of the binary mask (kernel radius ``ceil(3 * feather)``):
+  an edge becomes a ramp 0 -> 1 centred on it (0.5 on the edge), and nothing leaks further than
+  ``ceil(3 * feather)`` pixels from it.
+- ``"band"`` (DIIR's paste mask): the mask stays 1 on the (grown) region and falls to 0 across a band of
+  ``feather`` pixels outside it, ``smoothstep(1 - d / feather)`` of the Euclidean distance ``d`` from a pixel's
+  centre to the nearest region pixel's centre; exactly 0 from ``d >= feather`` on (compact support: the mask is
+  non-zero only within ``grow + feather`` pixels of the shape).
 
 Faces partly or wholly outside the image are clipped, never an error: each mask is rasterised on a window holding
 the whole face plus the grow + feather reach, then cropped to the image, so an edge near the border grows, shrinks and
@@ -48,6 +55,7 @@ import numpy as np
 from .faces import Face
 
 SHAPES = ("box", "ellipse", "hull")
+FEATHER_KINDS = ("gaussian", "band")
 DEFAULT_FOREHEAD = 0.5
 _SHIFT = 4  # sub-pixel bits for OpenCV's polygon filling
 _ONE = 1 << _SHIFT
@@ -88,7 +96,7 @@ def hull_points(face: Face, forehead: float = DEFAULT_FOREHEAD) -> np.ndarray:
         raise ValueError(f"forehead must be a number >= 0 (a fraction of the face depth below the brows), got {forehead!r}")
     lm = face.landmarks
     if lm is None:
-        return np.concatenate([face.kps.astype(np.float64), _ellipse_points(face.bbox)])
+        return np.concatenate([face.kps.astype(np.float64), _ellipse_points(face.full_bbox)])
     pts = lm.astype(np.float64)
     if forehead <= 0:
         return pts
@@ -99,29 +107,34 @@ def hull_points(face: Face, forehead: float = DEFAULT_FOREHEAD) -> np.ndarray:
     return np.concatenate([pts, lifted])
 
 
-def _reach(grow: int, feather: float) -> int:
-    return abs(grow) + (int(math.ceil(3.0 * feather)) if feather > 0 else 0) + 1
+def _reach(grow: int, feather: float, feather_kind: str = "gaussian") -> int:
+    if feather <= 0:
+        return abs(grow) + 1
+    return abs(grow) + int(math.ceil(3.0 * feather if feather_kind == "gaussian" else feather)) + 1
 
 
 def face_mask(face: Face, height: int, width: int, shape: str = "box", grow: float = 0, feather: float = 0.0,
-              forehead: float = DEFAULT_FOREHEAD) -> np.ndarray:
-    """A float32 [height, width] mask in [0, 1] of one face (module docstring: shapes, grow, feather, forehead)."""
+              forehead: float = DEFAULT_FOREHEAD, feather_kind: str = "gaussian") -> np.ndarray:
+    """A float32 [height, width] mask in [0, 1] of one face (module docstring: shapes, grow, feather and its kind,
+    forehead). Box and ellipse shapes use the detector's whole box (``Face.full_bbox``), cut to the picture."""
     h, w = _check_size(height, width)
     if shape not in SHAPES:
         raise ValueError(f"mask shape {shape!r} is unknown: use one of {', '.join(SHAPES)}")
+    if feather_kind not in FEATHER_KINDS:
+        raise ValueError(f"feather kind {feather_kind!r} is unknown: use one of {', '.join(FEATHER_KINDS)}")
     grow_f, feather = float(grow), float(feather)
     if not math.isfinite(grow_f) or not math.isfinite(feather) or feather < 0:
         raise ValueError(f"grow must be a finite number of pixels and feather a number >= 0, got grow={grow!r}, "
                          f"feather={feather!r}")
     grow_px = int(round(grow_f))
-    reach = _reach(grow_px, feather)
+    reach = _reach(grow_px, feather, feather_kind)
     out = np.zeros((h, w), dtype=np.float32)
 
     if shape == "hull":
         pts = hull_points(face, forehead)
         lo, hi = pts.min(axis=0), pts.max(axis=0)
     else:
-        x1, y1, x2, y2 = (float(v) for v in face.bbox)
+        x1, y1, x2, y2 = (float(v) for v in face.full_bbox)
         lo = np.array([min(x1, x2), min(y1, y2)])
         hi = np.array([max(x1, x2), max(y1, y2)])
 
@@ -170,7 +183,12 @@ def face_mask(face: Face, height: int, width: int, shape: str = "box", grow: flo
         kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
         win = (cv2.dilate if grow_px > 0 else cv2.erode)(win, kernel)
     soft = win.astype(np.float32)
-    if feather > 0:
+    if feather > 0 and feather_kind == "band":
+        # distance from each pixel outside the region to the nearest region pixel (0 inside the region)
+        distance = cv2.distanceTransform((win == 0).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+        ramp = np.clip(1.0 - distance / np.float32(feather), 0.0, 1.0)
+        soft = (ramp * ramp * (3.0 - 2.0 * ramp)).astype(np.float32)
+    elif feather > 0:
         radius = int(math.ceil(3.0 * feather))
         soft = cv2.GaussianBlur(soft, (2 * radius + 1, 2 * radius + 1), sigmaX=feather, sigmaY=feather,
                                 borderType=cv2.BORDER_REPLICATE)
@@ -182,13 +200,14 @@ def face_mask(face: Face, height: int, width: int, shape: str = "box", grow: flo
 
 
 def masks_for(faces: Sequence[Face], height: int, width: int, shape: str = "box", grow: float = 0,
-              feather: float = 0.0, forehead: float = DEFAULT_FOREHEAD) -> np.ndarray:
+              feather: float = 0.0, forehead: float = DEFAULT_FOREHEAD, feather_kind: str = "gaussian") -> np.ndarray:
     """One mask per face, float32 [N, height, width] (N = 0 gives shape (0, height, width))."""
     h, w = _check_size(height, width)
     faces = list(faces or ())
     if not faces:
         return np.zeros((0, h, w), dtype=np.float32)
-    return np.stack([face_mask(f, h, w, shape=shape, grow=grow, feather=feather, forehead=forehead) for f in faces])
+    return np.stack([face_mask(f, h, w, shape=shape, grow=grow, feather=feather, forehead=forehead,
+                               feather_kind=feather_kind) for f in faces])
 
 
 def union_mask(masks) -> np.ndarray:

@@ -11,6 +11,12 @@ Coordinates are the back-ends' pixel coordinates (x right, y down, in pixels of 
 masks treat them as continuous positions (pixel j covers [j, j + 1)), a half-pixel convention difference that is
 below what any of them resolves.
 
+Boxes and the picture's border: a detector may box a face that the border cuts with a box reaching past it.
+``Face.bbox`` is always the part inside the picture (what crops, box masks, previews and reports use:
+``Face.clipped``); the detector's own box is kept in ``Face.unclipped_bbox`` (None when it was inside anyway), and
+keypoints and landmarks are never clipped: alignment, the landmark hull and the face's size (``Face.size``) need
+where the face really is.
+
 The 5 keypoints follow insightface (and InstantID / FaceID's alignment): 0 = the eye on the image's left (the
 person's right eye), 1 = the eye on the image's right, 2 = nose tip, 3 = mouth corner on the image's left, 4 = mouth
 corner on the image's right. ``kps_from_68`` derives them from iBUG 68 landmarks the same way.
@@ -66,12 +72,18 @@ class Face:
     embedding_kind: str | None = None  # ARCFACE_512, DLIB_128, ...
     backend: str = ""  # e.g. "dlib (hog)", "insightface antelopev2"
     embedding_norm: float | None = None  # the L2 norm the back-end's embedding had (raw = embedding * norm)
+    unclipped_bbox: np.ndarray | None = None  # float32 [4]: the detector's box when it reached past the picture
 
     def __post_init__(self):
         bbox = np.asarray(self.bbox, dtype=np.float32).reshape(-1)
         if bbox.shape != (4,) or not np.isfinite(bbox).all():
             raise ValueError(f"bbox must be 4 finite numbers x1, y1, x2, y2, got {self.bbox!r}")
         object.__setattr__(self, "bbox", bbox)
+        if self.unclipped_bbox is not None:
+            full = np.asarray(self.unclipped_bbox, dtype=np.float32).reshape(-1)
+            if full.shape != (4,) or not np.isfinite(full).all():
+                raise ValueError(f"unclipped_bbox must be 4 finite numbers, got {self.unclipped_bbox!r}")
+            object.__setattr__(self, "unclipped_bbox", full)
         object.__setattr__(self, "kps", _points(self.kps, 5, "kps"))
         object.__setattr__(self, "landmarks68", _points(self.landmarks68, 68, "landmarks68"))
         object.__setattr__(self, "landmarks106", _points(self.landmarks106, 106, "landmarks106"))
@@ -101,20 +113,45 @@ class Face:
         return float(self.bbox[0] + self.bbox[2]) / 2, float(self.bbox[1] + self.bbox[3]) / 2
 
     @property
+    def full_bbox(self) -> np.ndarray:
+        """The detector's box, reaching past the picture where the face does (``bbox`` is its part inside)."""
+        return self.bbox if self.unclipped_bbox is None else self.unclipped_bbox
+
+    @property
     def size(self) -> float:
-        """The box's shorter side in pixels."""
-        return float(min(self.bbox[2] - self.bbox[0], self.bbox[3] - self.bbox[1]))
+        """The face's size in pixels: the shorter side of the detector's (unclipped) box."""
+        box = self.full_bbox
+        return float(min(box[2] - box[0], box[3] - box[1]))
+
+    def clipped(self, height: int, width: int) -> Face:
+        """This face with ``bbox`` cut to a height x width picture; the detector's box moves to ``unclipped_bbox``
+        when it reached past the border. Keypoints and landmarks are kept as they are."""
+        full = self.full_bbox
+        inside = np.array([max(full[0], 0), max(full[1], 0), min(full[2], width), min(full[3], height)],
+                          dtype=np.float32)
+        inside[2:] = np.maximum(inside[2:], inside[:2])  # a box wholly outside becomes empty, not inverted
+        if np.array_equal(inside, full):
+            return self if self.unclipped_bbox is None else replace(self, bbox=full, unclipped_bbox=None)
+        return replace(self, bbox=inside, unclipped_bbox=full.copy())
+
+    def mapped(self, offset=(0.0, 0.0), scale=(1.0, 1.0)) -> Face:
+        """Every coordinate (boxes, keypoints, landmarks) mapped by ``(p - offset) * scale`` (x, y pairs): into a
+        crop, or back from a resized detection image."""
+        off = np.asarray(offset, dtype=np.float32).reshape(2)
+        mul = np.broadcast_to(np.asarray(scale, dtype=np.float32), (2,)).copy()
+
+        def pts(a):
+            return None if a is None else (a - off) * mul
+
+        def box(b):
+            return None if b is None else (b - np.tile(off, 2)) * np.tile(mul, 2)
+
+        return replace(self, bbox=box(self.bbox), unclipped_bbox=box(self.unclipped_bbox), kps=pts(self.kps),
+                       landmarks68=pts(self.landmarks68), landmarks106=pts(self.landmarks106))
 
     def scaled(self, sx: float, sy: float | None = None) -> Face:
         """This face with every coordinate multiplied by (sx, sy) (e.g. back from a resized detection image)."""
-        sy = sx if sy is None else sy
-        mul = np.array([sx, sy], dtype=np.float32)
-
-        def pts(a):
-            return None if a is None else a * mul
-
-        return replace(self, bbox=self.bbox * np.tile(mul, 2), kps=self.kps * mul,
-                       landmarks68=pts(self.landmarks68), landmarks106=pts(self.landmarks106))
+        return self.mapped(scale=(sx, sx if sy is None else sy))
 
 
 def left_to_right(faces: Sequence[Face]) -> list[Face]:

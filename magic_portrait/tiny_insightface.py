@@ -27,6 +27,8 @@ The detector is designed rather than random, so detection depends on the image t
   smaller one scores low, so each face fires at about one size, and a face much larger than 240 px in the
   detector's input (a close-up at det size 640) is missed, as real SCRFD misses faces larger than its anchors:
   retrying at a smaller det size finds it.
+- Its smallest blob, 32 px, is written into the file's ONNX metadata as ``min_face_px`` (a detector may state its
+  floor there; real SCRFD files do not, and the pack assumes SCRFD's smallest anchor, 16 px).
 - Boxes are S wide and 1.15 S tall, centred on the skin-tone centroid of the 2S x 2S window around the anchor (so
   the anchors around one face agree and non-maximum suppression keeps one box); the 5 keypoints are a face template (eyes, nose tip,
   mouth corners, insightface's order) placed in that box, jittered a little by the seed.
@@ -250,7 +252,11 @@ def build_detector(seed: int = 0):
             name = f"{kind}_{stride}"
             g.op("Reshape", [nhwc, g.const(np.array([-1, width], dtype=np.int64))], out=name)
             outputs.append(_tensor(name, [f"n{stride}", width]))
-    return g.model([_tensor("input.1", [1, 3, "height", "width"])], outputs)
+    model = g.model([_tensor("input.1", [1, 3, "height", "width"])], outputs)
+    from onnx import helper
+
+    helper.set_model_props(model, {"min_face_px": str(FACE_SIZES[0])})
+    return model
 
 
 def _layout_features(g: _Graph, x: str, size: int, cells: int = 4) -> str:

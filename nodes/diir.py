@@ -34,8 +34,10 @@ class DIIRFaceRestore(io.ComfyNode):
             description="MagicID's DDIM-inversion based ID restoration: each chosen face is cropped with a margin, "
             "brought to the model's native size, encoded, DDIM-inverted part of the way (strength), denoised again "
             "with its identity (MGMICA on the face) and the landmarks of the crop itself (a landmark ControlNet), "
-            "decoded, colour-matched and feather-pasted back. Every pixel outside the paste masks stays the input's, "
-            "bit for bit. Works after any generator: a MagicStyle result, a group photo, any image.",
+            "decoded, colour-matched and pasted back: the paste mask is the face (landmark hull with the forehead) grown "
+            "by `grow` plus a feather band of `feather`, exactly 0 beyond, so every other pixel stays the input's, bit "
+            "for bit; the node text reports the share of the picture that changed. Works after any generator: a "
+            "MagicStyle result, a group photo, any image.",
             inputs=[
                 io.Image.Input("image"),
                 FacesType.Input("faces", tooltip="Detect Faces on this image."),
@@ -56,9 +58,12 @@ class DIIRFaceRestore(io.ComfyNode):
                 io.Float.Input("cfg", default=4.0, min=0.0, max=30.0, step=0.1, round=0.01),
                 io.Combo.Input("inversion_mode", options=list(inv.MODES), default="ddim"),
                 io.Float.Input("grow", default=0.1, min=-0.5, max=1.0, step=0.01,
-                               tooltip="The paste mask (face hull with forehead) grown by this share of the face."),
-                io.Float.Input("feather", default=0.06, min=0.0, max=0.5, step=0.01,
-                               tooltip="Soft edge of the paste mask, as a share of the face's size."),
+                               tooltip="The paste mask is 1 on the face hull (with the forehead) grown by this share "
+                               "of the face's size."),
+                io.Float.Input("feather", default=0.12, min=0.0, max=0.5, step=0.01,
+                               tooltip="Width of the paste mask's soft edge, as a share of the face's size: outside "
+                               "the grown hull it falls smoothly from 1 to exactly 0 across this band; nothing beyond "
+                               "changes."),
                 io.Combo.Input("color_match", options=list(diir.COLOR_MODES), default="mean_std",
                                tooltip="Move the restored face's LAB mean/std to the original's."),
                 io.Combo.Input("identity_match", options=list(MATCH_MODES), default="by index",
@@ -127,12 +132,19 @@ class DIIRFaceRestore(io.ComfyNode):
             out_images.append(torch.from_numpy(restored))
             out_masks.append(torch.from_numpy(union))
             previews.append(torch.from_numpy(diir.side_by_side(source, restored)))
-        result = torch.stack(out_images)
-        if image.shape[-1] > 3:  # keep the alpha channel
-            result = torch.cat([result, image[..., 3:].cpu().float()], dim=-1)
+        result = torch.stack(out_images).to(image.dtype)
+        masks = torch.stack(out_masks)
+        # measured on the output: the pixels whose value differs from the input's in any channel
+        changed = (result != image[..., :3].detach().cpu()).any(dim=-1)
+        pixels = changed.numel()
         report = (f"restored {total} face(s) in {image.shape[0]} image(s): crop {size} px, {steps} steps at strength "
-                  f"{strength:g}, cfg {cfg:g}, {inversion_mode}" + "".join(f"\n{n}" for n in notes))
-        return io.NodeOutput(result.to(image.dtype), torch.stack(out_masks), torch.stack(previews),
+                  f"{strength:g}, cfg {cfg:g}, {inversion_mode}\n"
+                  f"changed {100.0 * int(changed.sum()) / pixels:.2f}% of the picture ({int(changed.sum())} of {pixels} "
+                  f"pixels); paste masks {100.0 * int((masks > 0).sum()) / pixels:.2f}% (face hull grown by "
+                  f"{grow:g} x face size, feather band {feather:g} x face size)" + "".join(f"\n{n}" for n in notes))
+        if image.shape[-1] > 3:  # keep the alpha channel
+            result = torch.cat([result, image[..., 3:].detach().cpu()], dim=-1)
+        return io.NodeOutput(result, masks, torch.stack(previews),
                              ui=ui.PreviewText(report))
 
 
@@ -186,9 +198,9 @@ class _Restorer:
         current = source
         union = np.zeros((h, w), dtype=np.float32)
         for face, identity in zip(faces, identities, strict=True):
-            box = diir.crop_box(face, self.margin)
-            face_px = face.size
-            mask = diir.paste_mask(face, box, h, w, self.grow * face_px, self.feather * face_px)
+            grow, feather = self.grow * face.size, self.feather * face.size
+            box = diir.crop_box(face, self.margin, contain=diir.paste_extent(face, grow, feather))
+            mask = diir.paste_mask(face, box, h, w, grow, feather)
             crop = diir.extract_crop(current, box, self.size)
             restored = self.face(crop, diir.face_in_crop(face, box, self.size), identity)
             current = diir.paste(current, restored, box, mask)

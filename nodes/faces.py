@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import comfy.utils
 import folder_paths
 import numpy as np
 import torch
@@ -101,20 +102,37 @@ class DetectFaces(io.ComfyNode):
             node_id=PREFIX + "DetectFaces",
             display_name="Detect Faces (Magic Portrait)",
             category=CATEGORY + "/magicid",
-            description="Find the faces of every image of a batch: box, 5 keypoints, dense landmarks, embedding, "
-            "score. Faces are numbered left to right from 0 (stable indices). When nothing is found, smaller "
-            "detection sizes are tried (close-up faces). Grayscale and RGBA images work.",
+            description="Find every face of every image of a batch: box, 5 keypoints, dense landmarks, embedding, "
+            "score; faces numbered left to right from 0 (stable indices). The detection resolution is chosen per "
+            "picture so a face of min_face px is above the detector's floor (small faces in large group photos are "
+            "upsampled, large pictures tiled, faces seen twice merged); retries when fewer faces than expected are "
+            "found. Boxes are clipped to the picture (what crops and box masks use); keypoints and landmarks are "
+            "not (alignment needs the whole face). The node text gives each picture's detection size and time. "
+            "Grayscale and RGBA images work.",
             inputs=[
                 FaceAnalysisType.Input("face_analysis"),
                 io.Image.Input("image"),
-                io.Int.Input("det_size", default=640, min=64, max=2048, step=32,
-                             tooltip="Detection size: the image is scaled to it for detection."),
+                io.Int.Input("det_size", default=640, min=0, max=4096, step=32,
+                             tooltip="The picture's long side is scaled to at least this for detection (what "
+                             "insightface users know as det_size: close-ups need it small). min_face may raise the "
+                             "scale further; 0: min_face alone decides."),
                 io.Float.Input("score_threshold", default=0.5, min=0.0, max=1.0, step=0.01),
-                io.Int.Input("min_size", default=0, min=0, max=8192, tooltip="Drop faces smaller than this (px)."),
+                io.Int.Input("min_size", default=0, min=0, max=8192,
+                             tooltip="Drop faces smaller than this (px), after detection."),
                 io.Int.Input("max_faces", default=0, min=0, max=256, tooltip="Keep the N largest (0: all)."),
-                io.Boolean.Input("retry_smaller", default=True,
-                                 tooltip="When nothing is found, retry at smaller detection sizes."),
+                io.Boolean.Input("retry_smaller", default=True, display_name="retry",
+                                 tooltip="When fewer faces than expected_faces (at least one) are found, retry: "
+                                 "finer detection scales when faces are expected, coarser ones (close-ups), then, "
+                                 "with expected_faces set, the best detections down to half score_threshold."),
                 io.Combo.Input("if_no_face", options=["error", "empty result"], default="error"),
+                io.Int.Input("min_face", default=fb.DEFAULT_MIN_FACE, min=0, max=4096, optional=True,
+                             tooltip="The smallest face to find (px, the detector's box): the detection resolution "
+                             "is raised until such a face is above the detector's floor (dlib HOG 73 px, CNN 80 px, "
+                             "insightface SCRFD 16 px), up to 4x. Smaller values cost time with dlib (HOG time grows "
+                             "with the square of the scale). 0: det_size alone decides."),
+                io.Int.Input("expected_faces", default=0, min=0, max=256, optional=True,
+                             tooltip="How many faces each picture holds, when you know: fewer found triggers the "
+                             "retries (finer, coarser, then weaker detections to fill the count). 0: at least one."),
             ],
             outputs=[FacesType.Output(display_name="faces"), io.Image.Output(display_name="preview"),
                      io.Int.Output(display_name="count")],
@@ -122,29 +140,37 @@ class DetectFaces(io.ComfyNode):
 
     @classmethod
     def execute(cls, face_analysis, image, det_size, score_threshold, min_size, max_faces, retry_smaller,
-                if_no_face) -> io.NodeOutput:
+                if_no_face, min_face=fb.DEFAULT_MIN_FACE, expected_faces=0) -> io.NodeOutput:
         node = cls.define_schema().node_id
         if not isinstance(face_analysis, fb.FaceAnalyzer):
             raise NodeInputError(node, "face_analysis", "expected MAGIC_FACE_ANALYSIS from Face Analysis Loader")
-        per_image, notes, previews = [], [], []
+        if 0 < det_size < 32:
+            raise NodeInputError(node, "det_size", f"{det_size} is too small: use 0 (min_face decides) or >= 32")
+        per_image, notes, previews, lines = [], [], [], []
+        progress = comfy.utils.ProgressBar(image.shape[0])
         for i in range(image.shape[0]):
             rgb = fc.to_rgb_uint8(image[i])
-            faces, used, found_notes = fb.detect_faces(face_analysis, rgb, det_size=det_size,
-                                                       score_threshold=score_threshold, min_size=min_size,
-                                                       max_faces=max_faces, retry=retry_smaller)
-            if not faces and if_no_face == "error":
+            search = fb.find_faces(face_analysis, rgb, min_face=min_face, det_size=det_size,
+                                   score_threshold=score_threshold, expected_faces=expected_faces,
+                                   min_size=min_size, max_faces=max_faces, retry=retry_smaller)
+            if not search.faces and if_no_face == "error":
+                tried = "; ".join(p.describe() for p in search.passes)
                 raise NodeInputError(node, "image", f"no face found in image {i} of {image.shape[0]} with "
-                                     f"{face_analysis.name} ({'; '.join(found_notes)}). Use a photo with a visible "
-                                     "face, lower score_threshold or min_size, or set if_no_face to 'empty result'")
-            per_image.append(faces)
-            notes += [f"image {i}: {n}" for n in found_notes]
-            previews.append(torch.from_numpy(fd.draw_detections_preview(rgb, faces)).float().div(255.0))
+                                     f"{face_analysis.name} ({tried}{''.join('; ' + n for n in search.notes)}). Use "
+                                     "a photo with a visible face, lower score_threshold, min_face or min_size, or "
+                                     "set if_no_face to 'empty result'")
+            per_image.append(search.faces)
+            lines.append(f"image {i}: {search.summary()}")
+            if len(search.passes) > 1:
+                lines += [f"  {p.describe()}" for p in search.passes]
+            lines += [f"  {n}" for n in search.notes]
+            notes += [f"image {i}: {n}" for n in search.notes]
+            previews.append(torch.from_numpy(fd.draw_detections_preview(rgb, search.faces)).float().div(255.0))
+            progress.update(1)
         detections = fc.FaceDetections(per_image, [tuple(image.shape[1:3])] * image.shape[0],
                                        backend=face_analysis.name, embedding_kind=face_analysis.embedding_kind,
                                        notes=tuple(notes))
-        counts = [len(f) for f in detections.faces]
-        report = f"{face_analysis.name}: " + ", ".join(f"image {i}: {n} face(s)" for i, n in enumerate(counts))
-        report += "".join(f"\n{n}" for n in notes)
+        report = f"{face_analysis.name}: {detections.count()} face(s)\n" + "\n".join(lines)
         return io.NodeOutput(detections, torch.stack(previews), detections.count(), ui=ui.PreviewText(report))
 
 

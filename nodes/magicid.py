@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-import comfy.utils
 import folder_paths
 import numpy as np
 import torch
@@ -20,6 +19,7 @@ from ..magic_core import ipadapter as ip
 from ..magic_core import layers as lay
 from ..magic_core import mgmica
 from ..magic_core import regions as reg
+from . import id_references as refs
 from .common import CATEGORY, PREFIX, NodeInputError, layer_family, model_family, register_model_folder
 from .magicid_types import FacesType, IDEmbedsType, IdentitiesType, IPAdapterType
 from .mgmica_patch import UNCOND_MODES, MultiIDAttention, PatchIdentity, cross_attention_layers
@@ -108,30 +108,6 @@ def _mean_embedding(faces_used):
     return (mean / norm if norm > 0 else None), kinds.pop()
 
 
-def _face_box_crop(rgb: np.ndarray, face: fc.Face, margin: float) -> np.ndarray:
-    """A square crop around the face box, its side (1 + margin) times the box's longer side, zero-padded."""
-    x0, y0, x1, y1 = face.bbox.tolist()
-    side = max(x1 - x0, y1 - y0) * (1.0 + margin)
-    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    left, top = int(round(cx - side / 2)), int(round(cy - side / 2))
-    size = max(1, int(round(side)))
-    h, w = rgb.shape[:2]
-    out = np.zeros((size, size, 3), dtype=np.uint8)
-    sx0, sy0, sx1, sy1 = max(0, left), max(0, top), min(w, left + size), min(h, top + size)
-    if sx1 > sx0 and sy1 > sy0:
-        out[sy0 - top: sy1 - top, sx0 - left: sx1 - left] = rgb[sy0:sy1, sx0:sx1]
-    return out
-
-
-def _to_image(crops: list[np.ndarray]) -> torch.Tensor:
-    """uint8 crops (any sizes) -> IMAGE [N, 224, 224, 3]."""
-    out = []
-    for crop in crops:
-        t = torch.from_numpy(crop).float().div(255.0)[None].movedim(-1, 1)
-        out.append(comfy.utils.common_upscale(t, CLIP_SIZE, CLIP_SIZE, "bicubic", "center").movedim(1, -1))
-    return torch.cat(out).clamp(0.0, 1.0)
-
-
 class IDEmbedsNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -140,9 +116,12 @@ class IDEmbedsNode(io.ComfyNode):
             display_name="ID Embeds (Magic Portrait)",
             category=CATEGORY + "/magicid",
             description="One identity's ID tokens from one or more reference images, through the IP-Adapter's "
-            "projection: FaceID variants take insightface's 512-d ArcFace embedding of the chosen face; the Plus "
-            "variants also the CLIP vision features of the aligned face crop; base/plus/plus-face the CLIP vision "
-            "features of the image or of the face. Several references are averaged or stacked.",
+            "projection, computed as the original IP-Adapter computes them: FaceID variants take insightface's 512-d "
+            "ArcFace embedding of the chosen face; the Plus variants also the CLIP vision features of the aligned "
+            "face crop; base/plus/plus-face the CLIP vision features of the image or of the face. References and "
+            "face crops reach CLIP vision at their own size through ComfyUI's own preprocessing (as core "
+            "CLIPVisionEncode does). Several references are averaged or stacked. The crops output shows what CLIP "
+            "vision sees.",
             inputs=[
                 IPAdapterType.Input("ipadapter"),
                 io.Image.Input("images", tooltip="Reference image(s) of ONE person: a batch is several references."),
@@ -162,19 +141,38 @@ class IDEmbedsNode(io.ComfyNode):
                 io.Float.Input("face_margin", default=0.4, min=0.0, max=3.0, step=0.05,
                                tooltip="Face crops: extra room around the face box (0.4 = 40%)."),
                 io.Float.Input("shortcut_scale", default=1.0, min=0.0, max=5.0, step=0.05,
-                               tooltip="FaceID-PlusV2 only: weight of the face-embedding shortcut (s_scale)."),
+                               tooltip="FaceID-PlusV2 only: weight of the face-embedding shortcut (s_scale; tokens = "
+                               "MLP tokens + s_scale x perceiver). 1.0 is the original IP-Adapter's default and "
+                               "IPAdapter_plus's IPAdapterFaceID weight_faceidv2 default; IPAdapter_plus's "
+                               "IPAdapter / IPAdapterAdvanced nodes use 2 x their weight: set that to reproduce "
+                               "them."),
+                io.Combo.Input("negative_image", options=refs.NEGATIVE_CHOICES, default=refs.NEGATIVE_CLIP_MEAN,
+                               optional=True,
+                               tooltip="The image behind the negative (unconditional) tokens of the variants that "
+                               "encode one (plus, plus-face, full-face, FaceID-Plus). 'clip mean': zero pixel values "
+                               "after CLIP normalisation, what the original IP-Adapter trained its image drop with "
+                               "and feeds at inference (the default: the adapters learned it as 'no image'). "
+                               "'black': a black image, what IPAdapter_plus encodes, to reproduce its workflows."),
+                io.Combo.Input("faceid_plus_alignment", options=refs.ALIGN_CHOICES, default=refs.ALIGN_ORIGINAL,
+                               optional=True,
+                               tooltip="FaceID-Plus(V2): the aligned face crop's size. 224 px is what the original "
+                               "IP-Adapter trained on and uses for SD1.5 and SDXL; IPAdapter_plus aligns SDXL faces "
+                               "at 256 px (a slightly smaller face in CLIP's 224 px view)."),
             ],
             outputs=[IDEmbedsType.Output(display_name="id_embeds"), io.Image.Output(display_name="crops")],
         )
 
     @classmethod
     def execute(cls, ipadapter, images, face_index, combine, image_crop, face_margin, shortcut_scale, faces=None,
-                clip_vision=None) -> io.NodeOutput:
+                clip_vision=None, negative_image=refs.NEGATIVE_CLIP_MEAN,
+                faceid_plus_alignment=refs.ALIGN_ORIGINAL) -> io.NodeOutput:
         node = cls.define_schema().node_id
         adapter: ip.IPAdapterFile = ipadapter
-        refs = images.shape[0]
-        chosen = _chosen_faces(node, adapter, faces, refs, face_index, image_crop)
-        rgbs = [fc.to_rgb_uint8(images[i]) for i in range(refs)]
+        refs_count = images.shape[0]
+        chosen = _chosen_faces(node, adapter, faces, refs_count, face_index, image_crop)
+        if negative_image not in refs.NEGATIVE_CHOICES:
+            raise NodeInputError(node, "negative_image", f"{negative_image!r}: choose one of "
+                                 f"{', '.join(refs.NEGATIVE_CHOICES)}")
         face_emb = None
         if adapter.needs_face_embedding:
             if chosen[0].embedding_kind != fc.ARCFACE_512 or chosen[0].embedding is None:
@@ -185,36 +183,41 @@ class IDEmbedsNode(io.ComfyNode):
             face_emb = torch.from_numpy(np.stack([f.embedding * (f.embedding_norm if raw else 1.0) for f in chosen]))
         crops_shown = None
         hidden = embeds = hidden_neg = None
+        align = refs.align_size(faceid_plus_alignment, adapter.family)
         if adapter.needs_clip_hidden or adapter.needs_clip_embeds:
             if clip_vision is None:
                 raise NodeInputError(node, "clip_vision", f"this {adapter.variant} IP-Adapter needs CLIP vision "
                                      "features: connect a CLIP_VISION (Load CLIP Vision), e.g. "
                                      "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors for SD1.5 and most SDXL files")
             if adapter.variant in ("faceid-plus", "faceid-plusv2"):
-                crops = [ip.align_face(rgb, f.kps, CLIP_SIZE) for rgb, f in zip(rgbs, chosen, strict=True)]
+                crops = [refs.aligned_face(images[i], f, align) for i, f in enumerate(chosen)]
             elif chosen is not None and image_crop != "whole image":
-                crops = [_face_box_crop(rgb, f, face_margin) for rgb, f in zip(rgbs, chosen, strict=True)]
+                crops = [refs.face_box_crop(images[i], f, face_margin) for i, f in enumerate(chosen)]
             else:
-                crops = rgbs
-            crops_shown = _to_image(crops)
-            encoded = clip_vision.encode_image(crops_shown, crop=True)
-            hidden, embeds = encoded["penultimate_hidden_states"], encoded["image_embeds"]
+                crops = [images[i:i + 1, ..., :3].float() for i in range(refs_count)]
+            embeds, hidden = refs.encode(clip_vision, crops)
+            crops_shown = refs.what_clip_sees(clip_vision, crops)
             if adapter.needs_clip_hidden:
-                hidden_neg = clip_vision.encode_image(ip.uncond_reference_image(CLIP_SIZE), crop=True)[
-                    "penultimate_hidden_states"]
+                hidden_neg = refs.negative_hidden(clip_vision, negative_image)
         try:
-            positive, negative = _tokens(adapter, combine, refs, embeds, hidden, hidden_neg, face_emb, shortcut_scale)
+            positive, negative = _tokens(adapter, combine, refs_count, embeds, hidden, hidden_neg, face_emb,
+                                         shortcut_scale)
         except ip.IPAdapterError as err:
             raise NodeInputError(node, "clip_vision" if "CLIP" in str(err) else "faces", str(err)) from None
         if crops_shown is None:
-            crops_shown = _to_image([ip.align_face(rgb, f.kps, CLIP_SIZE) for rgb, f in zip(rgbs, chosen,
-                                                                                                strict=True)])
-        refs_text = "1 reference" if refs == 1 else f"{refs} references {'averaged' if combine == 'average' else 'stacked'}"
+            crops_shown = torch.cat([refs.aligned_face(images[i], f, CLIP_SIZE) for i, f in enumerate(chosen)])
+        refs_text = ("1 reference" if refs_count == 1
+                     else f"{refs_count} references {'averaged' if combine == 'average' else 'stacked'}")
         label = (f"{adapter.variant}: {refs_text}, {positive.shape[1]} tokens"
                  + (f", face {face_index}" if chosen is not None else ""))
+        detail = label
+        if adapter.needs_clip_hidden:
+            detail += f"; negative image: {negative_image}"
+        if adapter.variant in ("faceid-plus", "faceid-plusv2"):
+            detail += f"; face aligned at {align} px"
         face_embedding, kind = _mean_embedding(chosen)
         embeds_out = IDEmbeds(adapter, positive.float().cpu(), negative.float().cpu(), label, face_embedding, kind)
-        return io.NodeOutput(embeds_out, crops_shown, ui=ui.PreviewText(label))
+        return io.NodeOutput(embeds_out, crops_shown, ui=ui.PreviewText(detail))
 
 
 def _chosen_faces(node, adapter, faces, refs, face_index, image_crop):

@@ -176,8 +176,10 @@ def face_restore(classes) -> Workflow:
             "found, crops it with a margin, brings it to the model's native size, DDIM-inverts it part of the way "
             "(strength) and denoises it again with that person's identity (IP-Adapter tokens through Multi-ID "
             "Attention, confined to the face) and the crop's own landmarks (OpenPose ControlNet), then colour-matches "
-            "and feather-pastes it back. Every pixel outside the paste masks is left exactly as it was. The i-th "
-            "identity restores the i-th face from the left (or match 'by similarity').\n\n"
+            "and pastes it back: the face grown by `grow`, with a soft edge ending `feather` beyond it. Every other "
+            "pixel is left exactly as it was; the node text says what share of the picture changed. Detect Faces "
+            "finds faces down to min_face (48 px) in any picture size. The i-th identity restores the i-th face from "
+            "the left (or match 'by similarity').\n\n"
             f"Needs an SD1.5 checkpoint, {IPADAPTER}, {CLIP_VISION} and an OpenPose ControlNet ({CONTROLNET}). Load "
             "any image to restore, e.g. a group photo you generated, and one reference per person.")
     ckpt, clip_vision, ipadapter, controlnet = _identity_models(wf)

@@ -159,7 +159,7 @@ def faces_of_two_sizes(kind, astronaut):
 
 
 def one_face(analyzer, image, **kw):
-    faces, _, _ = fb.detect_faces(analyzer, image, **kw)
+    faces = fb.find_faces(analyzer, image, **kw).faces
     assert len(faces) == 1, f"{analyzer.name}: expected one face, got {len(faces)}"
     return faces[0]
 
@@ -169,8 +169,9 @@ def one_face(analyzer, image, **kw):
 
 def test_astronaut_gives_one_complete_face(analyzer, astronaut):
     kind, an = analyzer
-    faces, det, notes = fb.detect_faces(an, astronaut)
-    assert len(faces) == 1 and det == 640 and notes == []
+    search = fb.find_faces(an, astronaut)
+    faces = search.faces
+    assert len(faces) == 1 and len(search.passes) == 1 and search.notes == ()
     f = faces[0]
     assert f.backend == an.name and 0.5 <= f.score <= 1.0
     cx, cy = f.center
@@ -203,8 +204,9 @@ def test_analysis_is_deterministic(analyzer, astronaut):
 def test_three_people_left_to_right_with_their_own_identities(analyzer, astronaut):
     kind, an = analyzer
     canvas, spans, standalone = three_people(kind, astronaut)
-    faces, det, _ = fb.detect_faces(an, canvas)
-    assert len(faces) == 3 and det == 640
+    search = fb.find_faces(an, canvas)
+    faces = search.faces
+    assert len(faces) == 3 and len(search.passes) == 1
     for f, (x0, x1) in zip(faces, spans, strict=True):  # index i is the i-th tile from the left
         assert x0 < f.center[0] < x1
     for i in range(3):
@@ -224,11 +226,16 @@ def test_no_face(analyzer, name):
     image = {"black": np.zeros((300, 400, 3), np.uint8),
              "grey": np.full((257, 311, 3), 128, np.uint8),
              "camera_ground": skimage_data.camera()[330:, :, None]}[name]  # tripod legs and grass
-    retry = name == "black"  # every retry size once; the other images at 640 only (real packs are slow on CPU)
-    faces, det, notes = fb.detect_faces(an, image, retry=retry)
-    assert faces == [] and det == 640
-    tried = "640, 576, 512, 448, 384, 320, 256" if retry else "640"
-    assert notes == [f"no face found at det size {tried}"]
+    retry = name == "black"  # every retry scale once; the other images at one scale (real packs are slow on CPU)
+    search = fb.find_faces(an, image, retry=retry)
+    assert search.faces == ()
+    first = fb.detection_scale(an, *image.shape[:2])
+    tried = [p.scale for p in search.passes]
+    if retry and not an.pyramid:  # coarser scales for close-ups; dlib's pyramid already covers them
+        assert tried == pytest.approx([first] + [first * f for f in fb.RETRY_COARSER])
+        assert search.notes[0].startswith("0 of at least 1 face(s) after retrying at x")
+    else:
+        assert tried == [pytest.approx(first)] and search.notes == ()
 
 
 def test_image_formats_give_the_same_face(analyzer, astronaut):
@@ -244,7 +251,7 @@ def test_image_formats_give_the_same_face(analyzer, astronaut):
     }
     grey = cv2.cvtColor(astronaut, cv2.COLOR_RGB2GRAY)[..., None]
     if kind == "tiny":  # the stand-in detector only fires on skin tones (documented): nothing on grey images
-        assert fb.detect_faces(an, grey)[0] == []
+        assert fb.find_faces(an, grey).faces == ()
     else:
         variants["grey (H, W, 1)"] = grey
     for name, image in variants.items():
@@ -256,38 +263,39 @@ def test_image_formats_give_the_same_face(analyzer, astronaut):
 def test_min_size_and_max_faces(analyzer, astronaut):
     kind, an = analyzer
     canvas = faces_of_two_sizes(kind, astronaut)
-    faces, _, _ = fb.detect_faces(an, canvas)
+    faces = fb.find_faces(an, canvas).faces
     sizes = sorted(f.size for f in faces)
     assert len(sizes) == 3 and sizes[0] < 0.8 * sizes[1]
     cut = (sizes[0] + sizes[1]) / 2
-    kept, _, notes = fb.detect_faces(an, canvas, min_size=cut)
-    assert len(kept) == 2 and all(f.size >= cut for f in kept)
-    assert any("smaller than min_size" in n for n in notes)
-    big = fb.detect_faces(an, canvas, max_faces=2)[0]
+    kept = fb.find_faces(an, canvas, min_size=cut)
+    assert len(kept.faces) == 2 and all(f.size >= cut for f in kept.faces)
+    assert any("smaller than min_size" in n for n in kept.notes)
+    big = fb.find_faces(an, canvas, max_faces=2).faces
     area = [float(np.prod(f.bbox[2:] - f.bbox[:2])) for f in faces]
     expected = [faces[i] for i in sorted(np.argsort(area)[-2:])]
     assert [f.center for f in big] == [f.center for f in expected]  # the two largest, still left to right
-    assert len(fb.detect_faces(an, canvas, max_faces=5)[0]) == 3
-    nothing, _, notes = fb.detect_faces(an, canvas, min_size=10_000, retry=False)
-    assert nothing == [] and any("smaller than min_size" in n for n in notes)
+    assert len(fb.find_faces(an, canvas, max_faces=5).faces) == 3
+    nothing = fb.find_faces(an, canvas, min_size=10_000, retry=False)
+    assert nothing.faces == () and any("smaller than min_size" in n for n in nothing.notes)
 
 
 # ----------------------------------------------------------------------------------------------------------- retry
 
 
-def test_retry_finds_a_close_up_at_a_smaller_det_size(tiny_if, astronaut):
+def test_retry_finds_a_close_up_at_a_coarser_scale(tiny_if, astronaut):
     image = close_up(astronaut)
-    faces, det, notes = fb.detect_faces(tiny_if, image, retry=False)
-    assert faces == [] and det == 640 and notes == ["no face found at det size 640"]
-    faces, det, notes = fb.detect_faces(tiny_if, image)
-    assert len(faces) == 1 and 256 <= det < 640 and det % 64 == 0
-    assert len(notes) == 1 and notes[0].startswith("no face at det size 640; found 1 at det size")
-    assert str(det) in notes[0]
-    direct = tiny_if.analyze(image, det_size=det)
-    assert len(direct) == 1 and np.allclose(direct[0].bbox, faces[0].bbox)
-    # the face fills the frame: its box is most of the image (in original pixels, whatever the det size)
-    assert faces[0].size > 0.4 * min(image.shape[:2])
-    assert fb.retry_det_sizes(640) == [576, 512, 448, 384, 320, 256] and fb.retry_det_sizes(256) == []
+    missed = fb.find_faces(tiny_if, image, retry=False)
+    assert missed.faces == () and len(missed.passes) == 1 and missed.notes == ()
+    search = fb.find_faces(tiny_if, image)
+    first, last = search.passes[0], search.passes[-1]
+    assert len(search.faces) == 1 and len(search.passes) > 1 and last.scale < first.scale
+    assert last.reason == "retry coarser" and last.found == 1
+    assert search.notes[0].startswith("1 of at least 1 face(s) after retrying at x")
+    # the same detection, run directly at the scale that found it, and described
+    direct = [tiny_if.describe(image, d) for d in tiny_if.detect(image, last.scale, 0.5)]
+    assert len(direct) == 1 and np.allclose(direct[0].bbox, search.faces[0].bbox)
+    # the face fills the frame: its box is most of the image (in original pixels, whatever the scale)
+    assert search.faces[0].size > 0.4 * min(image.shape[:2])
 
 
 # ------------------------------------------------------------------------------------------------------------ dlib
@@ -321,7 +329,7 @@ def test_dlib_cnn_detector(astronaut):
     pytest.importorskip("dlib")
     cnn = fb.DlibAnalyzer("cnn")
     assert cnn.name == "dlib (cnn)"
-    f = one_face(cnn, astronaut, retry=False)
+    f = one_face(cnn, astronaut, retry=False, min_face=0)  # det_size 640 alone: the CNN is slow on CPU
     assert box_iou(f.bbox, ASTRONAUT_FACE) > 0.5 and f.embedding.shape == (128,)
 
 
@@ -525,14 +533,13 @@ def test_error_missing_insightface_or_onnxruntime(tiny_pack, monkeypatch):
 
 
 def test_det_size_contract(tiny_if, dlib_hog, astronaut):
-    assert tiny_if.effective_det_size(600) == 608 and tiny_if.effective_det_size(640) == 640  # SCRFD: multiples of 32
-    faces, det, _ = fb.detect_faces(tiny_if, astronaut, det_size=600)
-    assert det == 608 and len(faces) == 1
-    assert dlib_hog.effective_det_size(600) == 600
+    # SCRFD's input: each side times the scale, rounded up to a multiple of 32
+    assert tiny_if.input_size(512, 512, 600 / 512) == (608, 608) and tiny_if.input_size(333, 517, 1.0) == (544, 352)
+    assert len(fb.find_faces(tiny_if, astronaut, det_size=600).faces) == 1
     with pytest.raises(ValueError, match="det_size"):
-        fb.detect_faces(dlib_hog, astronaut, det_size=16)
+        fb.find_faces(dlib_hog, astronaut, det_size=16)
     with pytest.raises(ValueError, match="max_faces"):
-        fb.detect_faces(dlib_hog, astronaut, max_faces=-1)
+        fb.find_faces(dlib_hog, astronaut, max_faces=-1)
 
 
 def test_concurrent_calls_agree(dlib_hog, tiny_if, astronaut):

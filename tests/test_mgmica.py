@@ -534,3 +534,51 @@ def test_sdxl_70_layer_numbering_routes_each_file_layer_to_its_comfyui_layer(nod
         first_changed = next(k for k in execution if not torch.equal(rec.outputs[k], plain_rec.outputs[k]))
         assert first_changed == order[n], (n, first_changed)
         adapter = ip.load_ipadapter_file(path)
+
+
+@pytest.mark.parametrize("negative", ["clip mean (IP-Adapter)", "black (IPAdapter_plus)"])
+def test_the_uncond_branch_attends_to_the_negative_image_tokens_of_either_implementation(
+        nodes, sd15, tiny, adapters, clip_vision, core, negative):
+    """plus-face with uncond 'negative tokens': the negative rows of every layer attend to IP-Adapter's negative
+    tokens, which are the projection (float64 formula) of the CLIP hidden states of the chosen negative image: zero
+    pixel values (the original IP-Adapter) or a black image through ComfyUI's preprocessing (IPAdapter_plus)."""
+    from ipadapter_reference import ref_tokens
+
+    ip, adapter = core.ipadapter, adapters["plus-face"]
+    emb = run_node(nodes[EMBEDS], ipadapter=adapter, images=_images(20), faces=_faces(core, 20), face_index=0,
+                   clip_vision=clip_vision, combine="average", image_crop="auto", face_margin=0.4,
+                   shortcut_scale=1.0, negative_image=negative).result[0]
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    pixels = torch.zeros(1, 3, 224, 224) if negative.startswith("clip mean") else (0 - mean) / std * torch.ones(
+        1, 3, 224, 224)
+    with torch.inference_mode():
+        hidden = clip_vision.model(pixel_values=pixels, intermediate_output=-2)[1].float()
+    formula = ref_tokens(adapter, {"clip_hidden": hidden})
+    token_bound = tol.float_tol(torch.float32, tol.reduction_ops(adapter.projection()) + tol.LOGIT_BOUND)
+    torch.testing.assert_close(emb.negative.double(), formula, rtol=0, atol=token_bound)
+
+    w = 0.7
+    patched = mgmica(nodes, sd15, identity(nodes, emb, mask=torch.ones(1, 128, 128), weight=w))
+    rec = Recorder()
+    forward(rec.attach(patched), _latent(21), tiny.sd15_cond(21), uncond=tiny.sd15_cond(22))
+    modules = layer_modules(sd15)
+    order = ip.map_layers(adapter, list(modules))
+    weights = adapter.layer_weights()
+    for key, attn2 in modules.items():
+        n, context, extra = rec.inputs[key]
+        heads, rows = extra["n_heads"], n.shape[0] // len(extra["cond_or_uncond"])
+        wk, wv = (t.float() for t in weights[order[key]])
+        with torch.no_grad():
+            q, k, v = attn2.to_q(n), attn2.to_k(context), attn2.to_v(context)
+            parts = []
+            for chunk, kind in enumerate(extra["cond_or_uncond"]):
+                tokens = emb.negative if kind == 1 else emb.positive
+                s = slice(chunk * rows, (chunk + 1) * rows)
+                parts.append(reference_attention(q[s], k[s], v[s], heads)
+                             + w * reference_attention(q[s], tokens @ wk.T, tokens @ wv.T, heads))
+            ref = attn2.to_out(torch.cat(parts).float())
+        assert 1 in extra["cond_or_uncond"]
+        ops = tol.attention_ops(attn2.to_q.in_features // heads, k.shape[1] + emb.negative.shape[-2], attn2)
+        torch.testing.assert_close(rec.outputs[key], ref, rtol=0,
+                                   atol=tol.float_tol(torch.float32, ops, float(ref.abs().max())), msg=str(key))
