@@ -445,7 +445,7 @@ def train_repcontrolnet(
         raise ValueError(f"adapter_config out_channels ({adapter_now['out_channels']}) must equal the UNet's "
                          f"model_channels ({conv_in.shape[0]})")
     source = train_data.as_source(samples)
-    streaming = isinstance(source, train_data.TarShards)
+    streaming = train_data.is_stream(source)
     layout = train_data.BatchLayout(ctx.world_size, ctx.rank, int(batch_size), int(grad_accumulation))
     table = (default_training_sigmas() if sigmas is None else torch.as_tensor(sigmas, dtype=torch.float32))
     table = table.flatten().cpu()
@@ -656,7 +656,7 @@ def _data_resume(state: Mapping, source, layout: train_data.BatchLayout, ctx: Di
         return {}
     data = state.get("data") or {}
     step = int(state["step"])
-    if isinstance(source, train_data.TarShards):
+    if train_data.is_stream(source):
         if data.get("kind") != "stream" or int(data.get("shards", -1)) != len(source):
             log.warning("the checkpoint's data position does not fit this tar dataset (%s shards now): its stream "
                         "restarts at the next epoch", len(source))

@@ -207,7 +207,10 @@ def _attach(sample: dict, key: str, path: Path) -> None:
 
 class SampleSource:
     """A map-style training set: ``len()`` samples, ``load(ref)`` -> sample dict. Override ``epoch_order`` to keep
-    locality (core shards); ``describe()`` goes into the trained file's metadata."""
+    locality (core shards); ``describe()`` goes into the trained file's metadata. ``fixed_images``: True when a
+    sample's image never changes (no augmentation), so its VAE latent may be cached."""
+
+    fixed_images = False
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -253,6 +256,8 @@ class InMemorySamples(SampleSource):
 
 class PairFolderSamples(SampleSource):
     """Image + condition files (``find_pair_samples``), centre-cropped and resized to ``resolution`` squares."""
+
+    fixed_images = True  # a sample's image is the same every epoch: its latent may be cached
 
     def __init__(self, samples: Sequence[Mapping], resolution: int):
         if not samples:
@@ -420,8 +425,14 @@ def open_dataset(path: str | os.PathLike, resolution: int | None) -> SampleSourc
     raise ValueError(f"dataset '{text}' is neither a folder nor tar shards")
 
 
+def is_stream(source) -> bool:
+    """Streaming sources (TarShards or anything shaped like it) read whole shards: ``iter_shard``."""
+    return callable(getattr(source, "iter_shard", None))
+
+
 def as_source(samples) -> SampleSource | TarShards:
-    if isinstance(samples, (SampleSource, TarShards)):
+    # by shape, not class: the same module may be loaded twice (ComfyUI loads the pack under its own name)
+    if is_stream(samples) or (callable(getattr(samples, "load", None)) and hasattr(samples, "__len__")):
         return samples
     if isinstance(samples, Sequence) and not isinstance(samples, (str, bytes)):
         return InMemorySamples(samples)
@@ -760,7 +771,7 @@ def make_loader(source, layout: BatchLayout, *, seed: int, start_step: int, step
     map-style source, ``{"stream": {"epoch", "items"}}`` for tar shards."""
     source = as_source(source)
     resume = resume or {}
-    if isinstance(source, TarShards):
+    if is_stream(source):
         plan = StreamPlan(source, layout, seed=seed, start_step=start_step, steps=steps,
                           position=resume.get("stream"), shuffle=shuffle, condition_choice=condition_choice)
         dataset = _StreamDataset(plan)

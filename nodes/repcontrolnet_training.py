@@ -23,7 +23,6 @@ import torch
 
 from ..magic_core import repcontrolnet as rcn
 from ..magic_core import repcontrolnet_train as rcn_train
-from ..magic_core import train_data
 from .common import model_family
 
 CHECKPOINTED_BLOCKS = ("ResBlock", "SpatialTransformer", "SpatialVideoTransformer", "VideoResBlock")
@@ -221,7 +220,7 @@ def run_training(model, vae, positive, source, *, steps: int, lr: float = 1e-4, 
         layer_keys = rcn.default_layer_keys(shapes, family, preset)
         table = getattr(model.get_model_object("model_sampling"), "sigmas", None)
         sigmas = None if table is None else table.detach().float().cpu()
-        cacheable = isinstance(source, train_data.PairFolderSamples) and len(source) <= LATENT_CACHE_SAMPLES
+        cacheable = getattr(source, "fixed_images", False) and len(source) <= LATENT_CACHE_SAMPLES
         prepare = BatchPreparer(model, vae, positive, device, cache_latents=cacheable)
         pbar = comfy.utils.ProgressBar(steps)
         started = time.perf_counter()
