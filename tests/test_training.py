@@ -159,3 +159,38 @@ def test_a_dataset_from_comfyuis_own_dataset_nodes_trains(comfy, workdir, tiny):
     folder = workdir / "models" / "magic_repcontrolnet"
     log = [json.loads(line) for line in (folder / "from_core_set_training" / "losses.jsonl").read_text().splitlines()]
     assert [e["step"] for e in log] == [1, 2, 3] and all(e["loss"] > 0 for e in log)
+
+
+def test_workflows_saved_before_the_new_inputs_still_load_and_validate(comfy, workdir):
+    """The Train node's new inputs (gradient_accumulation, mixed_precision, gradient_checkpointing) come last and
+    are optional: a workflow saved before them (15 widget values) converts with their defaults, and an API prompt
+    without them passes ComfyUI's validation."""
+    import asyncio
+
+    import execution
+
+    import nodes as comfy_nodes
+    from magic_portrait.workflow import ui_to_api
+
+    repo = Path(__file__).resolve().parent.parent
+    example = json.loads((repo / "example_workflows" / "repcontrolnet_train.json").read_text())
+    train = next(n for n in example["nodes"] if n["type"] == TRAIN)
+    assert train["widgets_values"][-3:] == [1, "no", False]
+    train["widgets_values"] = train["widgets_values"][:-3]  # as the version before saved it
+    warnings: list[str] = []
+    prompt = ui_to_api(example, comfy_nodes.NODE_CLASS_MAPPINGS, warnings=warnings)
+    inputs = next(n["inputs"] for n in prompt.values() if n["class_type"] == TRAIN)
+    assert (inputs["gradient_accumulation"], inputs["mixed_precision"], inputs["gradient_checkpointing"]) == (
+        1, "no", False)
+    assert inputs["resume"] is True and inputs["checkpoint_every"] == 100, "the old values keep their places"
+    api = {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT}},
+        "pos": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": PROMPT}},
+        "train": {"class_type": TRAIN, "inputs": {
+            "model": ["ckpt", 0], "vae": ["ckpt", 2], "positive": ["pos", 0], "dataset_folder": "pairs",
+            "name": "old_prompt", "steps": 1, "learning_rate": 1e-4, "batch_size": 1, "resolution": 64,
+            "layers": "encoder", "alpha": 0.5, "beta": 0.5, "adapter_channels": 16, "condition_type": "x",
+            "seed": 0, "checkpoint_every": 0, "resume": False}},
+    }
+    valid = asyncio.run(execution.validate_prompt("old", api, None))
+    assert valid[0], valid[1]
