@@ -210,7 +210,7 @@ class SampleSource:
     locality (core shards); ``describe()`` goes into the trained file's metadata. ``fixed_images``: True when a
     sample's image never changes (no augmentation), so its VAE latent may be cached."""
 
-    fixed_images = False
+    fixed_images = False  # when True, also give the source an ``image(index)`` method
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -273,6 +273,10 @@ class PairFolderSamples(SampleSource):
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def image(self, index: int) -> torch.Tensor:
+        """Sample ``index``'s image alone (3, H, W), e.g. to encode every latent before training."""
+        return load_image(self.samples[index]["image"], self.resolution)
 
     def load(self, ref: SampleRef) -> dict:
         entry = self.samples[ref.index]

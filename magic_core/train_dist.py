@@ -219,7 +219,8 @@ class DistContext:
         if not self.is_distributed:
             return
         try:
-            self._store.set(f"failed/{self.rank}", f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+            first_line = (str(exc).splitlines() or [""])[0][:300]
+            self._store.set(f"failed/{self.rank}", f"{type(exc).__name__}: {first_line}")
         except Exception:  # best effort: the store may be gone
             return
 
@@ -249,8 +250,11 @@ class DistContext:
             return TrainingStopped(f"training stopped at step {step + 1}: {exc}; {where}", checkpoint=checkpoint)
         self.reporting = True
         own = not is_peer_failure(exc)
-        if own:
+        if own:  # this rank's own error: tell the others, nothing to find out
             self.record_failure(exc)
+            return TrainingStopped(f"training stopped at step {step + 1} ({self.world_size} processes): rank "
+                                   f"{self.rank} failed: {type(exc).__name__}: {exc}. {where[0].upper()}{where[1:]}.",
+                                   ranks=[self.rank], checkpoint=checkpoint)
         first = self._beats()
         if all(b is None for b in first):
             return TrainingStopped(
@@ -277,15 +281,13 @@ class DistContext:
                          " gone (the process was killed or crashed: no heartbeat for "
                          f"{HEARTBEAT_SECONDS * DEAD_AFTER_BEATS:.0f} s)" +
                          "".join(f"; rank {r} was last seen at step {int(steps[r]) + 1}" for r in dead if steps.get(r)))
-        if own:
-            parts.insert(0, f"rank {self.rank} failed: {type(exc).__name__}: {exc}")
         if not parts:
             known = {r: int(s) for r, s in steps.items() if s is not None}
             laggard = min(known, key=known.get) if known else None
             parts.append(f"a collective failed ({exc})" + (
                 f"; rank {laggard} is alive but behind (step {known[laggard] + 1}): it hangs or is much slower"
                 if laggard is not None and known[laggard] < max(known.values()) else ""))
-        named = sorted(set(failed) | set(dead) | ({self.rank} if own else set()))
+        named = sorted(set(failed) | set(dead))
         return TrainingStopped(f"training stopped at step {step + 1} ({self.world_size} processes): "
                                + "; ".join(parts) + f". {where[0].upper()}{where[1:]}.",
                                ranks=named, checkpoint=checkpoint)

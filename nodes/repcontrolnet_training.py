@@ -7,7 +7,7 @@
   core's TrainLoraNode does), so the recomputation in the backward pass sees the same merged tensors. Everything is
   put back when the run ends, also on error or interrupt.
 - ``BatchPreparer``: encodes image samples with the VAE (one image at a time, so the result never depends on how
-  samples were batched; cached per sample for small fixed sets), brings latents into the model's space
+  samples were batched; small fixed sets are encoded once, before training), brings latents into the model's space
   (``latent_format.process_in``) and builds the text context: the sample's own conditioning (core training
   datasets) or the prompt's.
 - ``run_training``: the whole run on a loaded MODEL + VAE + CONDITIONING.
@@ -222,6 +222,12 @@ def run_training(model, vae, positive, source, *, steps: int, lr: float = 1e-4, 
         sigmas = None if table is None else table.detach().float().cpu()
         cacheable = getattr(source, "fixed_images", False) and len(source) <= LATENT_CACHE_SAMPLES
         prepare = BatchPreparer(model, vae, positive, device, cache_latents=cacheable)
+        if cacheable:
+            # encode a small fixed set before training: the VAE then never competes with the training UNet for
+            # the device (ComfyUI could offload the UNet to make room for it mid-run)
+            for index in range(len(source)):
+                prepare.encode(source.image(index), index)
+            comfy.model_management.load_models_gpu([model], force_full_load=True)
         pbar = comfy.utils.ProgressBar(steps)
         started = time.perf_counter()
 
