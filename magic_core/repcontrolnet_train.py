@@ -57,6 +57,7 @@ the sample stream continues where it stopped, in new batch boundaries.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -269,7 +270,8 @@ class TrainableRepControlNet(torch.nn.Module):
         self.adapter = ConditionAdapter(**weights.adapter_config)
         self.adapter.load_state_dict(weights.adapter_state)
         self.modal = torch.nn.ParameterList(
-            torch.nn.Parameter(weights.modal[k].detach().to(torch.float32).clone()) for k in self.keys)
+            # no copy where the tensor is float32 on the device already: the loop drops its own reference
+            torch.nn.Parameter(weights.modal[k].detach().to(device=device, dtype=torch.float32)) for k in self.keys)
         self.to(device)
         self.adapter.train()
         self._base = {k: base[k].detach().to(device) for k in self.keys}  # frozen; not a parameter, never synced
@@ -485,6 +487,9 @@ def train_repcontrolnet(
     if missing:
         raise ValueError(f"the base weights lack {len(missing)} trained tensors, e.g. {missing[:3]}")
     module = TrainableRepControlNet(weights, base_all, device, param_dtype)
+    # the module holds the tensors now; keep only the file's settings (one copy of the modal weights, not two)
+    weights = dataclasses.replace(weights, modal={}, adapter_state={})
+    resumed_weights = None
     names = module.names()
     opt = _optimizer(optimizer, module.ordered_parameters(), lr, adam_betas)
     if resumed is not None and ctx.is_main:

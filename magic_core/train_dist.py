@@ -190,7 +190,9 @@ class DistContext:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=False)  # no buffers to sync
+        # gradients as views into DDP's buckets: one copy of them, not two
+        return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=False,
+                                       gradient_as_bucket_view=True)
 
     # -------------------------------------------------------------------------------------------------- liveness
 
