@@ -1,7 +1,7 @@
 """RepControlNet training: the cost of torch.distributed, of gradient checkpointing, and of waiting for data, side
 by side in one run.
 
-    python bench/bench_training.py [--channels 64] [--latent 32] [--batch 4] [--steps 6] [--repeats 3] [--quick]
+    python bench/bench_training.py [--channels 64] [--latent 64] [--batch 2] [--steps 3] [--repeats 2] [--quick]
 
 Model: SD1.5's architecture (4 levels, channel_mult [1, 2, 4, 4], 2 res blocks, 16 attention layers, 8 heads,
 context 768) narrowed to --channels, random weights, float32 on the CPU; the default "encoder" layer preset and a
@@ -9,7 +9,8 @@ context 768) narrowed to --channels, random weights, float32 on the CPU; the def
 latents and per-sample CLIP conditioning, read with torch.load(weights_only=True)) with condition images beside it,
 written once for the run, read by one DataLoader worker process per rank.
 
-Every variant trains in a fresh process, --steps timed optimizer steps after 2 warm-up steps, global batch --batch:
+Every variant trains in a fresh process, --steps timed optimizer steps after a warm-up step, global batch --batch
+(latent 64 is SD1.5's 512 px):
 
 - 1 rank x 2 threads: one process, torch.set_num_threads(2), batch = global batch;
 - 2 ranks x 1 thread: `torch.distributed.run --standalone --nproc-per-node 2` (gloo), one thread each, batch per rank
@@ -47,7 +48,7 @@ VARIANTS = {
     "ddp": ("2 ranks x 1 thread (gloo, DDP)", {"threads": 1, "ranks": 2, "checkpointing": False}),
     "checkpointed": ("1 rank x 2 threads, gradient checkpointing", {"threads": 2, "ranks": 1, "checkpointing": True}),
 }
-WARMUP = 2
+WARMUP = 1
 _KIB = 1024
 
 
@@ -144,11 +145,11 @@ def launch(name: str, args, dataset: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--channels", type=int, default=64, help="model_channels (SD1.5: 320)")
-    parser.add_argument("--latent", type=int, default=32, help="latent side (SD1.5 at 512 px: 64)")
-    parser.add_argument("--batch", type=int, default=4, help="global batch (even)")
-    parser.add_argument("--steps", type=int, default=6, help="timed steps per run (after 2 warm-up steps)")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="1 repeat, 3 steps, latent 16: a smoke run")
+    parser.add_argument("--latent", type=int, default=64, help="latent side (64: SD1.5 at 512 px)")
+    parser.add_argument("--batch", type=int, default=2, help="global batch (even)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per run (after a warm-up step)")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="1 repeat, 2 steps, latent 16: a smoke run")
     parser.add_argument("--variant", choices=list(VARIANTS), help=argparse.SUPPRESS)  # child process
     parser.add_argument("--dataset", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=2, help=argparse.SUPPRESS)
@@ -160,7 +161,7 @@ def main() -> None:
             print(json.dumps(figures), flush=True)
         return
     if args.quick:
-        args.repeats, args.steps, args.latent = 1, 3, 16
+        args.repeats, args.steps, args.latent = 1, 2, 16
     if args.batch % 2:
         raise SystemExit("--batch must be even (it is split over 2 ranks)")
     runs: dict[str, list[dict]] = {name: [] for name in VARIANTS}
