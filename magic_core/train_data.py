@@ -775,6 +775,12 @@ def make_loader(source, layout: BatchLayout, *, seed: int, start_step: int, step
     map-style source, ``{"stream": {"epoch", "items"}}`` for tar shards."""
     source = as_source(source)
     resume = resume or {}
+    if num_workers > 0 and not _can_fork():
+        import logging
+
+        logging.getLogger("magic_portrait.train").warning(
+            "this platform cannot fork: the data is loaded in the training process (num_workers 0)")
+        num_workers = 0
     if is_stream(source):
         plan = StreamPlan(source, layout, seed=seed, start_step=start_step, steps=steps,
                           position=resume.get("stream"), shuffle=shuffle, condition_choice=condition_choice)
@@ -791,15 +797,18 @@ def make_loader(source, layout: BatchLayout, *, seed: int, start_step: int, step
     return iter(loader), plan
 
 
+def _can_fork() -> bool:
+    import multiprocessing
+
+    return "fork" in multiprocessing.get_all_start_methods()
+
+
 def _worker_options(num_workers: int) -> dict:
     if num_workers <= 0:
         return {}
-    import multiprocessing
-
     # fork: workers inherit the sources as they are (ComfyUI loads packs under module names a spawned process
-    # cannot import); where fork does not exist, the caller should pass num_workers=0
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
-    return {"multiprocessing_context": method, "prefetch_factor": 4, "persistent_workers": False}
+    # cannot import, so spawn is no option)
+    return {"multiprocessing_context": "fork", "prefetch_factor": 4, "persistent_workers": False}
 
 
 def resize_weight(weight: torch.Tensor, latent_hw: Sequence[int]) -> torch.Tensor:
