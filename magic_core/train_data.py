@@ -145,9 +145,9 @@ def condition_key_of(stem: str, image_stems: Iterable[str]) -> tuple[str, str] |
     for suffix in CONDITION_SUFFIXES:
         if stem.endswith(suffix) and stem[: -len(suffix)] in stems:
             return stem[: -len(suffix)], CONDITION
-    head, sep, key = stem.rpartition("_")
-    if sep and head in stems and key:
-        return head, key
+    for cut in range(len(stem) - 1, 0, -1):  # the longest image name followed by "_": keys may hold "_" too
+        if stem[cut] == "_" and stem[:cut] in stems:
+            return stem[:cut], stem[cut + 1:]
     return None
 
 

@@ -504,3 +504,23 @@ def test_training_on_tar_shards_resumes_bit_for_bit(tmp_path):
     resumed = train(net, latent_only, steps=6, prepare_batch=prepare, checkpoint_dir=tmp_path / "c",
                     resume_from=tmp_path / "c")
     assert resumed.losses == full.losses and modal_diff(resumed.weights, full.weights) == 0.0
+
+
+def test_pair_folders_name_their_modalities_and_loss_weights(tmp_path):
+    """NAME.png + NAME_condition.png (the node's layout), NAME_<key>.png for more modalities (keys may hold '_'),
+    NAME_loss_weight.png as a per-pixel loss weight; an image without a condition is left out."""
+    from PIL import Image
+
+    for name in ("a.png", "a_condition.png", "a_landmark.png", "a_face_mask.png", "a_loss_weight.png", "b.jpg",
+                 "b_skeleton.png", "c.png"):
+        Image.new("RGB" if "weight" not in name else "L", (16, 16), 200).save(tmp_path / name)
+    found = {s["key"]: s for s in train_data.find_pair_samples(tmp_path)}
+    assert sorted(found) == ["a", "b"]
+    assert sorted(found["a"]["conditions"]) == ["condition", "face_mask", "landmark"]
+    assert found["a"]["loss_weight"].name == "a_loss_weight.png" and "loss_weight" not in found["b"]
+    assert [(i.name, c.name) for i, c in train_data.find_pairs(tmp_path)] == [("a.png", "a_condition.png")]
+    source = train_data.PairFolderSamples(list(found.values()), 8)
+    sample = source.load(train_data.SampleRef(0, 0, 0, 0, "landmark", 0))
+    assert sample["condition"].shape == (3, 8, 8) and sample["loss_weight"].shape == (1, 8, 8)
+    with pytest.raises(ValueError, match="has no 'landmark' condition image.*b_landmark.png"):
+        source.load(train_data.SampleRef(1, 1, 0, 0, "landmark", 0))
