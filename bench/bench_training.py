@@ -15,7 +15,10 @@ Every variant trains in a fresh process, --steps timed optimizer steps after a w
 - 1 rank x 2 threads: one process, torch.set_num_threads(2), batch = global batch;
 - 2 ranks x 1 thread: `torch.distributed.run --standalone --nproc-per-node 2` (gloo), one thread each, batch per rank
   = global batch / 2 (DistributedDataParallel over the trained parameters);
-- 1 rank x 2 threads with gradient checkpointing (every ResBlock and SpatialTransformer recomputed in backward).
+- 1 rank x 2 threads with gradient checkpointing (every ResBlock and SpatialTransformer recomputed in backward);
+- 1 rank x 1 thread, for reference: half its time per sample is what 2 ranks would take with no cost at all, so
+  (1 rank x 1 thread / 2) / (2 ranks x 1 thread) is the data-parallel efficiency, whatever 2 threads in one process
+  achieve (on a busy machine their OpenMP barriers wait for descheduled threads, which single-threaded ranks never do).
 
 Time: seconds per sample over the timed steps (median over --repeats, variants interleaved). Memory: the training
 process's resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs once the model and data are set up;
@@ -45,6 +48,7 @@ sys.path.insert(0, str(REPO))
 
 VARIANTS = {
     "single": ("1 rank x 2 threads", {"threads": 2, "ranks": 1, "checkpointing": False}),
+    "one_thread": ("1 rank x 1 thread (reference)", {"threads": 1, "ranks": 1, "checkpointing": False}),
     "ddp": ("2 ranks x 1 thread (gloo, DDP)", {"threads": 1, "ranks": 2, "checkpointing": False}),
     "checkpointed": ("1 rank x 2 threads, gradient checkpointing", {"threads": 2, "ranks": 1, "checkpointing": True}),
 }
@@ -192,11 +196,13 @@ def main() -> None:
         print(f"| {label} | {t:.3f} | {t / base_time:.3f} | {m / 2**20:.0f} MiB | {m / base_mem:.2f} | "
               f"{median(name, 'process_peak') / 2**20:.0f} MiB | {100 * median(name, 'data_wait_share'):.1f}% |")
     ddp = median("ddp", "seconds_per_sample") / base_time
+    efficiency = median("one_thread", "seconds_per_sample") / 2 / median("ddp", "seconds_per_sample")
     ckpt_mem = median("checkpointed", "training_peak") / base_mem
     ckpt_time = median("checkpointed", "seconds_per_sample") / base_time
     wait = max(median(n, "data_wait_share") for n in VARIANTS)
     print()
-    print(f"2 ranks x 1 thread / 1 rank x 2 threads: {ddp:.3f} (goal <= 1.15: {'met' if ddp <= 1.15 else 'NOT met'})")
+    print(f"2 ranks x 1 thread / 1 rank x 2 threads: {ddp:.3f} (goal <= 1.15: {'met' if ddp <= 1.15 else 'NOT met'}); "
+          f"data-parallel efficiency against 1 rank x 1 thread: {100 * efficiency:.0f}%")
     print(f"gradient checkpointing: memory {ckpt_mem:.2f} (goal <= 0.6), time {ckpt_time:.2f} (goal <= 1.4): "
           f"{'met' if ckpt_mem <= 0.6 and ckpt_time <= 1.4 else 'NOT met'}")
     print(f"data wait with pre-encoded latents: at most {100 * wait:.1f}% (goal < 5%: "
