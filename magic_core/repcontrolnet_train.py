@@ -22,14 +22,16 @@ has ``latent`` (B, C, h, w), ``condition`` (B, 3, H, W), ``context`` and optiona
 
 **Plug-in points** (what MMF and Clone Face Tuning use):
 
-- ``condition_choice(seed, step) -> key``: the modality of every sample of a step (default: ``"condition"``);
-  deterministic in (seed, step), so resume and every rank agree. When given, each loss-log line records it.
+- ``condition_choice(seed, step) -> key``: the modality of every sample of a step (``step`` counts from 0; the
+  log line of that step says ``step + 1``; default: ``"condition"``); deterministic in (seed, step), so resume and
+  every rank agree. When given, each loss-log line records it, and its ``description`` attribute (if any) goes into
+  the trained file's metadata as ``training_conditions``.
 - ``loss_weight`` in a sample: a per-pixel weight (1, H, W) at image or latent size; the loss is the weighted mean
   ``sum(w * e) / sum(w)`` over the whole global batch (the denominator is summed over ranks and micro-batches first,
   so the result does not depend on how the batch is split).
 - ``loss``: ``"eps"`` (MSE between ``(x - D) / sigma`` and the noise, the standard objective), ``"x0"``, or a
   callable ``loss(denoised, x0, noise, sigma, x_noisy) -> per-element errors`` (same shape as ``x0``).
-- ``log_extra(step) -> dict``: more fields for the step's loss-log line.
+- ``log_extra(step) -> dict``: more fields for the step's loss-log line (``step`` from 0, as above).
 - ``metadata``: string entries written into the trained file (what it was trained on, the schedule ...).
 
 **Randomness**: the adapter's init uses ``seed``; the sigma and noise of the sample in slot ``k`` of step ``s`` come
