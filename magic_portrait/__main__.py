@@ -1,4 +1,5 @@
-"""Command line: `python -m magic_portrait run WORKFLOW.json ...` and `python -m magic_portrait make-tiny-checkpoint`."""
+"""Command line: `python -m magic_portrait run WORKFLOW.json ...`, `python -m magic_portrait train ...` (also under
+torchrun) and `python -m magic_portrait make-tiny-checkpoint`."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ exit codes: 0 success, 1 workflow error (message on stderr), 2 usage error."""
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m magic_portrait",
-        description="Magic Portrait tools: run ComfyUI workflows headless, write tiny test checkpoints.",
+        description="Magic Portrait tools: run ComfyUI workflows headless, train a RepControlNet (one process or "
+        "torchrun), write tiny test checkpoints.",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
@@ -51,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "the workflow names) into the models dir's checkpoints/; outputs are noise")
     run.add_argument("--verbose", "-v", action="store_true", help="show ComfyUI's log and tracebacks")
 
+    from .train_cli import add_parser as add_train_parser
+
+    add_train_parser(commands)
+
     tiny = commands.add_parser(
         "make-tiny-checkpoint",
         help="write a tiny random SD1.5 checkpoint (~300 MB) that CheckpointLoaderSimple loads",
@@ -70,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "run":
         return runner.cli_run(args)
+    if args.command == "train":
+        from .train_cli import cli_train
+
+        return cli_train(args)
     return runner.cli_make_tiny_checkpoint(args)
 
 

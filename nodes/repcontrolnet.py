@@ -8,12 +8,13 @@
   used with ``merge_weights`` off (adapter features only).
 - Train RepControlNet: modal weights + adapter on (image, condition) pairs from a folder under ComfyUI's input folder,
   base frozen, with progress, checkpoints, resume and a loss log; saves the result into ``models/magic_repcontrolnet``.
+  The loop is magic_core.repcontrolnet_train (also behind ``python -m magic_portrait train``), its ComfyUI side
+  repcontrolnet_training.py.
 """
 
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import comfy.model_management
@@ -25,6 +26,8 @@ from comfy_api.v0_0_2 import io, ui
 
 from ..magic_core import repcontrolnet as rcn
 from ..magic_core import repcontrolnet_train as rcn_train
+from ..magic_core import train_data
+from . import repcontrolnet_training as training
 from .common import CATEGORY, PREFIX, NodeInputError, model_family, register_model_folder
 from .repcontrolnet_patch import AdapterFeatures, RunScope, add_merge_patches
 
@@ -33,8 +36,8 @@ EXTENSIONS = {".safetensors"}
 WRAPPER_KEY = "magic_portrait.repcontrolnet"
 RepControlNetType = io.Custom("MAGIC_REPCONTROLNET")
 LossMapType = io.Custom("LOSS_MAP")  # the type ComfyUI's LossGraphNode plots
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-CONDITION_SUFFIXES = ("_condition", "_cond", "_control")
+IMAGE_EXTENSIONS = train_data.IMAGE_EXTENSIONS
+CONDITION_SUFFIXES = train_data.CONDITION_SUFFIXES
 BUNDLED_DATASET = "magic_portrait_repcontrolnet_dataset"  # copied into the input folder by example_inputs.py
 ALLOW_ABSOLUTE_DATASET_ENV = "MAGIC_PORTRAIT_ALLOW_ABSOLUTE_DATASET"
 
@@ -215,75 +218,26 @@ def trained_file_name(node: str, value: str) -> str:
     return name
 
 
-def find_pairs(folder: str | os.PathLike) -> list[tuple[Path, Path]]:
-    """(image, condition) pairs of a dataset folder: ``images/NAME.ext`` + ``conditions/NAME.ext`` (matched by file
-    stem), or, in one flat folder, ``NAME.ext`` + ``NAME_condition.ext`` (also ``_cond`` / ``_control``)."""
-    root = Path(folder)
-
-    def images(d: Path) -> dict[str, Path]:
-        return {p.stem: p for p in sorted(d.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()}
-
-    if (root / "images").is_dir() and (root / "conditions").is_dir():
-        pics, conds = images(root / "images"), images(root / "conditions")
-        return [(pics[s], conds[s]) for s in sorted(pics) if s in conds]
-    found = images(root)
-    pairs = []
-    for stem, path in sorted(found.items()):
-        for suffix in CONDITION_SUFFIXES:
-            if stem.endswith(suffix) and stem[: -len(suffix)] in found:
-                pairs.append((found[stem[: -len(suffix)]], path))
-                break
-    return pairs
+find_pairs = train_data.find_pairs  # (image, condition) pairs of a folder; kept here for scripts
+_context_from = training.context_from
+make_unet_forward = training.make_unet_forward
 
 
 def _load_image(path: Path, size: int) -> torch.Tensor:
-    """(1, size, size, 3) in [0, 1]: RGB, centre-cropped to a square, resized."""
-    import numpy as np
-    from PIL import Image, ImageOps
-
-    with Image.open(path) as img:
-        img = ImageOps.exif_transpose(img).convert("RGB")
-        img = ImageOps.fit(img, (size, size), method=Image.Resampling.BICUBIC)
-        array = np.asarray(img, dtype=np.float32) / 255.0
-    return torch.from_numpy(array.copy()).unsqueeze(0)
+    """(1, size, size, 3) in [0, 1]: RGB, centre-cropped to a square, resized (a ComfyUI IMAGE)."""
+    return train_data.load_image(path, size).permute(1, 2, 0).unsqueeze(0)
 
 
-def _context_from(model, positive, batch: int, latent_hw, device) -> dict:
-    if not isinstance(positive, list) or not positive or not isinstance(positive[0][0], torch.Tensor):
-        raise ValueError("positive must be a CONDITIONING (from CLIPTextEncode)")
-    cond, extras = positive[0][0], dict(positive[0][1])
-    context = {"context": cond[:1].detach().clone().to(device).repeat(batch, 1, 1)}
-    extras.setdefault("width", latent_hw[1] * 8)
-    extras.setdefault("height", latent_hw[0] * 8)
-    adm = model.model.encode_adm(device=device, **extras)
-    if adm is not None:
-        context["y"] = adm[:1].detach().clone().to(device).repeat(batch, 1)
-    return context
-
-
-def make_unet_forward(model):
-    """``unet_forward(params, x_noisy, sigma, context, features) -> denoised`` for train_repcontrolnet, through the
-    model's own sampling parameterisation (EPS, V ...) and torch.func.functional_call on its UNet."""
-    from torch.func import functional_call
-
-    base = model.model
-    unet = base.diffusion_model
-    ms = base.model_sampling
-    # Tensors the executor created under inference mode cannot be saved for backward: use plain copies of those.
-    frozen = {k: v.clone() for k, v in list(unet.named_parameters()) + list(unet.named_buffers()) if v.is_inference()}
-
-    def forward(params, x_noisy, sigma, context, features):
-        xc = ms.calculate_input(sigma, x_noisy)
-        t = ms.timestep(sigma).float()
-        to = {"patches": {"input_block_patch": [
-            lambda h, opts: rcn.add_features(h, features) if opts.get("block") == ("input", 0) else h]}}
-        kwargs = {"context": context["context"], "transformer_options": to}
-        if "y" in context:
-            kwargs["y"] = context["y"]
-        out = functional_call(unet, {**frozen, **params}, (xc.to(base.get_dtype()), t), kwargs, strict=False)
-        return ms.calculate_denoised(sigma, out.float(), x_noisy)
-
-    return forward
+def open_dataset(node: str, folder: Path, resolution: int):
+    """The training source in ``folder``: (image, condition) pairs, a SaveTrainingDataset folder or tar shards."""
+    if not folder.is_dir():
+        raise NodeInputError(node, "dataset_folder", f"'{folder}' is not a folder: put NAME.png + "
+                             "NAME_condition.png pairs in a folder inside ComfyUI's input folder and name it here "
+                             f"(the pack copies its own small set there as {BUNDLED_DATASET} when ComfyUI starts)")
+    try:
+        return train_data.open_dataset(folder, resolution)
+    except ValueError as err:
+        raise NodeInputError(node, "dataset_folder", str(err)) from None
 
 
 class TrainRepControlNet(io.ComfyNode):
@@ -293,29 +247,33 @@ class TrainRepControlNet(io.ComfyNode):
             node_id=PREFIX + "TrainRepControlNet",
             display_name="Train RepControlNet (Magic Portrait)",
             category=CATEGORY + "/repcontrolnet",
-            description="Train a RepControlNet (modal weights + condition adapter, base model frozen) on (image, "
-            "condition) pairs from a folder inside ComfyUI's input folder: images/NAME.png with conditions/NAME.png, "
-            "or NAME.png with NAME_condition.png side by side. Saves models/magic_repcontrolnet/<name>.safetensors, "
+            description="Train a RepControlNet (modal weights + condition adapter, base model frozen) on a dataset "
+            "folder inside ComfyUI's input folder: images/NAME.png with conditions/NAME.png, or NAME.png with "
+            "NAME_condition.png side by side; also a SaveTrainingDataset folder (pre-encoded latents, condition "
+            "images in conditions/) or .tar shards. Saves models/magic_repcontrolnet/<name>.safetensors, "
             "checkpoints and a loss log (losses.jsonl) in models/magic_repcontrolnet/<name>_training/; resume "
-            "continues there.",
+            "continues there. The same training runs on several GPUs or machines with "
+            "`torchrun ... -m magic_portrait train` (same files, same resume).",
             is_output_node=True,
             not_idempotent=True,
             inputs=[
                 io.Model.Input("model"),
                 io.Vae.Input("vae"),
-                io.Conditioning.Input("positive", tooltip="Prompt conditioning used for every training pair."),
+                io.Conditioning.Input("positive", tooltip="Prompt conditioning used for every training pair (a "
+                                      "SaveTrainingDataset's samples bring their own)."),
                 io.String.Input("dataset_folder", default=BUNDLED_DATASET,
                                 tooltip="A folder inside ComfyUI's input folder holding NAME.png + NAME_condition.png "
-                                "pairs (or images/ + conditions/). The default is the small set the pack copies "
-                                "there. Absolute paths only when the server sets "
-                                "MAGIC_PORTRAIT_ALLOW_ABSOLUTE_DATASET=1."),
+                                "pairs (or images/ + conditions/), a SaveTrainingDataset folder or .tar shards. The "
+                                "default is the small set the pack copies there. Absolute paths only when the server "
+                                "sets MAGIC_PORTRAIT_ALLOW_ABSOLUTE_DATASET=1."),
                 io.String.Input("name", default="my_repcontrolnet",
                                 tooltip="File name (without .safetensors), saved in models/magic_repcontrolnet."),
                 io.Int.Input("steps", default=1000, min=1, max=1_000_000),
                 io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-5),
                 io.Int.Input("batch_size", default=1, min=1, max=64),
                 io.Int.Input("resolution", default=512, min=64, max=2048, step=8,
-                             tooltip="Images and conditions are centre-cropped and resized to this square size."),
+                             tooltip="Images and conditions are centre-cropped and resized to this square size "
+                             "(pre-encoded latents keep theirs)."),
                 io.Combo.Input("layers", options=list(rcn.LAYER_PRESETS), default="encoder"),
                 io.Float.Input("alpha", default=0.5, min=0.0, max=1.0, step=0.01),
                 io.Float.Input("beta", default=0.5, min=0.01, max=1.0, step=0.01),
@@ -324,7 +282,17 @@ class TrainRepControlNet(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1),
                 io.Int.Input("checkpoint_every", default=100, min=0, max=1_000_000, tooltip="0: only at the end."),
                 io.Boolean.Input("resume", default=True,
-                                 tooltip="Continue from the latest checkpoint of this name, if there is one."),
+                                 tooltip="Continue from the latest checkpoint of this name, if there is one (also one "
+                                 "written by a multi-GPU run). Off: start over; the earlier run's checkpoints move "
+                                 "to <name>_training/previous_run/."),
+                io.Int.Input("gradient_accumulation", default=1, min=1, max=1024, optional=True,
+                             tooltip="Micro-batches per optimizer step: the effective batch is batch_size x this."),
+                io.Combo.Input("mixed_precision", options=list(rcn_train.MIXED_PRECISION), default="no",
+                               optional=True, tooltip="Autocast the forward pass to bf16 or fp16 (fp16 with a "
+                               "gradient scaler); the trained weights stay float32."),
+                io.Boolean.Input("gradient_checkpointing", default=False, optional=True,
+                                 tooltip="Recompute the UNet's blocks in the backward pass instead of keeping their "
+                                 "activations: much less memory, about a third more time."),
             ],
             outputs=[RepControlNetType.Output(display_name="repcontrolnet"), LossMapType.Output(display_name="loss")],
         )
@@ -332,92 +300,53 @@ class TrainRepControlNet(io.ComfyNode):
     @classmethod
     def execute(cls, model, vae, positive, dataset_folder, name, steps, learning_rate, batch_size, resolution,
                 layers, alpha, beta, adapter_channels, condition_type, seed, checkpoint_every,
-                resume) -> io.NodeOutput:
+                resume, gradient_accumulation=1, mixed_precision="no", gradient_checkpointing=False) -> io.NodeOutput:
         node = cls.define_schema().node_id
         name = trained_file_name(node, name)
-        folder = resolve_dataset_folder(node, dataset_folder)
-        if not folder.is_dir():
-            raise NodeInputError(node, "dataset_folder", f"'{folder}' is not a folder: put NAME.png + "
-                                 "NAME_condition.png pairs in a folder inside ComfyUI's input folder and name it here "
-                                 f"(the pack copies its own small set there as {BUNDLED_DATASET} when ComfyUI starts)")
-        pairs = find_pairs(folder)
-        if not pairs:
-            raise NodeInputError(node, "dataset_folder", f"no (image, condition) pairs in '{folder}': use images/ + "
-                                 "conditions/ with matching file names, or NAME.png + NAME_condition.png")
         if resolution % 8:
             raise NodeInputError(node, "resolution", f"must be a multiple of 8, got {resolution}")
+        source = open_dataset(node, resolve_dataset_folder(node, dataset_folder), resolution)
         out_dir = Path(folder_paths.get_folder_paths(FOLDER)[0])
         target = out_dir / f"{name}.safetensors"
         ckpt_dir = out_dir / f"{name}_training"
-        resume_from = None
-        if resume and ckpt_dir.is_dir() and rcn_train.find_latest_checkpoint(ckpt_dir) is not None:
-            resume_from = ckpt_dir
-        result = train(model, vae, positive, pairs, steps=steps, lr=learning_rate, batch_size=batch_size,
-                       resolution=resolution, preset=layers, alpha=alpha, beta=beta, adapter_channels=adapter_channels,
-                       condition_type=condition_type, seed=seed, checkpoint_dir=ckpt_dir,
-                       checkpoint_every=checkpoint_every, resume_from=resume_from, node=node)
-        rcn.save_repcontrolnet(target, result.weights)
+        try:
+            result = training.run_training(
+                model, vae, positive, source, steps=steps, lr=learning_rate, batch_size=batch_size,
+                grad_accumulation=gradient_accumulation, preset=layers, alpha=alpha, beta=beta,
+                adapter_channels=adapter_channels, condition_type=condition_type, seed=seed, checkpoint_dir=ckpt_dir,
+                checkpoint_every=checkpoint_every, resume_from=ckpt_dir if resume else None, resume_optional=True,
+                mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing)
+        except ValueError as err:
+            raise NodeInputError(node, "resume" if resume and "resume" in str(err) else "dataset_folder",
+                                 str(err)) from None
+        training.save_trained(target, result.weights)
         folder_paths.filename_list_cache.pop(FOLDER, None)
         losses = result.losses
-        report = (f"trained {len(pairs)} pairs to step {result.step} ({'resumed' if resume_from else 'fresh'}); "
-                  f"loss {losses[0]:.4f} -> {sum(losses[-10:]) / len(losses[-10:]):.4f} (mean of the last 10); "
-                  f"saved {target}; checkpoints and losses.jsonl in {ckpt_dir}") if losses else f"saved {target}"
+        how = f"resumed at step {result.step - result.stats.steps}" if result.resumed_from else "fresh"
+        report = (f"trained {source.describe()} to step {result.step} ({how}); loss {losses[0]:.4f} -> "
+                  f"{sum(losses[-10:]) / len(losses[-10:]):.4f} (mean of the last 10); saved {target}; checkpoints "
+                  f"and losses.jsonl in {ckpt_dir}") if losses else f"saved {target}"
         loaded = LoadedRepControlNet(result.weights, target.name)
         return io.NodeOutput(loaded, {"loss": list(losses)}, ui=ui.PreviewText(report))
 
 
 def train(model, vae, positive, pairs, *, steps, lr=1e-4, batch_size=1, resolution=512, preset="encoder", alpha=0.5,
           beta=0.5, adapter_channels=128, condition_type="", seed=0, checkpoint_dir=None, checkpoint_every=0,
-          resume_from=None, node=PREFIX + "TrainRepControlNet", on_progress=None) -> rcn_train.TrainResult:
-    """Train on ``pairs`` [(image path, condition path)]: the node's work, callable from scripts."""
-    with torch.inference_mode(False), torch.enable_grad():
-        comfy.model_management.load_models_gpu([model], force_full_load=True)
-        device = model.load_device
-        latent_format = model.get_model_object("latent_format")
-        latents, conditions = [], []
-        with torch.no_grad():
-            for image_path, cond_path in pairs:
-                image = _load_image(image_path, resolution)
-                encoded = vae.encode(image)
-                latents.append(latent_format.process_in(encoded.float().cpu()).clone())
-                conditions.append(rcn.image_bhwc_to_bchw(_load_image(cond_path, resolution)).clone())
-        hw = tuple(latents[0].shape[-2:])
-        context = _context_from(model, positive, batch_size, hw, device)
-        batches = []
-        n = len(pairs)
-        for start in range(0, max(n, batch_size), batch_size):
-            idx = [(start + i) % n for i in range(batch_size)]
-            batches.append({"latent": torch.cat([latents[i] for i in idx]),
-                            "condition": torch.cat([conditions[i] for i in idx]), "context": context})
-        unet_state = dict(model.model.diffusion_model.state_dict())
-        shapes = {k: tuple(v.shape) for k, v in unet_state.items()}
-        family = model_family(model)
-        layer_keys = rcn.default_layer_keys(shapes, family, preset)
-        pbar = comfy.utils.ProgressBar(steps)
-        started = time.perf_counter()
-
-        def progress(step, loss):
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            pbar.update_absolute(step, steps)
-            if on_progress is not None:
-                on_progress(step, loss)
-
-        table = getattr(model.get_model_object("model_sampling"), "sigmas", None)
-        sigmas = None if table is None else table.detach().float().cpu()
-        try:
-            result = rcn_train.train_repcontrolnet(
-                make_unet_forward(model), unet_state, layer_keys, batches, steps=steps, lr=lr, alpha=alpha,
-                beta=beta, adapter_config={"out_channels": shapes["input_blocks.0.0.weight"][0],
-                                           "hidden_channels": adapter_channels},
-                seed=seed, sigmas=sigmas, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
-                resume_from=resume_from, on_progress=progress, device=device, model_family=family,
-                condition_type=condition_type, grad_clip=1.0,
-                metadata={"training_pairs": str(len(pairs)), "training_resolution": str(resolution)},
-            )
-        except ValueError as err:
-            raise NodeInputError(node, "resume" if resume_from is not None else "model", str(err)) from None
-        result.weights.metadata["training_seconds"] = f"{time.perf_counter() - started:.1f}"
-        return result
+          resume_from=None, node=PREFIX + "TrainRepControlNet", on_progress=None,
+          **options) -> rcn_train.TrainResult:
+    """Train on ``pairs`` [(image path, condition path)]: the node's work, callable from scripts (``options``: see
+    repcontrolnet_training.run_training)."""
+    samples = [{"key": Path(image).stem, "image": Path(image), "conditions": {train_data.CONDITION: Path(cond)}}
+               for image, cond in pairs]
+    try:
+        source = train_data.PairFolderSamples(samples, resolution)
+        return training.run_training(model, vae, positive, source, steps=steps, lr=lr, batch_size=batch_size,
+                                     preset=preset, alpha=alpha, beta=beta, adapter_channels=adapter_channels,
+                                     condition_type=condition_type, seed=seed, checkpoint_dir=checkpoint_dir,
+                                     checkpoint_every=checkpoint_every, resume_from=resume_from,
+                                     on_progress=on_progress, **options)
+    except ValueError as err:
+        raise NodeInputError(node, "resume" if resume_from is not None else "model", str(err)) from None
 
 
 NODES = [LoadRepControlNet, ApplyRepControlNet, TrainRepControlNet]

@@ -1,8 +1,7 @@
-"""Core-tier tests for RepControlNet (no ComfyUI): file format, validation, merge exactness, training, resume."""
+"""Core-tier tests for RepControlNet (no ComfyUI): file format, validation, merge exactness (training: test_core_training)."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 
@@ -11,7 +10,7 @@ import tolerances as tol
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from magic_core.repcontrolnet import (
@@ -20,7 +19,6 @@ from magic_core.repcontrolnet import (
     RepControlNetWeights,
     add_features,
     default_layer_keys,
-    init_weights_from_base,
     load_repcontrolnet,
     merge_increment,
     merge_into_,
@@ -30,10 +28,6 @@ from magic_core.repcontrolnet import (
     to_tensors_and_metadata,
     unmerged_forward,
     validate_against_unet,
-)
-from magic_core.repcontrolnet_train import (
-    find_latest_checkpoint,
-    train_repcontrolnet,
 )
 
 LAT, CH = 4, 8
@@ -423,146 +417,3 @@ def test_default_layer_keys():
         default_layer_keys(shapes, "sd15", "decoder")
     with pytest.raises(ValueError, match="no encoder conv/linear layers"):
         default_layer_keys({"foo.weight": (2, 2)}, "sd15")
-
-
-# --------------------------------------------------------------------------------------------------- training
-
-
-def toy_pairs(n_batches=3, batch=4, seed=11):
-    """Latents that depend on the condition image: x0 = a fixed 1x1 map of the 8x8-pooled condition (+ a pattern)."""
-    gen = torch.Generator().manual_seed(seed)
-    mix = torch.randn(LAT, 3, 1, 1, generator=gen)
-    out = []
-    for _ in range(n_batches):
-        cond = (torch.rand(batch, 3, 4, 4, generator=gen) > 0.5).float()
-        cond = F.interpolate(cond, size=(32, 32), mode="nearest")
-        x0 = F.conv2d(F.avg_pool2d(cond * 2 - 1, 8), mix)
-        out.append({"latent": x0, "condition": cond, "context": None})
-    return out
-
-
-def toy_forward(net: ToyUNet):
-    def fwd(params, x, sigma, context, features):
-        return torch.func.functional_call(net, params, (x, sigma, features), strict=False)
-
-    return fwd
-
-
-ADAPTER = {"out_channels": CH, "hidden_channels": 16, "num_layers": 1}
-SIGMAS = torch.linspace(0.3, 1.5, 16)
-
-
-def eval_loss(net, weights, pairs):
-    """Epsilon MSE of the MERGED model + adapter, at fixed sigmas/noise."""
-    model = merged_copy(net, weights)
-    adapter = weights.build_adapter()
-    gen = torch.Generator().manual_seed(99)
-    total = 0.0
-    with torch.no_grad():
-        for p in pairs:
-            x0 = p["latent"]
-            noise = torch.randn(x0.shape, generator=gen)
-            sigma = torch.full((x0.shape[0],), 0.8)
-            x = x0 + 0.8 * noise
-            d = model(x, sigma, adapter(p["condition"], latent_hw=x0.shape[-2:]))
-            total += float(torch.mean(((x - d) / 0.8 - noise) ** 2))
-    return total / len(pairs)
-
-
-def test_training_lowers_the_loss_and_starts_at_the_base(tmp_path):
-    net = ToyUNet().requires_grad_(False)
-    pairs = toy_pairs()
-    start = init_weights_from_base(net.state_dict(), LAYERS, adapter_config=ADAPTER, seed=0)
-    for k, v in merged_state(start, net.state_dict()).items():
-        assert torch.equal(v, net.state_dict()[k]), "training must start exactly at the base model"
-    seen = []
-    result = train_repcontrolnet(
-        toy_forward(net),
-        net.state_dict(),
-        LAYERS,
-        pairs,
-        steps=40,
-        lr=2e-2,
-        adapter_config=ADAPTER,
-        seed=0,
-        sigmas=SIGMAS,
-        on_progress=lambda s, v: seen.append((s, v)),
-        model_family="toy",
-        condition_type="blocks",
-    )
-    assert [s for s, _ in seen] == list(range(1, 41)) and [v for _, v in seen] == result.losses
-    before, after = eval_loss(net, start, pairs), eval_loss(net, result.weights, pairs)
-    assert after < 0.8 * before, (before, after)
-    assert sum(result.losses[-10:]) < sum(result.losses[:10])
-    # the adapter learned to use the condition: dropping it (zero features) makes the trained model worse
-    no_adapter = dataclasses.replace(result.weights, adapter_state=start.adapter_state)
-    assert eval_loss(net, no_adapter, pairs) > after * 1.02
-    assert result.weights.build_adapter()(pairs[0]["condition"]).abs().max() > 0
-    # the base module was not touched, and the result is a valid file for this "UNet"
-    assert all(
-        torch.equal(a, b) for a, b in zip(net.state_dict().values(), ToyUNet().state_dict().values(), strict=True)
-    )
-    path = tmp_path / "trained.safetensors"
-    save_repcontrolnet(path, result.weights)
-    loaded = load_repcontrolnet(path)
-    validate_against_unet(loaded, shapes_of(net), "toy", str(path))
-    assert loaded.metadata["training_step"] == "40"
-
-
-def test_resume_reproduces_an_uninterrupted_run(tmp_path):
-    net = ToyUNet().requires_grad_(False)
-    pairs = toy_pairs()
-    kwargs = {"steps": 12, "lr": 5e-3, "adapter_config": ADAPTER, "seed": 7, "sigmas": SIGMAS}
-    full = train_repcontrolnet(
-        toy_forward(net), net.state_dict(), LAYERS, pairs, checkpoint_dir=tmp_path / "a", checkpoint_every=5, **kwargs
-    )
-    assert sorted(os.listdir(tmp_path / "a")) == sorted(
-        [
-            f"repcontrolnet_step{s:07d}{ext}"
-            for s in (5, 10, 12)
-            for ext in (".json", ".optim.safetensors", ".safetensors")
-        ]
-        + ["losses.jsonl"]
-    )
-
-    first = dict(kwargs, steps=5)
-    train_repcontrolnet(
-        toy_forward(net), net.state_dict(), LAYERS, pairs, checkpoint_dir=tmp_path / "b", checkpoint_every=5, **first
-    )
-    ckpt = find_latest_checkpoint(tmp_path / "b")
-    assert ckpt.endswith("repcontrolnet_step0000005.json")
-    state = json.loads(open(ckpt, encoding="utf-8").read())
-    assert state["step"] == 5 and len(state["losses"]) == 5
-    optim = load_file(str(tmp_path / "b" / state["optimizer_file"]))
-    assert any(k.endswith(".exp_avg_sq") for k in optim)
-    # a file written by torch.save of plain tensors would load with weights_only=True; ours need no torch.load at all
-
-    seen = []
-    resumed = train_repcontrolnet(
-        toy_forward(net),
-        net.state_dict(),
-        LAYERS,
-        pairs,
-        checkpoint_dir=tmp_path / "b",
-        checkpoint_every=5,
-        resume_from=tmp_path / "b",
-        on_progress=lambda s, v: seen.append(s),
-        **kwargs,
-    )
-    assert [s for s in seen] == list(range(6, 13))
-    assert resumed.step == 12
-    assert resumed.losses == full.losses  # same seed: the same curve, bit for bit
-    for k, v in full.weights.modal.items():
-        torch.testing.assert_close(resumed.weights.modal[k], v, rtol=0, atol=0)
-    log = [json.loads(line) for line in open(tmp_path / "b" / "losses.jsonl", encoding="utf-8")]
-    assert [e["step"] for e in log] == list(range(1, 13)) and [e["loss"] for e in log] == full.losses
-
-    with pytest.raises(ValueError, match="its layers"):
-        train_repcontrolnet(
-            toy_forward(net),
-            net.state_dict(),
-            LAYERS[:2],
-            pairs,
-            resume_from=ckpt,
-            **kwargs,
-        )
