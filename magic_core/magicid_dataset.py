@@ -515,3 +515,48 @@ def _has(record: SampleRecord, modality: str) -> bool:
 def read_magicid_samples(folder: str | Path) -> Iterator[MagicIDSample]:
     """Every sample of a MagicID dataset folder, in manifest order."""
     yield from MagicIDDataset(folder)
+
+
+# ---------------------------------------------------------------------------------------------------------- preview
+
+PREVIEW_COLUMNS = ("image", SKELETON, LANDMARK, "facemask")
+
+
+def _fit(image: np.ndarray, cell: int) -> np.ndarray:
+    """``image`` scaled to fit a cell x cell square (aspect kept), centred on dark grey."""
+    h, w = image.shape[:2]
+    scale = cell / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    small = cv2.resize(image, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+    out = np.full((cell, cell, 3), 32, np.uint8)
+    y, x = (cell - size[1]) // 2, (cell - size[0]) // 2
+    out[y:y + size[1], x:x + size[0]] = small if small.ndim == 3 else small[..., None]
+    return out
+
+
+def preview_sheet(samples: Sequence[MagicIDSample], cell: int = 160) -> np.ndarray:
+    """A contact sheet, one row per sample: the photo, its skeleton, landmark and face-mask images (a missing skeleton
+    is a crossed cell), each scaled into a cell x cell square. uint8 RGB [rows * cell, 4 * cell, 3]."""
+    if not samples:
+        sheet = np.full((cell, cell * len(PREVIEW_COLUMNS), 3), 32, np.uint8)
+        cv2.putText(sheet, "no samples", (8, cell // 2), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (200, 200, 200), 1, cv2.LINE_AA)
+        return sheet
+    rows = []
+    for sample in samples:
+        cells = []
+        for column in PREVIEW_COLUMNS:
+            if column == "image":
+                cells.append(_fit(sample.image, cell))
+            elif column == "facemask":
+                cells.append(_fit(np.repeat(mask_to_uint8(sample.face_mask)[..., None], 3, axis=2), cell))
+            elif column in sample.conditions:
+                cells.append(_fit(sample.conditions[column], cell))
+            else:
+                empty = np.full((cell, cell, 3), 32, np.uint8)
+                cv2.line(empty, (0, 0), (cell - 1, cell - 1), (90, 90, 90), 1)
+                cv2.line(empty, (0, cell - 1), (cell - 1, 0), (90, 90, 90), 1)
+                cells.append(empty)
+        row = np.concatenate(cells, axis=1)
+        cv2.putText(row, sample.name[:28], (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1, cv2.LINE_AA)
+        rows.append(row)
+    return np.concatenate(rows, axis=0)
