@@ -250,22 +250,20 @@ def clone_face_sample(sample: md.MagicIDSample, seed: int, *, face_index: int | 
 
 def _mask_batch(face_mask) -> torch.Tensor:
     """A mask (or masks) as float32 [B, 1, H, W]: [H, W], [B, H, W] or [B, 1, H, W]; numpy or torch; values in [0, 1]
-    (uint8 masks are divided by 255)."""
-    if isinstance(face_mask, np.ndarray):
-        mask = torch.from_numpy(np.array(face_mask))  # a copy: sample arrays are read-only
-    elif isinstance(face_mask, torch.Tensor):
-        mask = face_mask.detach()
-    else:
-        mask = torch.as_tensor(np.asarray(face_mask))
-    mask = mask.to("cpu", torch.float32) / 255.0 if mask.dtype == torch.uint8 else mask.to(torch.float32)
+    (uint8 masks are divided by 255). Always a new tensor: sample arrays are read-only."""
+    if isinstance(face_mask, torch.Tensor):
+        face_mask = face_mask.detach().to("cpu").numpy()
+    array = np.asarray(face_mask)
+    array = array.astype(np.float32) / 255.0 if array.dtype == np.uint8 else array.astype(np.float32, copy=True)
+    if array.size and not (array.min() >= 0 and array.max() <= 1):  # NaN fails both comparisons
+        raise ValueError("face_mask values must be finite and in [0, 1]")
+    mask = torch.from_numpy(array)
     if mask.ndim == 2:
         mask = mask[None, None]
     elif mask.ndim == 3:
         mask = mask[:, None]
     if mask.ndim != 4 or mask.shape[1] != 1:
         raise ValueError(f"face_mask must be [H, W], [B, H, W] or [B, 1, H, W], got {tuple(mask.shape)}")
-    if not torch.isfinite(mask).all() or mask.min() < 0 or mask.max() > 1:
-        raise ValueError("face_mask values must be finite and in [0, 1]")
     return mask
 
 
