@@ -248,9 +248,8 @@ def test_magicid_examples_run_through_the_headless_runner(comfy, models_dir, tmp
 def test_magicid_dataset_example_runs_through_the_headless_runner(comfy, pack, models_dir, tmp_path):
     """As opened on a fresh server: the photo set the pack copied into the input folder becomes a six-sample MagicID
     dataset there (every photo with both modalities), and the contact sheet is saved."""
-    from magic_portrait.runner import run_workflow
-
     from magic_core import magicid_dataset as md
+    from magic_portrait.runner import run_workflow
 
     pack.nodes.example_inputs.install_example_inputs(tmp_path / "in")
     result = run_workflow(REPO / "example_workflows" / "magicid_dataset.json", models_dir=models_dir,

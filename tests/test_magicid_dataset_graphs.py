@@ -166,7 +166,7 @@ def test_image_list_route_with_comfyui_dataset_loader_and_pose_keypoint(comfy, w
 
 @pytest.mark.parametrize(("name", "value", "message"), [
     ("dataset_folder", "../outside", "contains '..'"),
-    ("dataset_folder", "/tmp/elsewhere", "is an absolute path"),
+    ("dataset_folder", "<absolute>", "is an absolute path"),
     ("photos_folder", "../../etc", "contains '..'"),
     ("photos_folder", "no_such_folder", "is not a folder"),
     ("dataset_folder", "photos", "is the photos folder"),
@@ -175,6 +175,16 @@ def test_folders_stay_inside_the_input_folder(comfy, workdir, name, value, messa
     from magic_portrait.comfy_env import WorkflowError
 
     photos_in_input(workdir, "photos", ("group_duo",))
+    elsewhere = workdir / "elsewhere"  # outside the input folder
+    value = str(elsewhere) if value == "<absolute>" else value
     with pytest.raises(WorkflowError, match=rf"input '{name}'.*{message}"):
         comfy.run_prompt(build_graph(**{name: value}))
-    assert not (workdir / "outside").exists() and not Path("/tmp/elsewhere").exists()
+    assert not (workdir / "outside").exists() and not elsewhere.exists()
+
+
+def test_absolute_folders_only_when_the_server_opts_in(comfy, workdir, monkeypatch):
+    photos = photos_in_input(workdir, "photos", ("group_duo",))
+    target = workdir / "opted_in_dataset"
+    monkeypatch.setenv("MAGIC_PORTRAIT_ALLOW_ABSOLUTE_DATASET", "1")
+    text = report_of(comfy.run_prompt(build_graph(photos_folder=str(photos), dataset_folder=str(target))))
+    assert "this run: 1 added" in text and md.MagicIDDataset(target).names() == ["group_duo"]
