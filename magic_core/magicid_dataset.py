@@ -488,13 +488,15 @@ class MagicIDDataset:
         """Sample names, all or those having ``modality`` ("merged": those having both)."""
         return [r.name for r in self.records if modality is None or _has(r, modality)]
 
-    def pairs(self, modality: str) -> list[tuple[Path, Path]]:
+    def pairs(self, modality: str, with_face_mask: bool = False) -> list[tuple[Path, ...]]:
         """(image path, condition path) for every sample having a stored ``modality`` ("skeleton" or "landmark"),
-        the form Train RepControlNet's single-condition pairs take."""
+        the form Train RepControlNet's single-condition pairs take; with ``with_face_mask``, (image, condition,
+        face mask) paths, so a trainer crops and resizes the mask exactly as the image for a face-weighted loss."""
         if modality not in MODALITIES:
             raise ValueError(f"pairs() gives stored condition files: modality must be one of {', '.join(MODALITIES)} "
                              f"(the merged condition has no file: use condition_pairs('{MERGED}'))")
-        return [(self.path(r, "image"), self.path(r, modality)) for r in self.records if modality in r.modalities]
+        kinds = ("image", modality, "facemask") if with_face_mask else ("image", modality)
+        return [tuple(self.path(r, k) for k in kinds) for r in self.records if modality in r.modalities]
 
     def condition_pairs(self, modality: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(image, condition) arrays for every sample having ``modality``, "merged" included (drawn)."""

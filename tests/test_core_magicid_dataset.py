@@ -245,6 +245,8 @@ def test_reader_pairs_and_the_merged_modality(built):
     for modality in md.MODALITIES:
         pairs = dataset.pairs(modality)
         assert len(pairs) == 6 and all(c.name == f"{i.stem}_{modality}.png" for i, c in pairs)
+        triples = dataset.pairs(modality, with_face_mask=True)
+        assert [t[:2] for t in triples] == pairs and all(t[2].name == f"{t[0].stem}_facemask.png" for t in triples)
     with pytest.raises(ValueError, match="merged condition has no file"):
         dataset.pairs("merged")
     merged = list(dataset.condition_pairs("merged"))
