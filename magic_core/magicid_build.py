@@ -132,29 +132,36 @@ def frame_from_json(data, source: str, image_size: tuple[int, int]):
         raise BadInput(BAD_SKELETON, source, str(err)) from None
 
 
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, read in chunks (a folder of large photos is never held in memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def folder_photos(folder: str | Path) -> list[Photo]:
-    """The top-level images of ``folder`` (sorted by name) with the OpenPose JSON beside each. Each file is read
-    once here (for its hash) and decoded only when its sample must be built."""
+    """The top-level images of ``folder`` (sorted by name) with the OpenPose JSON beside each. Listing hashes each
+    file; a photo is read and decoded again only when its sample must be built."""
     root = Path(folder)
     photos = []
     for path in sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
-        data = path.read_bytes()
         json_path = skeleton_file(path)
-        json_bytes = json_path.read_bytes() if json_path is not None else None
 
-        def read_skeleton(size, json_path=json_path, json_bytes=json_bytes):
-            if json_bytes is None:
+        def read_skeleton(size, json_path=json_path):
+            if json_path is None:
                 return None
             try:
-                parsed = json.loads(json_bytes.decode("utf-8"))
+                parsed = json.loads(json_path.read_bytes().decode("utf-8"))
             except (UnicodeDecodeError, ValueError) as err:
                 raise BadInput(BAD_SKELETON, json_path.name, f"is not valid JSON ({err})") from None
             return frame_from_json(parsed, json_path.name, size)
 
-        photos.append(Photo(source=path.name, stem=safe_stem(path.stem), sha256=_sha256(data),
+        photos.append(Photo(source=path.name, stem=safe_stem(path.stem), sha256=file_sha256(path),
                             skeleton_source=json_path.name if json_path else None,
-                            skeleton_sha256=_sha256(json_bytes) if json_bytes is not None else None,
-                            read_image=lambda data=data, name=path.name: decode_image(data, name),
+                            skeleton_sha256=file_sha256(json_path) if json_path is not None else None,
+                            read_image=lambda path=path: decode_image(path.read_bytes(), path.name),
                             read_skeleton=read_skeleton))
     return photos
 

@@ -470,3 +470,22 @@ def test_images_in_memory_with_pose_frames_make_the_same_samples(tmp_path, analy
     assert not again.added and len(again.kept) == 2
     with pytest.raises(ValueError, match="1 POSE_KEYPOINT frame"):
         mb.image_photos(images, frames[:1])
+
+
+def test_photos_are_read_upright_as_comfyui_loads_them(tmp_path, analyzer):
+    """A JPEG whose EXIF says 'rotate 90 degrees' (as phones save portraits) is built upright, as ComfyUI's LoadImage
+    (PIL's exif_transpose) shows it: the astronaut lying on her side in the file stands in the sample."""
+    from PIL import Image
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    upright = cv2.cvtColor(cv2.imread(str(PHOTOS / "astronaut.jpg")), cv2.COLOR_BGR2RGB)
+    lying = Image.fromarray(np.ascontiguousarray(np.rot90(upright, k=1)))  # stored turned left
+    exif = lying.getexif()
+    exif[0x0112] = 6  # EXIF orientation: rotate 90 degrees clockwise to display
+    lying.save(photos / "phone.jpg", quality=95, exif=exif.tobytes())
+    shutil.copy2(PHOTOS / "astronaut.json", photos / "phone.json")
+    report = mb.build_dataset(mb.folder_photos(photos), tmp_path / "ds", analyzer, md.BuildSettings())
+    (sample,) = md.MagicIDDataset(tmp_path / "ds")
+    assert report.added == ["phone"] and sample.image.shape == upright.shape and len(sample.faces) == 1
+    assert np.abs(sample.image.astype(int) - upright).mean() < 3  # JPEG re-encoding only
