@@ -183,7 +183,7 @@ def test_folders_stay_inside_the_input_folder(comfy, workdir, name, value, messa
 
 
 def test_absolute_folders_only_when_the_server_opts_in(comfy, workdir, monkeypatch):
-    photos = photos_in_input(workdir, "photos", ("group_duo",))
+    photos = photos_in_input(workdir, "opted_in_photos", ("group_duo",))  # a folder of its own: one photo
     target = workdir / "opted_in_dataset"
     monkeypatch.setenv("MAGIC_PORTRAIT_ALLOW_ABSOLUTE_DATASET", "1")
     text = report_of(comfy.run_prompt(build_graph(photos_folder=str(photos), dataset_folder=str(target))))
