@@ -243,3 +243,20 @@ def test_magicid_examples_run_through_the_headless_runner(comfy, models_dir, tmp
     texts = " ".join(str(t) for t in result.texts)
     for text in expected:
         assert text in texts, (text, texts)
+
+
+def test_magicid_dataset_example_runs_through_the_headless_runner(comfy, pack, models_dir, tmp_path):
+    """As opened on a fresh server: the photo set the pack copied into the input folder becomes a six-sample MagicID
+    dataset there (every photo with both modalities), and the contact sheet is saved."""
+    from magic_core import magicid_dataset as md
+    from magic_portrait.runner import run_workflow
+
+    pack.nodes.example_inputs.install_example_inputs(tmp_path / "in")
+    result = run_workflow(REPO / "example_workflows" / "magicid_dataset.json", models_dir=models_dir,
+                          output_dir=tmp_path / "out", input_dir=tmp_path / "in")
+    texts = " ".join(str(t) for t in result.texts)
+    assert "6 sample(s) (skeleton 6, landmark 6); this run: 6 added, 0 replaced, 0 already there, 0 skipped" in texts
+    (sheet,) = [f for f in result.files if f.suffix == ".png"]
+    assert cv2.imread(str(sheet)).shape == (6 * 160, 4 * 160, 3)
+    dataset = md.MagicIDDataset(tmp_path / "in" / "magic_portrait_magicid_dataset")
+    assert len(dataset) == 6 and len(dataset.pairs("skeleton")) == len(dataset.pairs("landmark")) == 6
