@@ -6,8 +6,12 @@
   output of input block 0 (an ``input_block_patch``); the patch objects are in repcontrolnet_patch.py. The adapter
   runs once per sampling run and latent size. ComfyUI's CheckpointSave saves the merged weights; such a checkpoint is
   used with ``merge_weights`` off (adapter features only).
-- Train RepControlNet: modal weights + adapter on (image, condition) pairs from a folder under ComfyUI's input folder,
-  base frozen, with progress, checkpoints, resume and a loss log; saves the result into ``models/magic_repcontrolnet``.
+- Apply RepControlNet also reports the modalities a file was trained on (its ``trained_modalities`` metadata) and
+  checks the condition's ``condition_modality`` against them (an error or a warning, by option).
+- Train RepControlNet: modal weights + adapter on (image, condition) pairs or a MagicID dataset from a folder under
+  ComfyUI's input folder, base frozen, with progress, checkpoints, resume and a loss log; MagicID's Multi-Mode Fusion
+  schedules, Clone Face Tuning and the face-weighted loss by option (magic_core.mmf); saves the result into
+  ``models/magic_repcontrolnet``.
   The loop is magic_core.repcontrolnet_train (also behind ``python -m magic_portrait train``), its ComfyUI side
   repcontrolnet_training.py.
 """
