@@ -309,3 +309,16 @@ def test_resume_is_bit_identical_with_a_random_schedule_clone_faces_and_face_wei
     for k in full.weights.adapter_state:
         assert torch.equal(full.weights.adapter_state[k], resumed.weights.adapter_state[k]), k
     assert read_log(tmp_path / "a") == read_log(tmp_path / "b"), "running losses included"
+
+
+def test_how_the_batch_is_split_does_not_change_which_samples_modalities_and_clones_a_step_sees(dataset):
+    """Decisions are keyed by (seed, step, slot): one micro-batch of 4, 2 of 2 or 4 of 1 (what 1, 2 or 4 GPUs with the
+    same global batch read) ask for the same samples with the same modality and the same clones."""
+    seen = []
+    for batch in (4, 2, 1):
+        source = Recording(dataset, RES, clone_face_probability=0.5)
+        schedule = mmf.make_schedule("random", source, "skeleton=1, landmark=1, merged=1")
+        train(ToyUNet(), source, steps=3, batch_size=batch, grad_accumulation=4 // batch, condition_choice=schedule)
+        seen.append(sorted(source.asked))
+    assert seen[0] == seen[1] == seen[2]
+    assert any("_clone" in name for *_, name in seen[0]) and len(seen[0]) == 12
