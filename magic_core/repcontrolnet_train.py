@@ -31,7 +31,8 @@ has ``latent`` (B, C, h, w), ``condition`` (B, 3, H, W), ``context`` and optiona
   so the result does not depend on how the batch is split).
 - ``loss``: ``"eps"`` (MSE between ``(x - D) / sigma`` and the noise, the standard objective), ``"x0"``, or a
   callable ``loss(denoised, x0, noise, sigma, x_noisy) -> per-element errors`` (same shape as ``x0``).
-- ``log_extra(step) -> dict``: more fields for the step's loss-log line (``step`` from 0, as above).
+- ``log_extra(step) -> dict`` or ``log_extra(step, losses) -> dict``: more fields for the step's loss-log line
+  (``step`` from 0, as above; ``losses``: the loss history up to and including that step, resumed steps included).
 - ``metadata``: string entries written into the trained file (what it was trained on, the schedule ...).
 
 **Randomness**: the adapter's init uses ``seed``; the sigma and noise of the sample in slot ``k`` of step ``s`` come
@@ -404,7 +405,7 @@ def train_repcontrolnet(
     resume_from: str | os.PathLike | None = None,
     resume_optional: bool = False,
     on_progress: ProgressFn | None = None,
-    log_extra: Callable[[int], Mapping] | None = None,
+    log_extra: Callable[..., Mapping] | None = None,
     device: str | torch.device | None = None,
     dist: DistContext | None = None,
     param_dtype: torch.dtype | None = None,
@@ -520,6 +521,9 @@ def train_repcontrolnet(
     extra_meta["training_global_batch"] = str(layout.global_batch)
     if condition_choice is not None:
         extra_meta.setdefault("training_conditions", getattr(condition_choice, "description", repr(condition_choice)))
+        if getattr(condition_choice, "modalities", None):
+            extra_meta.setdefault("trained_modalities", ",".join(condition_choice.modalities))
+    wants_losses = log_extra is not None and _positional_count(log_extra) >= 2
 
     def snapshot(step: int) -> RepControlNetWeights:
         meta = dict(extra_meta)
@@ -619,7 +623,7 @@ def train_repcontrolnet(
                 if condition_choice is not None:
                     line["condition"] = condition_choice(seed, step - 1)
                 if log_extra is not None:
-                    line.update(log_extra(step - 1))
+                    line.update(log_extra(step - 1, losses) if wants_losses else log_extra(step - 1))
                 with open(log_path, "a", encoding="utf-8") as f:
                     f.write(json.dumps(line) + "\n")
             if checkpoint_dir is not None and checkpoint_every and step % checkpoint_every == 0:
@@ -644,6 +648,20 @@ def train_repcontrolnet(
         raise
     return TrainResult(weights=snapshot(step), losses=losses, step=step, checkpoint=last, stats=stats,
                        resumed_from=resumed["path"] if resumed is not None else None)
+
+
+def _positional_count(fn) -> int:
+    """How many positional arguments ``fn`` takes (a large number for ``*args``)."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return 1
+    kinds = [p.kind for p in params]
+    if inspect.Parameter.VAR_POSITIONAL in kinds:
+        return 99
+    return sum(k in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD) for k in kinds)
 
 
 def _check_resume(resumed: Mapping, *, layers, alpha, beta, adapter_config) -> None:

@@ -52,6 +52,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CONDITION_SUFFIXES = ("_condition", "_cond", "_control")  # NAME_<suffix>.png = NAME.png's condition (key "condition")
 LOSS_WEIGHT = "loss_weight"
 CORE_SHARD_RE = re.compile(r"^shard_(\d+)\.pkl$")
+MAGICID_INFO = "dataset.json"  # magicid_dataset.INFO_FILE: a MagicID dataset folder
 
 ConditionChoice = Callable[[int, int], str]  # (seed, step) -> condition key
 
@@ -412,9 +413,14 @@ class CoreDatasetSamples(SampleSource):
 
 
 def open_dataset(path: str | os.PathLike, resolution: int | None) -> SampleSource | TarShards:
-    """The source a dataset path names, by its layout: a SaveTrainingDataset folder (``shard_NNNN.pkl``), tar
+    """The source a dataset path names, by its layout: a MagicID dataset folder (``dataset.json`` + manifest, what
+    Build MagicID Dataset writes: ``mmf.MagicIDSource``), a SaveTrainingDataset folder (``shard_NNNN.pkl``), tar
     shards (a folder of ``.tar`` files, a ``.tar`` file, a glob or a brace pattern), or a folder of pairs."""
     text = os.fspath(path)
+    if os.path.isdir(text) and os.path.isfile(os.path.join(text, MAGICID_INFO)):
+        from .mmf import MagicIDSource  # numpy/OpenCV: only when a MagicID folder is trained on
+
+        return MagicIDSource(text, resolution or 512)
     if os.path.isdir(text) and any(CORE_SHARD_RE.match(name) for name in os.listdir(text)):
         return CoreDatasetSamples(text)
     if find_tar_shards(text):

@@ -21,6 +21,9 @@ from pathlib import Path, PureWindowsPath
 
 EPILOG = """\
 datasets (--dataset, by layout):
+  a MagicID dataset          what Build MagicID Dataset writes (dataset.json, manifest.jsonl, NAME.png,
+                             NAME_landmark.png, NAME_skeleton.png, NAME_facemask.png): --modality-schedule,
+                             --clone-face-probability and --face-loss-weight use it
   a folder of pairs          NAME.png + NAME_condition.png, or images/NAME.png + conditions/NAME.png
   a SaveTrainingDataset folder   shard_0000.pkl ... + metadata.json (ComfyUI's MakeTrainingDataset ->
                              SaveTrainingDataset: pre-encoded latents and each sample's prompt), with the condition
@@ -44,6 +47,7 @@ exit codes: 0 done, 1 training error (message on stderr), 2 usage error."""
 
 OPTIMIZERS = ("adam", "adamw", "sgd")  # as magic_core.repcontrolnet_train (not imported here: --help stays fast)
 MIXED_PRECISION = ("no", "bf16", "fp16")
+SCHEDULES = ("single", "alternate", "random", "merged")  # magic_core.mmf.SCHEDULES
 
 
 class LauncherStopped(RuntimeError):
@@ -90,6 +94,16 @@ def add_parser(commands) -> argparse.ArgumentParser:
                    help="autocast the forward to bf16/fp16 (fp16 with a gradient scaler)")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute UNet blocks in the backward pass: much less memory, about 1/3 more time")
+    p.add_argument("--modality-schedule", choices=SCHEDULES, default="single",
+                   help="MagicID's Multi-Mode Fusion: single (the one condition; a MagicID dataset: its landmarks), "
+                        "alternate (skeleton, landmark, ...), random (--modality-weights) or merged (default single)")
+    p.add_argument("--modality-weights", default="skeleton=1, landmark=1", metavar="TEXT",
+                   help="for --modality-schedule random: modality=weight, ... (default 'skeleton=1, landmark=1')")
+    p.add_argument("--clone-face-probability", type=float, default=0.0, metavar="P",
+                   help="Clone Face Tuning on a MagicID dataset: the chance a sample gets one face cloned to a free "
+                        "place, conditions redrawn (default 0: off)")
+    p.add_argument("--face-loss-weight", type=float, default=0.0, metavar="L",
+                   help="face-weighted loss on a MagicID dataset: faces weigh 1 + L times the background (default 0)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0: off; default 1)")
     p.add_argument("--num-workers", type=int, default=2, help="data loading processes per rank (default 2)")
     p.add_argument("--no-shuffle", dest="shuffle", action="store_false", help="read samples in file order")
@@ -231,7 +245,18 @@ def _train(args, name: str, runtime, ctx, tag: str, on_progress, load_models, ou
         if args.vae:
             _model_path("vae", args.vae, "--vae")
     dataset = resolve_dataset(args.dataset, train_data)
-    source = train_data.open_dataset(dataset, args.resolution)
+    try:
+        source = training.open_source(dataset, args.resolution, clone_face_probability=args.clone_face_probability,
+                                      face_loss_weight=args.face_loss_weight)
+        schedule = training.schedule_options(source, args.modality_schedule, args.modality_weights, args.seed)
+    except ValueError as exc:
+        text = str(exc)
+        flag = next((f"--{n.replace('_', '-')}" for n in ("clone_face_probability", "face_loss_weight")
+                     if text.startswith(n)), None)
+        if flag is None:
+            flag = "--modality-weights" if args.modality_schedule == "random" and "weight" in text else (
+                "--modality-schedule" if args.modality_schedule != "single" else "--dataset")
+        raise UsageError(f"{flag}: {text}") from None
     started = time.perf_counter()
     if load_models is None:
         model, clip, vae = comfy_nodes.CheckpointLoaderSimple().load_checkpoint(args.checkpoint)[:3]
@@ -269,7 +294,7 @@ def _train(args, name: str, runtime, ctx, tag: str, on_progress, load_models, ou
         checkpoint_dir=ckpt_dir, checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
         resume_from=ckpt_dir if args.resume else None, resume_optional=True, mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer, num_workers=args.num_workers,
-        shuffle=args.shuffle, grad_clip=args.grad_clip or None, dist=ctx, on_progress=progress)
+        shuffle=args.shuffle, grad_clip=args.grad_clip or None, dist=ctx, on_progress=progress, **schedule)
     if ctx.is_main:
         training.save_trained(target, result.weights)
         stats = result.stats

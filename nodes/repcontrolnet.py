@@ -6,8 +6,12 @@
   output of input block 0 (an ``input_block_patch``); the patch objects are in repcontrolnet_patch.py. The adapter
   runs once per sampling run and latent size. ComfyUI's CheckpointSave saves the merged weights; such a checkpoint is
   used with ``merge_weights`` off (adapter features only).
-- Train RepControlNet: modal weights + adapter on (image, condition) pairs from a folder under ComfyUI's input folder,
-  base frozen, with progress, checkpoints, resume and a loss log; saves the result into ``models/magic_repcontrolnet``.
+- Apply RepControlNet also reports the modalities a file was trained on (its ``trained_modalities`` metadata) and
+  checks the condition's ``condition_modality`` against them (an error or a warning, by option).
+- Train RepControlNet: modal weights + adapter on (image, condition) pairs or a MagicID dataset from a folder under
+  ComfyUI's input folder, base frozen, with progress, checkpoints, resume and a loss log; MagicID's Multi-Mode Fusion
+  schedules, Clone Face Tuning and the face-weighted loss by option (magic_core.mmf); saves the result into
+  ``models/magic_repcontrolnet``.
   The loop is magic_core.repcontrolnet_train (also behind ``python -m magic_portrait train``), its ComfyUI side
   repcontrolnet_training.py.
 """
@@ -24,9 +28,9 @@ import folder_paths
 import torch
 from comfy_api.v0_0_2 import io, ui
 
+from ..magic_core import mmf, train_data
 from ..magic_core import repcontrolnet as rcn
 from ..magic_core import repcontrolnet_train as rcn_train
-from ..magic_core import train_data
 from . import repcontrolnet_training as training
 from .common import CATEGORY, PREFIX, NodeInputError, model_family, register_model_folder
 from .repcontrolnet_patch import AdapterFeatures, RunScope, add_merge_patches
@@ -163,16 +167,48 @@ class ApplyRepControlNet(io.ComfyNode):
                                tooltip="0: the base model; 1: the full merge; in between: linear."),
                 io.Boolean.Input("merge_weights", default=True,
                                  tooltip="Off: add only the adapter features (for a checkpoint saved already merged)."),
+                io.Combo.Input("condition_modality", options=list(mmf.APPLY_MODALITIES), default="any", optional=True,
+                               tooltip="What the condition image shows (skeleton, landmark or both merged): checked "
+                               "against the modalities the file was trained on. any: not checked."),
+                io.Combo.Input("untrained_modality", options=["error", "warn"], default="error", optional=True,
+                               tooltip="A condition of a modality the file was not trained on: an error, or a "
+                               "warning in the node's text."),
             ],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
-    def execute(cls, model, repcontrolnet, image, strength, merge_weights=True) -> io.NodeOutput:
+    def execute(cls, model, repcontrolnet, image, strength, merge_weights=True, condition_modality="any",
+                untrained_modality="error") -> io.NodeOutput:
         node = cls.define_schema().node_id
+        if not isinstance(repcontrolnet, LoadedRepControlNet):
+            check_fits(node, model, repcontrolnet)
+        text = modality_report(node, repcontrolnet, condition_modality, untrained_modality)
         patched, _ = apply_repcontrolnet(model, repcontrolnet, image, strength, merge_weights=merge_weights,
                                          node=node)
-        return io.NodeOutput(patched)
+        return io.NodeOutput(patched, ui=ui.PreviewText(text))
+
+
+def modality_report(node: str, loaded: LoadedRepControlNet, condition_modality: str, untrained_modality: str) -> str:
+    """Apply RepControlNet's text: the modalities the file was trained on, and whether the condition is one of them
+    (an error naming the node and input, or a warning, for one it was not trained on)."""
+    meta = loaded.weights.metadata
+    trained = mmf.trained_modalities(meta)
+    if trained is None:
+        kind = loaded.weights.condition_type or "not recorded"
+        text = f"{loaded.name}: trained on single-condition pairs (condition type: {kind})"
+        if condition_modality != "any":
+            text += f"; the file records no modalities, so the {condition_modality} condition is not checked"
+        return text
+    text = f"{loaded.name}: trained on {', '.join(trained)} ({meta.get('training_conditions', 'schedule not recorded')})"
+    if condition_modality == "any" or mmf.accepts(trained, condition_modality):
+        return text + ("" if condition_modality == "any" else f"; condition: {condition_modality}")
+    message = (f"the condition is a {condition_modality} image but {loaded.name} was trained on "
+               f"{', '.join(trained)} only")
+    if untrained_modality == "error":
+        raise NodeInputError(node, "condition_modality", message + ": use a file trained on it (modality_schedule "
+                             "alternate, random or merged on a MagicID dataset), or set untrained_modality to warn")
+    return text + f"; WARNING: {message}"
 
 
 # -------------------------------------------------------------------------------------------------------- training
@@ -228,16 +264,30 @@ def _load_image(path: Path, size: int) -> torch.Tensor:
     return train_data.load_image(path, size).permute(1, 2, 0).unsqueeze(0)
 
 
-def open_dataset(node: str, folder: Path, resolution: int):
-    """The training source in ``folder``: (image, condition) pairs, a SaveTrainingDataset folder or tar shards."""
+def open_dataset(node: str, folder: Path, resolution: int, *, clone_face_probability: float = 0.0,
+                 face_loss_weight: float = 0.0):
+    """The training source in ``folder``: a MagicID dataset, (image, condition) pairs, a SaveTrainingDataset folder
+    or tar shards."""
     if not folder.is_dir():
         raise NodeInputError(node, "dataset_folder", f"'{folder}' is not a folder: put NAME.png + "
                              "NAME_condition.png pairs in a folder inside ComfyUI's input folder and name it here "
                              f"(the pack copies its own small set there as {BUNDLED_DATASET} when ComfyUI starts)")
     try:
-        return train_data.open_dataset(folder, resolution)
+        return training.open_source(folder, resolution, clone_face_probability=clone_face_probability,
+                                    face_loss_weight=face_loss_weight)
     except ValueError as err:
-        raise NodeInputError(node, "dataset_folder", str(err)) from None
+        text = str(err)
+        name = next((n for n in ("clone_face_probability", "face_loss_weight") if text.startswith(n)), "dataset_folder")
+        raise NodeInputError(node, name, text) from None
+
+
+def schedule_options(node: str, source, modality_schedule: str, modality_weights: str, seed: int) -> dict:
+    try:
+        return training.schedule_options(source, modality_schedule, modality_weights, seed)
+    except ValueError as err:
+        text = str(err)
+        weights = modality_schedule == "random" and ("weight" in text or "modality '" in text)
+        raise NodeInputError(node, "modality_weights" if weights else "modality_schedule", text) from None
 
 
 class TrainRepControlNet(io.ComfyNode):
@@ -293,6 +343,20 @@ class TrainRepControlNet(io.ComfyNode):
                 io.Boolean.Input("gradient_checkpointing", default=False, optional=True,
                                  tooltip="Recompute the UNet's blocks in the backward pass instead of keeping their "
                                  "activations: much less memory, about a third more time."),
+                io.Combo.Input("modality_schedule", options=list(mmf.SCHEDULES), default="single", optional=True,
+                               tooltip="MagicID's Multi-Mode Fusion: which condition each step trains with. single: "
+                               "the one condition (a MagicID dataset: its landmarks); alternate: skeleton, landmark, "
+                               "skeleton, ...; random: drawn with modality_weights; merged: both in one image. One "
+                               "shared adapter learns every modality."),
+                io.String.Input("modality_weights", default=mmf.DEFAULT_WEIGHTS, optional=True,
+                                tooltip="For the random schedule: modality=weight, e.g. 'skeleton=1, landmark=1' "
+                                "(merged too)."),
+                io.Float.Input("clone_face_probability", default=0.0, min=0.0, max=1.0, step=0.05, optional=True,
+                               tooltip="Clone Face Tuning (MagicID datasets): the chance that a sample has one face "
+                               "cloned to a free place with both conditions redrawn there. 0: off."),
+                io.Float.Input("face_loss_weight", default=0.0, min=0.0, max=100.0, step=0.1, optional=True,
+                               tooltip="Face-weighted loss (MagicID datasets): faces weigh 1 + this times the "
+                               "background (each sample's weights average 1). 0: the plain loss."),
             ],
             outputs=[RepControlNetType.Output(display_name="repcontrolnet"), LossMapType.Output(display_name="loss")],
         )
@@ -300,12 +364,16 @@ class TrainRepControlNet(io.ComfyNode):
     @classmethod
     def execute(cls, model, vae, positive, dataset_folder, name, steps, learning_rate, batch_size, resolution,
                 layers, alpha, beta, adapter_channels, condition_type, seed, checkpoint_every,
-                resume, gradient_accumulation=1, mixed_precision="no", gradient_checkpointing=False) -> io.NodeOutput:
+                resume, gradient_accumulation=1, mixed_precision="no", gradient_checkpointing=False,
+                modality_schedule="single", modality_weights=mmf.DEFAULT_WEIGHTS, clone_face_probability=0.0,
+                face_loss_weight=0.0) -> io.NodeOutput:
         node = cls.define_schema().node_id
         name = trained_file_name(node, name)
         if resolution % 8:
             raise NodeInputError(node, "resolution", f"must be a multiple of 8, got {resolution}")
-        source = open_dataset(node, resolve_dataset_folder(node, dataset_folder), resolution)
+        source = open_dataset(node, resolve_dataset_folder(node, dataset_folder), resolution,
+                              clone_face_probability=clone_face_probability, face_loss_weight=face_loss_weight)
+        schedule = schedule_options(node, source, modality_schedule, modality_weights, seed)
         out_dir = Path(folder_paths.get_folder_paths(FOLDER)[0])
         target = out_dir / f"{name}.safetensors"
         ckpt_dir = out_dir / f"{name}_training"
@@ -315,7 +383,7 @@ class TrainRepControlNet(io.ComfyNode):
                 grad_accumulation=gradient_accumulation, preset=layers, alpha=alpha, beta=beta,
                 adapter_channels=adapter_channels, condition_type=condition_type, seed=seed, checkpoint_dir=ckpt_dir,
                 checkpoint_every=checkpoint_every, resume_from=ckpt_dir if resume else None, resume_optional=True,
-                mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing)
+                mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing, **schedule)
         except ValueError as err:
             raise NodeInputError(node, "resume" if resume and "resume" in str(err) else "dataset_folder",
                                  str(err)) from None
@@ -323,6 +391,8 @@ class TrainRepControlNet(io.ComfyNode):
         folder_paths.filename_list_cache.pop(FOLDER, None)
         losses = result.losses
         how = f"resumed at step {result.step - result.stats.steps}" if result.resumed_from else "fresh"
+        trained = result.weights.metadata.get("trained_modalities")
+        how += f"; modalities {trained} ({result.weights.metadata.get('training_conditions')})" if trained else ""
         report = (f"trained {source.describe()} to step {result.step} ({how}); loss {losses[0]:.4f} -> "
                   f"{sum(losses[-10:]) / len(losses[-10:]):.4f} (mean of the last 10); saved {target}; checkpoints "
                   f"and losses.jsonl in {ckpt_dir}") if losses else f"saved {target}"

@@ -260,3 +260,25 @@ def test_magicid_dataset_example_runs_through_the_headless_runner(comfy, pack, m
     assert cv2.imread(str(sheet)).shape == (6 * 160, 4 * 160, 3)
     dataset = md.MagicIDDataset(tmp_path / "in" / "magic_portrait_magicid_dataset")
     assert len(dataset) == 6 and len(dataset.pairs("skeleton")) == len(dataset.pairs("landmark")) == 6
+
+
+def test_magicid_mmf_example_runs_through_the_headless_runner(comfy, pack, models_dir, tmp_path):
+    """As opened on a fresh server, at a small size and few steps: the shipped photos become a MagicID dataset, two
+    MMF steps (alternate, Clone Face Tuning on) train a RepControlNet on it (the log says skeleton, landmark), and the
+    file is applied with the merged condition drawn from the layout picture."""
+    from magic_portrait.runner import run_workflow
+
+    pack.nodes.example_inputs.install_example_inputs(tmp_path / "in")
+    result = run_workflow(
+        REPO / "example_workflows" / "magicid_mmf_train.json",
+        sets=["MagicPortrait_TrainRepControlNet.steps=2", "MagicPortrait_TrainRepControlNet.resolution=64",
+              "MagicPortrait_TrainRepControlNet.checkpoint_every=1", "KSampler.steps=1",
+              "EmptyLatentImage.width=192", "EmptyLatentImage.height=128"],
+        models_dir=models_dir, output_dir=tmp_path / "out", input_dir=tmp_path / "in")
+    texts = " ".join(str(t) for t in result.texts)
+    assert "MagicID dataset 'magic_portrait_magicid_dataset': 6 samples at 64px; Clone Face Tuning p=0.3" in texts
+    assert "my_magicid_mmf.safetensors: trained on skeleton, landmark (alternate: skeleton, landmark, ...); " \
+           "condition: merged" in texts
+    assert any(f.name.startswith("magicid_mmf") and f.suffix == ".png" for f in result.files)
+    log = (models_dir / "magic_repcontrolnet" / "my_magicid_mmf_training" / "losses.jsonl").read_text().splitlines()
+    assert [json.loads(line)["condition"] for line in log] == ["skeleton", "landmark"]

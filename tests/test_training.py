@@ -162,9 +162,10 @@ def test_a_dataset_from_comfyuis_own_dataset_nodes_trains(comfy, workdir, tiny):
 
 
 def test_workflows_saved_before_the_new_inputs_still_load_and_validate(comfy, workdir):
-    """The Train node's new inputs (gradient_accumulation, mixed_precision, gradient_checkpointing) come last and
-    are optional: a workflow saved before them (15 widget values) converts with their defaults, and an API prompt
-    without them passes ComfyUI's validation."""
+    """The Train node's newer inputs (gradient_accumulation, mixed_precision, gradient_checkpointing; then
+    modality_schedule, modality_weights, clone_face_probability, face_loss_weight) come last and are optional: a
+    workflow saved before either (15 or 18 widget values) converts with their defaults, and an API prompt without
+    them passes ComfyUI's validation. Apply RepControlNet's condition_modality / untrained_modality likewise."""
     import asyncio
 
     import execution
@@ -173,16 +174,26 @@ def test_workflows_saved_before_the_new_inputs_still_load_and_validate(comfy, wo
     from magic_portrait.workflow import ui_to_api
 
     repo = Path(__file__).resolve().parent.parent
-    example = json.loads((repo / "example_workflows" / "repcontrolnet_train.json").read_text())
-    train = next(n for n in example["nodes"] if n["type"] == TRAIN)
-    assert train["widgets_values"][-3:] == [1, "no", False]
-    train["widgets_values"] = train["widgets_values"][:-3]  # as the version before saved it
-    warnings: list[str] = []
-    prompt = ui_to_api(example, comfy_nodes.NODE_CLASS_MAPPINGS, warnings=warnings)
-    inputs = next(n["inputs"] for n in prompt.values() if n["class_type"] == TRAIN)
-    assert (inputs["gradient_accumulation"], inputs["mixed_precision"], inputs["gradient_checkpointing"]) == (
-        1, "no", False)
-    assert inputs["resume"] is True and inputs["checkpoint_every"] == 100, "the old values keep their places"
+    saved = json.loads((repo / "example_workflows" / "repcontrolnet_train.json").read_text())
+    newest = [1, "no", False, "single", "skeleton=1, landmark=1", 0.0, 0.0]
+    assert next(n for n in saved["nodes"] if n["type"] == TRAIN)["widgets_values"][-7:] == newest
+    for cut in (4, 7):  # as the versions before saved it
+        example = json.loads(json.dumps(saved))
+        train = next(n for n in example["nodes"] if n["type"] == TRAIN)
+        train["widgets_values"] = train["widgets_values"][:-cut]
+        apply = next(n for n in example["nodes"] if n["type"] == "MagicPortrait_ApplyRepControlNet")
+        assert apply["widgets_values"][-2:] == ["any", "error"]
+        apply["widgets_values"] = apply["widgets_values"][:-2]
+        warnings: list[str] = []
+        prompt = ui_to_api(example, comfy_nodes.NODE_CLASS_MAPPINGS, warnings=warnings)
+        inputs = next(n["inputs"] for n in prompt.values() if n["class_type"] == TRAIN)
+        assert [inputs[k] for k in ("gradient_accumulation", "mixed_precision", "gradient_checkpointing",
+                                    "modality_schedule", "modality_weights", "clone_face_probability",
+                                    "face_loss_weight")] == newest
+        assert inputs["resume"] is True and inputs["checkpoint_every"] == 100, "the old values keep their places"
+        applied = next(n["inputs"] for n in prompt.values() if n["class_type"] == "MagicPortrait_ApplyRepControlNet")
+        assert (applied["strength"], applied["condition_modality"], applied["untrained_modality"]) == (
+            1.0, "any", "error")
     api = {
         "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT}},
         "pos": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": PROMPT}},
