@@ -186,6 +186,10 @@ def face_mask(face: Face, height: int, width: int, shape: str = "box", grow: flo
     if feather > 0 and feather_kind == "band":
         # distance from each pixel outside the region to the nearest region pixel (0 inside the region)
         distance = cv2.distanceTransform((win == 0).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+        # the exact transform's squared distances are whole numbers, but OpenCV's float32 square root differs in the
+        # last bit between its SIMD and scalar paths (which depend on where the buffer lies in memory): rebuild them
+        # from the rounded squares so the mask, and every pixel pasted through it, is the same on every run
+        distance = np.sqrt(np.rint(np.square(distance.astype(np.float64)))).astype(np.float32)
         ramp = np.clip(1.0 - distance / np.float32(feather), 0.0, 1.0)
         soft = (ramp * ramp * (3.0 - 2.0 * ramp)).astype(np.float32)
     elif feather > 0:
