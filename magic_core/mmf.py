@@ -23,8 +23,10 @@ sample through it, so the pack trains one condition adapter and one set of modal
 then applies with a skeleton, a landmark or a merged condition alike.
 
 **A MagicID dataset folder** (``dataset.json`` + ``manifest.jsonl``, see magicid_dataset) is a map-style source
-(``MagicIDSource``): images and conditions centre-cropped and resized to ``resolution`` squares as pair folders are.
-Key ``condition`` means the landmark image. A landmark-only sample (a photo kept without a skeleton) has no skeleton
+(``MagicIDSource``): each picture, its conditions and its face mask cut to one square and resized to ``resolution``.
+Where the square is cut (``crop``): ``random`` (default) draws the place from ``(seed, "crop_x"/"crop_y", step, slot)``,
+so over a run every part of a wide group photo (or a tall portrait's head) is trained, the same on every rank and
+resume; ``center`` cuts the middle every time, as pair folders are cut (and lets latents be cached). Key ``condition`` means the landmark image. A landmark-only sample (a photo kept without a skeleton) has no skeleton
 and no merged condition: on such a step it trains with its landmark image (every sample has one; MMF's other
 modality), and the source's ``describe()`` (the node's text, the file's ``training_data``) counts those samples.
 
@@ -54,6 +56,7 @@ from . import train_data
 SKELETON, LANDMARK, MERGED = "skeleton", "landmark", "merged"
 MODALITIES = (SKELETON, LANDMARK, MERGED)
 SCHEDULES = ("single", "alternate", "random", "merged")
+CROPS = ("random", "center")  # where a MagicID picture is cut to the training square
 APPLY_MODALITIES = ("any", SKELETON, LANDMARK, MERGED)
 DEFAULT_WEIGHTS = "skeleton=1, landmark=1"
 RUNNING_WINDOW = 10
@@ -181,13 +184,14 @@ def is_magicid_folder(path) -> bool:
     return folder.is_dir() and (folder / md.INFO_FILE).is_file()
 
 
-def fit_array(array: np.ndarray, size: int, mode: str = "RGB") -> torch.Tensor:
-    """A uint8 image array as ``train_data.load_image`` gives a file: centre-cropped to a square, resized (bicubic),
-    (C, size, size) float32 in [0, 1]."""
+def fit_array(array: np.ndarray, size: int, mode: str = "RGB",
+              centering: tuple[float, float] = (0.5, 0.5)) -> torch.Tensor:
+    """A uint8 image array as ``train_data.load_image`` gives a file: cropped to a square (where: ``centering``, PIL's
+    ``ImageOps.fit`` fractions; (0.5, 0.5) is the centre), resized (bicubic), (C, size, size) float32 in [0, 1]."""
     from PIL import Image, ImageOps
 
     img = Image.fromarray(np.ascontiguousarray(array)).convert(mode)
-    img = ImageOps.fit(img, (int(size), int(size)), method=Image.Resampling.BICUBIC)
+    img = ImageOps.fit(img, (int(size), int(size)), method=Image.Resampling.BICUBIC, centering=centering)
     out = torch.from_numpy(np.asarray(img, dtype=np.float32).copy() / 255.0)
     return out.unsqueeze(0) if out.ndim == 2 else out.permute(2, 0, 1).contiguous()
 
@@ -197,11 +201,13 @@ class MagicIDSource(train_data.SampleSource):
     ``merged`` (and ``condition`` = landmark) per step; Clone Face Tuning and the face-weighted loss by option."""
 
     def __init__(self, folder, resolution: int = 512, *, clone_face_probability: float = 0.0,
-                 face_loss_weight: float = 0.0, clone_options: Mapping | None = None):
+                 face_loss_weight: float = 0.0, crop: str = "random", clone_options: Mapping | None = None):
         from . import magicid_dataset as md
 
         if resolution < 8 or resolution % 8:
             raise ValueError(f"resolution must be a positive multiple of 8, got {resolution}")
+        if crop not in CROPS:
+            raise ValueError(f"crop '{crop}' is unknown: use one of {', '.join(CROPS)}")
         p, lam = float(clone_face_probability), float(face_loss_weight)
         if not (0.0 <= p <= 1.0):
             raise ValueError(f"clone_face_probability must be in [0, 1], got {clone_face_probability!r}")
@@ -216,7 +222,9 @@ class MagicIDSource(train_data.SampleSource):
         self.clone_face_probability = p
         self.face_loss_weight = lam
         self.clone_options = dict(clone_options or {})
-        self.fixed_images = p == 0.0  # cloned pictures change from step to step: no latent cache then
+        self.crop = crop
+        # cloned or randomly cut pictures change from step to step: no latent cache then
+        self.fixed_images = p == 0.0 and crop == "center"
         self.landmark_only = [r.name for r in self.dataset.records if SKELETON not in r.modalities]
 
     def __len__(self) -> int:
@@ -236,6 +244,13 @@ class MagicIDSource(train_data.SampleSource):
 
     def image(self, index: int) -> torch.Tensor:
         return fit_array(self.dataset[index].image, self.resolution)
+
+    def centering(self, ref: train_data.SampleRef) -> tuple[float, float]:
+        """Where ``ref``'s picture is cut to the square (``ImageOps.fit`` fractions): the centre, or a place drawn
+        from (seed, step, slot) so that over the run every part of a wide group photo or a tall portrait is seen."""
+        if self.crop == "center":
+            return (0.5, 0.5)
+        return (unit_draw(ref.seed, "crop_x", ref.step, ref.slot), unit_draw(ref.seed, "crop_y", ref.step, ref.slot))
 
     def clones(self, ref: train_data.SampleRef) -> bool:
         """Whether the sample in ``ref``'s slot of ``ref``'s step is a Clone Face Tuning sample."""
@@ -260,17 +275,17 @@ class MagicIDSource(train_data.SampleSource):
 
         modality = self.modality_of(ref.index, ref.condition)
         sample = self.magicid_sample(ref)
-        size = self.resolution
-        out = {"key": sample.name, "image": fit_array(sample.image, size),
-               "condition": fit_array(sample.condition(modality), size)}
+        size, at = self.resolution, self.centering(ref)
+        out = {"key": sample.name, "image": fit_array(sample.image, size, centering=at),
+               "condition": fit_array(sample.condition(modality), size, centering=at)}
         if self.face_loss_weight > 0:
-            mask = fit_array(md.mask_to_uint8(sample.face_mask), size, mode="L")
+            mask = fit_array(md.mask_to_uint8(sample.face_mask), size, mode="L", centering=at)
             out["loss_weight"] = cf.face_loss_weights(mask[None], (size, size), face_weight=1.0 + self.face_loss_weight,
                                                       background_weight=1.0)[0]
         return out
 
     def describe(self) -> str:
-        text = f"MagicID dataset '{self.folder.name}': {len(self)} samples at {self.resolution}px"
+        text = f"MagicID dataset '{self.folder.name}': {len(self)} samples at {self.resolution}px, {self.crop} crop"
         if self.landmark_only:
             text += (f" ({len(self.landmark_only)} landmark-only, trained with their landmark image on skeleton and "
                      f"merged steps: {', '.join(self.landmark_only[:5])}{' ...' if len(self.landmark_only) > 5 else ''})")
@@ -284,12 +299,16 @@ class MagicIDSource(train_data.SampleSource):
 # ---------------------------------------------------------------------------------------------- one run's options
 
 
-def open_training_source(path, resolution: int, *, clone_face_probability: float = 0.0, face_loss_weight: float = 0.0):
+def open_training_source(path, resolution: int, *, clone_face_probability: float = 0.0, face_loss_weight: float = 0.0,
+                         crop: str = "random"):
     """``train_data.open_dataset`` that also knows MagicID folders; Clone Face Tuning and the face-weighted loss need
-    one (they need the faces and masks of its manifest)."""
+    one (they need the faces and masks of its manifest). ``crop`` applies to MagicID folders (other layouts are
+    centre-cropped, as before)."""
     if is_magicid_folder(path):
         return MagicIDSource(path, resolution or 512, clone_face_probability=clone_face_probability,
-                             face_loss_weight=face_loss_weight)
+                             face_loss_weight=face_loss_weight, crop=crop)
+    if crop not in CROPS:
+        raise ValueError(f"crop '{crop}' is unknown: use one of {', '.join(CROPS)}")
     for name, value in (("clone_face_probability", clone_face_probability), ("face_loss_weight", face_loss_weight)):
         if float(value) != 0:
             raise ValueError(f"{name} {value:g} needs a MagicID dataset folder (Build MagicID Dataset writes one: its "

@@ -104,6 +104,9 @@ def add_parser(commands) -> argparse.ArgumentParser:
                         "place, conditions redrawn (default 0: off)")
     p.add_argument("--face-loss-weight", type=float, default=0.0, metavar="L",
                    help="face-weighted loss on a MagicID dataset: faces weigh 1 + L times the background (default 0)")
+    p.add_argument("--magicid-crop", choices=("random", "center"), default="random",
+                   help="where a MagicID dataset's pictures are cut to the training square: random (default: a new "
+                        "place every step, from the seed) or center")
     p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0: off; default 1)")
     p.add_argument("--num-workers", type=int, default=2, help="data loading processes per rank (default 2)")
     p.add_argument("--no-shuffle", dest="shuffle", action="store_false", help="read samples in file order")
@@ -247,7 +250,7 @@ def _train(args, name: str, runtime, ctx, tag: str, on_progress, load_models, ou
     dataset = resolve_dataset(args.dataset, train_data)
     try:
         source = training.open_source(dataset, args.resolution, clone_face_probability=args.clone_face_probability,
-                                      face_loss_weight=args.face_loss_weight)
+                                      face_loss_weight=args.face_loss_weight, magicid_crop=args.magicid_crop)
         schedule = training.schedule_options(source, args.modality_schedule, args.modality_weights, args.seed)
     except ValueError as exc:
         text = str(exc)

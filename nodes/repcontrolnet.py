@@ -265,7 +265,7 @@ def _load_image(path: Path, size: int) -> torch.Tensor:
 
 
 def open_dataset(node: str, folder: Path, resolution: int, *, clone_face_probability: float = 0.0,
-                 face_loss_weight: float = 0.0):
+                 face_loss_weight: float = 0.0, magicid_crop: str = "random"):
     """The training source in ``folder``: a MagicID dataset, (image, condition) pairs, a SaveTrainingDataset folder
     or tar shards."""
     if not folder.is_dir():
@@ -274,10 +274,11 @@ def open_dataset(node: str, folder: Path, resolution: int, *, clone_face_probabi
                              f"(the pack copies its own small set there as {BUNDLED_DATASET} when ComfyUI starts)")
     try:
         return training.open_source(folder, resolution, clone_face_probability=clone_face_probability,
-                                    face_loss_weight=face_loss_weight)
+                                    face_loss_weight=face_loss_weight, magicid_crop=magicid_crop)
     except ValueError as err:
         text = str(err)
-        name = next((n for n in ("clone_face_probability", "face_loss_weight") if text.startswith(n)), "dataset_folder")
+        name = next((n for n in ("clone_face_probability", "face_loss_weight") if text.startswith(n)),
+                    "magicid_crop" if text.startswith("crop") else "dataset_folder")
         raise NodeInputError(node, name, text) from None
 
 
@@ -357,6 +358,11 @@ class TrainRepControlNet(io.ComfyNode):
                 io.Float.Input("face_loss_weight", default=0.0, min=0.0, max=100.0, step=0.1, optional=True,
                                tooltip="Face-weighted loss (MagicID datasets): faces weigh 1 + this times the "
                                "background (each sample's weights average 1). 0: the plain loss."),
+                io.Combo.Input("magicid_crop", options=list(mmf.CROPS), default="random", optional=True,
+                               tooltip="MagicID datasets: where each picture is cut to the training square. random: "
+                               "a new place every step (from the seed), so the people at the sides of a wide group "
+                               "photo are trained too; center: the middle every time, as pair folders (latents "
+                               "cached)."),
             ],
             outputs=[RepControlNetType.Output(display_name="repcontrolnet"), LossMapType.Output(display_name="loss")],
         )
@@ -366,13 +372,14 @@ class TrainRepControlNet(io.ComfyNode):
                 layers, alpha, beta, adapter_channels, condition_type, seed, checkpoint_every,
                 resume, gradient_accumulation=1, mixed_precision="no", gradient_checkpointing=False,
                 modality_schedule="single", modality_weights=mmf.DEFAULT_WEIGHTS, clone_face_probability=0.0,
-                face_loss_weight=0.0) -> io.NodeOutput:
+                face_loss_weight=0.0, magicid_crop="random") -> io.NodeOutput:
         node = cls.define_schema().node_id
         name = trained_file_name(node, name)
         if resolution % 8:
             raise NodeInputError(node, "resolution", f"must be a multiple of 8, got {resolution}")
         source = open_dataset(node, resolve_dataset_folder(node, dataset_folder), resolution,
-                              clone_face_probability=clone_face_probability, face_loss_weight=face_loss_weight)
+                              clone_face_probability=clone_face_probability, face_loss_weight=face_loss_weight,
+                              magicid_crop=magicid_crop)
         schedule = schedule_options(node, source, modality_schedule, modality_weights, seed)
         out_dir = Path(folder_paths.get_folder_paths(FOLDER)[0])
         target = out_dir / f"{name}.safetensors"

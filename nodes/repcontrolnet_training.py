@@ -258,10 +258,11 @@ def run_training(model, vae, positive, source, *, steps: int, lr: float = 1e-4, 
         return result
 
 
-def open_source(folder, resolution: int, *, clone_face_probability: float = 0.0, face_loss_weight: float = 0.0):
+def open_source(folder, resolution: int, *, clone_face_probability: float = 0.0, face_loss_weight: float = 0.0,
+                magicid_crop: str = "random"):
     """The training source in ``folder`` (a MagicID dataset, pairs, SaveTrainingDataset shards or tar shards)."""
     return mmf.open_training_source(folder, resolution, clone_face_probability=clone_face_probability,
-                                    face_loss_weight=face_loss_weight)
+                                    face_loss_weight=face_loss_weight, crop=magicid_crop)
 
 
 def schedule_options(source, modality_schedule: str = "single", modality_weights: str | None = None,

@@ -15,7 +15,7 @@ import pytest
 import tolerances as tol
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 from test_core_training import ADAPTER, CH, LAT, LAYERS, SIGMAS, ToyUNet, toy_forward
 
 from magic_core import clone_face as cf
@@ -147,8 +147,11 @@ def test_modality_weights_and_schedules_refuse_what_they_cannot_mean(dataset, tm
 def test_a_magicid_folder_loads_each_modality_and_merged_is_the_merged_drawing(dataset):
     """At the photos' own size the crop is the identity: each loaded condition is the stored file, and merged is
     draw_merged_condition of the manifest's faces and pose, bit for bit."""
-    source = train_data.open_dataset(dataset, 512)
-    assert isinstance(source, mmf.MagicIDSource) and len(source) == 6 and source.fixed_images
+    opened = train_data.open_dataset(dataset, 512)
+    assert isinstance(opened, mmf.MagicIDSource) and len(opened) == 6 and opened.crop == "random"
+    assert not opened.fixed_images, "a random crop changes the picture from step to step: no latent cache"
+    source = mmf.MagicIDSource(dataset, 512, crop="center")
+    assert source.fixed_images
     index = [r.name for r in source.dataset.records].index("astronaut")
     record = source.dataset.records[index]
 
@@ -185,6 +188,51 @@ def test_a_landmark_only_sample_trains_its_landmarks_on_skeleton_and_merged_step
         assert torch.equal(source.load(train_data.SampleRef(0, 0, 0, 0, key, 0))["condition"], landmark)
     other = source.load(train_data.SampleRef(1, 0, 0, 0, "skeleton", 0))["condition"]
     assert not torch.equal(other, source.load(train_data.SampleRef(1, 0, 0, 0, "landmark", 0))["condition"])
+
+
+def test_random_crops_cut_picture_conditions_and_mask_alike_and_reach_every_face(dataset):
+    """A wide group photo (832 x 512) at a 256 px square: the picture, its landmark condition and its face mask are
+    cut at one place per (seed, step, slot) (each compared with PIL's resize of the stored file over the box written
+    out here), the place changes from step to step, every face of the photo lies whole inside some step's square
+    (a centre crop never holds the outermost ones), and a square photo is the same at every step."""
+    size = 256
+    source = mmf.MagicIDSource(dataset, size, face_loss_weight=1.0)
+    names = [r.name for r in source.dataset.records]
+    index = names.index("group_quartet")
+    record = source.dataset.records[index]
+    w, h = Image.open(dataset / "group_quartet.png").size
+    assert (w, h) == (832, 512)
+
+    def cut(file, mode, left):
+        img = Image.open(dataset / file).convert(mode)
+        out = img.resize((size, size), Image.Resampling.BICUBIC, box=(left, 0, left + h, h))
+        return torch.from_numpy(np.asarray(out, np.float32) / 255)
+
+    lefts = []
+    for step in range(24):
+        ref = train_data.SampleRef(index, step, step, 0, "landmark", 5)
+        out = source.load(ref)
+        left = (w - h) * train_data.derive_seed(5, "crop_x", step, 0) / 2**63
+        lefts.append(left)
+        assert torch.equal(out["image"], cut("group_quartet.png", "RGB", left).permute(2, 0, 1))
+        assert torch.equal(out["condition"], cut("group_quartet_landmark.png", "RGB", left).permute(2, 0, 1))
+        m = cut("group_quartet_facemask.png", "L", left)
+        expected_weight = (1 + m) / (1 + m).mean()
+        torch.testing.assert_close(out["loss_weight"][0], expected_weight, rtol=0,
+                                   atol=tol.float_tol(torch.float32, 2 * size * size, float(expected_weight.max())))
+    assert len({round(v, 3) for v in lefts}) == len(lefts), "a new place every step"
+    boxes = [f.bbox for f in record.faces]
+    assert len(boxes) == 4
+    for x0, _, x1, _ in boxes:
+        assert any(left <= x0 and x1 <= left + h for left in lefts), (x0, x1)
+    centre = (w - h) / 2
+    assert not all(centre <= b[0] and b[2] <= centre + h for b in boxes), "the centre square misses a face"
+    square = names.index("astronaut")
+    first = source.load(train_data.SampleRef(square, 0, 0, 0, "landmark", 5))["image"]
+    assert all(torch.equal(first, source.load(train_data.SampleRef(square, s, s, 0, "landmark", 5))["image"])
+               for s in range(1, 4))
+    with pytest.raises(ValueError, match="crop 'left' is unknown"):
+        mmf.MagicIDSource(dataset, size, crop="left")
 
 
 def eval_loss(net, weights, source, keys=("skeleton", "landmark")) -> float:
@@ -251,8 +299,9 @@ def test_cloned_samples_have_their_conditions_drawn_at_the_pasted_position(datas
 
 
 def test_the_face_weighted_loss_is_the_formula(dataset):
-    """Step 1's logged loss against the objective written out in plain torch: the face mask file cropped and resized
-    as the image, w = (1 + lam m) / mean(1 + lam m) per sample, area-averaged to the latent, loss = sum(w e) / sum(w)
+    """Step 1's logged loss against the objective written out in plain torch: the face mask file cut at slot k's random
+    square (the place from derive_seed(seed, "crop_x"/"crop_y", 0, k) / 2**63, written out with PIL's resize box) and
+    resized as the image, w = (1 + lam m) / mean(1 + lam m) per sample, area-averaged to the latent, loss = sum(w e) / sum(w)
     over the batch; with the noise and sigma of slot k from generator(seed, "noise", 0, k)."""
     lam = 3.0
     net = ToyUNet()
@@ -262,8 +311,14 @@ def test_the_face_weighted_loss_is_the_formula(dataset):
     names = [r.name for r in source.dataset.records][:4]
     terms, weights = [], []
     for k, name in enumerate(names):
-        fit = lambda path, mode: ImageOps.fit(Image.open(path).convert(mode), (RES, RES),  # noqa: E731
-                                              method=Image.Resampling.BICUBIC)
+        cx, cy = (train_data.derive_seed(7, label, 0, k) / 2**63 for label in ("crop_x", "crop_y"))
+
+        def fit(path, mode, cx=cx, cy=cy):
+            img = Image.open(path).convert(mode)
+            w, h = img.size
+            side = min(w, h)
+            left, top = (w - side) * cx, (h - side) * cy
+            return img.resize((RES, RES), Image.Resampling.BICUBIC, box=(left, top, left + side, top + side))
         image = torch.from_numpy(np.asarray(fit(dataset / f"{name}.png", "RGB"), np.float32) / 255).permute(2, 0, 1)
         cond = torch.from_numpy(np.asarray(fit(dataset / f"{name}_landmark.png", "RGB"), np.float32) / 255)
         m = torch.from_numpy(np.asarray(fit(dataset / f"{name}_facemask.png", "L"), np.float32) / 255)

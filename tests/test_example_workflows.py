@@ -276,7 +276,7 @@ def test_magicid_mmf_example_runs_through_the_headless_runner(comfy, pack, model
               "EmptyLatentImage.width=192", "EmptyLatentImage.height=128"],
         models_dir=models_dir, output_dir=tmp_path / "out", input_dir=tmp_path / "in")
     texts = " ".join(str(t) for t in result.texts)
-    assert "MagicID dataset 'magic_portrait_magicid_dataset': 6 samples at 64px; Clone Face Tuning p=0.3" in texts
+    assert "MagicID dataset 'magic_portrait_magicid_dataset': 6 samples at 64px, random crop; Clone Face Tuning p=0.3" in texts
     assert "my_magicid_mmf.safetensors: trained on skeleton, landmark (alternate: skeleton, landmark, ...); " \
            "condition: merged" in texts
     assert any(f.name.startswith("magicid_mmf") and f.suffix == ".png" for f in result.files)

@@ -85,7 +85,7 @@ def test_the_node_trains_mmf_alternate_and_the_loss_log_says_s_l_s_l(workdir, al
     meta = file_metadata(workdir, "mmf_alt")
     assert meta["trained_modalities"] == "skeleton,landmark"
     assert meta["training_conditions"] == "alternate: skeleton, landmark, ..."
-    assert meta["training_data"] == "MagicID dataset 'mid': 6 samples at 64px"
+    assert meta["training_data"] == "MagicID dataset 'mid': 6 samples at 64px, random crop"
     assert "modalities skeleton,landmark (alternate: skeleton, landmark, ...)" in alternate_file
     assert "MagicID dataset 'mid': 6 samples" in alternate_file
 

@@ -163,7 +163,7 @@ def test_a_dataset_from_comfyuis_own_dataset_nodes_trains(comfy, workdir, tiny):
 
 def test_workflows_saved_before_the_new_inputs_still_load_and_validate(comfy, workdir):
     """The Train node's newer inputs (gradient_accumulation, mixed_precision, gradient_checkpointing; then
-    modality_schedule, modality_weights, clone_face_probability, face_loss_weight) come last and are optional: a
+    modality_schedule, modality_weights, clone_face_probability, face_loss_weight, magicid_crop) come last and are optional: a
     workflow saved before either (15 or 18 widget values) converts with their defaults, and an API prompt without
     them passes ComfyUI's validation. Apply RepControlNet's condition_modality / untrained_modality likewise."""
     import asyncio
@@ -175,9 +175,9 @@ def test_workflows_saved_before_the_new_inputs_still_load_and_validate(comfy, wo
 
     repo = Path(__file__).resolve().parent.parent
     saved = json.loads((repo / "example_workflows" / "repcontrolnet_train.json").read_text())
-    newest = [1, "no", False, "single", "skeleton=1, landmark=1", 0.0, 0.0]
-    assert next(n for n in saved["nodes"] if n["type"] == TRAIN)["widgets_values"][-7:] == newest
-    for cut in (4, 7):  # as the versions before saved it
+    newest = [1, "no", False, "single", "skeleton=1, landmark=1", 0.0, 0.0, "random"]
+    assert next(n for n in saved["nodes"] if n["type"] == TRAIN)["widgets_values"][-8:] == newest
+    for cut in (5, 8):  # as the versions before saved it
         example = json.loads(json.dumps(saved))
         train = next(n for n in example["nodes"] if n["type"] == TRAIN)
         train["widgets_values"] = train["widgets_values"][:-cut]
@@ -189,7 +189,7 @@ def test_workflows_saved_before_the_new_inputs_still_load_and_validate(comfy, wo
         inputs = next(n["inputs"] for n in prompt.values() if n["class_type"] == TRAIN)
         assert [inputs[k] for k in ("gradient_accumulation", "mixed_precision", "gradient_checkpointing",
                                     "modality_schedule", "modality_weights", "clone_face_probability",
-                                    "face_loss_weight")] == newest
+                                    "face_loss_weight", "magicid_crop")] == newest
         assert inputs["resume"] is True and inputs["checkpoint_every"] == 100, "the old values keep their places"
         applied = next(n["inputs"] for n in prompt.values() if n["class_type"] == "MagicPortrait_ApplyRepControlNet")
         assert (applied["strength"], applied["condition_modality"], applied["untrained_modality"]) == (
