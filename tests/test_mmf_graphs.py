@@ -168,3 +168,47 @@ def test_apply_refuses_or_warns_about_an_untrained_modality(comfy, workdir):
         out["apply"]["text"][0]
     out = comfy.run_prompt(apply_prompt("mmf_landmark", "duo_landmark.png", "landmark"))
     assert out["apply"]["text"][0].endswith("condition: landmark")
+
+
+def test_mmf_training_through_the_executor_lowers_the_loss_of_both_modalities(comfy, pack, workdir):
+    """A tiny SD1.5 overfits the six shipped samples: after MMF alternate through the executor, the epsilon loss of
+    each modality on fixed (noise, sigma) draws, with the file's modal weights and adapter merged as Apply merges
+    them, is below the base model's (the file's own start: init_weights_from_base)."""
+    from helpers import cached_outputs
+
+    mmf, train_data, rcn = pack.magic_core.mmf, pack.magic_core.train_data, pack.magic_core.repcontrolnet
+    context_from, make_unet_forward = pack.nodes.repcontrolnet_training.context_from, \
+        pack.nodes.repcontrolnet_training.make_unet_forward
+
+    comfy.run_prompt(train_prompt("mmf_falls", 24, modality_schedule="alternate", batch_size=2, learning_rate=3e-3,
+                                  magicid_crop="center"))
+    model, _, vae = cached_outputs(comfy, "ckpt")
+    (positive,) = cached_outputs(comfy, "pos")
+    trained = rcn.load_repcontrolnet(workdir / "models" / "magic_repcontrolnet" / "mmf_falls.safetensors")
+    source = mmf.MagicIDSource(workdir / "input" / "mid", 64, crop="center")
+    with torch.inference_mode(False), torch.enable_grad():
+        forward = make_unet_forward(model)
+        unet = model.model.diffusion_model.state_dict()
+        start = rcn.init_weights_from_base(unet, trained.layers, adapter_config=trained.adapter_config)
+        latent_format = model.get_model_object("latent_format")
+
+        def eval_loss(weights, modality):
+            batch = train_data.collate([source.load(train_data.SampleRef(i, i, 0, 0, modality, 0))
+                                        for i in range(len(source))])
+            with torch.no_grad():
+                latents = latent_format.process_in(vae.encode(batch["image"].permute(0, 2, 3, 1)).float())
+                context = context_from(model, positive, latents.shape[0], tuple(latents.shape[-2:]), "cpu")
+                params, adapter = rcn.merged_state(weights, unet), weights.build_adapter()
+                features = adapter(batch["condition"], latent_hw=tuple(latents.shape[-2:]))
+                g, total = torch.Generator().manual_seed(99), 0.0
+                for sigma in (0.5, 2.0, 6.0):
+                    noise = torch.randn(latents.shape, generator=g)
+                    x = latents + sigma * noise
+                    d = forward(params, x, torch.full((latents.shape[0],), sigma), context, features)
+                    total += float((((x - d) / sigma - noise) ** 2).mean())
+            return total
+
+        for modality in ("skeleton", "landmark"):
+            before, after = eval_loss(start, modality), eval_loss(trained, modality)
+            print(f"{modality}: base {before:.4f}, trained {after:.4f}")
+            assert after < 0.9 * before, (modality, before, after)
