@@ -109,6 +109,18 @@ def pytest_terminal_summary(terminalreporter):
     summary.write_text(line + "\n")
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one torch thread avoids oversubscription on a busy machine (restored afterwards). A module opts
+    in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def comfy():
     """The real ComfyUI, booted in this process on CPU with the pack loaded."""

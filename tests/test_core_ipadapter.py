@@ -74,12 +74,7 @@ EXPECT = {
 TINY = {"lora_rank": 2}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write(tmp_path, variant, family="sd15", fmt="safetensors", name=None, **kw):

@@ -33,12 +33,7 @@ RES = 64
 MIX = torch.randn(LAT, 3, 1, 1, generator=torch.Generator().manual_seed(5))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -35,12 +35,7 @@ LAYERS = ["body", "conv_out"]
 SIGMAS = torch.linspace(0.3, 1.5, 16)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class ToyUNet(nn.Module):
