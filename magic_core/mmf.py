@@ -26,7 +26,8 @@ then applies with a skeleton, a landmark or a merged condition alike.
 (``MagicIDSource``): each picture, its conditions and its face mask cut to one square and resized to ``resolution``.
 Where the square is cut (``crop``): ``random`` (default) draws the place from ``(seed, "crop_x"/"crop_y", step, slot)``,
 so over a run every part of a wide group photo (or a tall portrait's head) is trained, the same on every rank and
-resume; ``center`` cuts the middle every time, as pair folders are cut (and lets latents be cached). Key ``condition`` means the landmark image. A landmark-only sample (a photo kept without a skeleton) has no skeleton
+resume; ``center`` cuts the middle every time, as pair folders are cut (and lets latents be cached). Key
+``condition`` means the landmark image. A landmark-only sample (a photo kept without a skeleton) has no skeleton
 and no merged condition: on such a step it trains with its landmark image (every sample has one; MMF's other
 modality), and the source's ``describe()`` (the node's text, the file's ``training_data``) counts those samples.
 
@@ -63,6 +64,15 @@ RUNNING_WINDOW = 10
 _UNIT = float(1 << 63)  # derive_seed gives 63 bits: / 2**63 is a number in [0, 1)
 
 
+class OptionError(ValueError):
+    """A bad MMF / Clone Face Tuning option; ``option`` names it as the Train node's input (the command line's flag is
+    ``--`` + the name with dashes), so both say which one without reading the message."""
+
+    def __init__(self, option: str, message: str):
+        super().__init__(message)
+        self.option = option
+
+
 def unit_draw(seed: int, *parts) -> float:
     """A number in [0, 1) from the run seed and labels, the same on every rank and every resume."""
     return train_data.derive_seed(seed, *parts) / _UNIT
@@ -79,23 +89,26 @@ def parse_modality_weights(text: str | Mapping[str, float]) -> dict[str, float]:
                 continue
             name, sep, value = part.partition("=")
             if not sep:
-                raise ValueError(f"'{part.strip()}' is not modality=weight (e.g. {DEFAULT_WEIGHTS})")
+                raise OptionError("modality_weights",
+                                  f"'{part.strip()}' is not modality=weight (e.g. {DEFAULT_WEIGHTS})")
             items.append((name.strip().lower(), value.strip()))
     weights: dict[str, float] = {}
     for name, value in items:
         if name not in MODALITIES:
-            raise ValueError(f"unknown modality '{name}': use {', '.join(MODALITIES)} (e.g. {DEFAULT_WEIGHTS})")
+            raise OptionError("modality_weights",
+                              f"unknown modality '{name}': use {', '.join(MODALITIES)} (e.g. {DEFAULT_WEIGHTS})")
         if name in weights:
-            raise ValueError(f"modality '{name}' is given twice")
+            raise OptionError("modality_weights", f"modality '{name}' is given twice")
         try:
             number = float(value)
         except (TypeError, ValueError):
-            raise ValueError(f"the weight of '{name}' ({value!r}) is not a number") from None
+            raise OptionError("modality_weights", f"the weight of '{name}' ({value!r}) is not a number") from None
         if not math.isfinite(number) or number < 0:
-            raise ValueError(f"the weight of '{name}' must be a number >= 0, got {value!r}")
+            raise OptionError("modality_weights", f"the weight of '{name}' must be a number >= 0, got {value!r}")
         weights[name] = number
     if not weights or sum(weights.values()) <= 0:
-        raise ValueError(f"modality weights must give at least one modality a weight > 0 (e.g. {DEFAULT_WEIGHTS})")
+        raise OptionError("modality_weights",
+                          f"modality weights must give at least one modality a weight > 0 (e.g. {DEFAULT_WEIGHTS})")
     return {m: weights[m] for m in MODALITIES if m in weights and weights[m] > 0}
 
 
@@ -106,7 +119,8 @@ class ModalitySchedule:
                  weights: str | Mapping[str, float] | None = None,
                  order: Sequence[str] = (SKELETON, LANDMARK)):
         if mode not in SCHEDULES:
-            raise ValueError(f"modality schedule '{mode}' is unknown: use one of {', '.join(SCHEDULES)}")
+            raise OptionError("modality_schedule",
+                              f"modality schedule '{mode}' is unknown: use one of {', '.join(SCHEDULES)}")
         self.mode = mode
         self.weights: dict[str, float] = {}
         if mode == "single":
@@ -114,7 +128,8 @@ class ModalitySchedule:
         elif mode == "alternate":
             self.order = tuple(order)
             if len(self.order) < 2 or len(set(self.order)) != len(self.order):
-                raise ValueError(f"alternate needs two or more different modalities, got {list(self.order)}")
+                raise OptionError("modality_schedule",
+                                  f"alternate needs two or more different modalities, got {list(self.order)}")
         elif mode == "random":
             self.weights = parse_modality_weights(DEFAULT_WEIGHTS if weights is None else weights)
             self.order = tuple(self.weights)
@@ -207,12 +222,13 @@ class MagicIDSource(train_data.SampleSource):
         if resolution < 8 or resolution % 8:
             raise ValueError(f"resolution must be a positive multiple of 8, got {resolution}")
         if crop not in CROPS:
-            raise ValueError(f"crop '{crop}' is unknown: use one of {', '.join(CROPS)}")
+            raise OptionError("magicid_crop", f"crop '{crop}' is unknown: use one of {', '.join(CROPS)}")
         p, lam = float(clone_face_probability), float(face_loss_weight)
         if not (0.0 <= p <= 1.0):
-            raise ValueError(f"clone_face_probability must be in [0, 1], got {clone_face_probability!r}")
+            raise OptionError("clone_face_probability",
+                              f"clone_face_probability must be in [0, 1], got {clone_face_probability!r}")
         if not (math.isfinite(lam) and lam >= 0):
-            raise ValueError(f"face_loss_weight must be a number >= 0, got {face_loss_weight!r}")
+            raise OptionError("face_loss_weight", f"face_loss_weight must be a number >= 0, got {face_loss_weight!r}")
         self.dataset = md.MagicIDDataset(folder)
         if len(self.dataset) == 0:
             raise ValueError(f"the MagicID dataset '{folder}' has no samples yet (build it with Build MagicID "
@@ -288,7 +304,8 @@ class MagicIDSource(train_data.SampleSource):
         text = f"MagicID dataset '{self.folder.name}': {len(self)} samples at {self.resolution}px, {self.crop} crop"
         if self.landmark_only:
             text += (f" ({len(self.landmark_only)} landmark-only, trained with their landmark image on skeleton and "
-                     f"merged steps: {', '.join(self.landmark_only[:5])}{' ...' if len(self.landmark_only) > 5 else ''})")
+                     f"merged steps: {', '.join(self.landmark_only[:5])}"
+                     f"{' ...' if len(self.landmark_only) > 5 else ''})")
         if self.clone_face_probability > 0:
             text += f"; Clone Face Tuning p={self.clone_face_probability:g}"
         if self.face_loss_weight > 0:
@@ -308,10 +325,11 @@ def open_training_source(path, resolution: int, *, clone_face_probability: float
         return MagicIDSource(path, resolution or 512, clone_face_probability=clone_face_probability,
                              face_loss_weight=face_loss_weight, crop=crop)
     if crop not in CROPS:
-        raise ValueError(f"crop '{crop}' is unknown: use one of {', '.join(CROPS)}")
+        raise OptionError("magicid_crop", f"crop '{crop}' is unknown: use one of {', '.join(CROPS)}")
     for name, value in (("clone_face_probability", clone_face_probability), ("face_loss_weight", face_loss_weight)):
         if float(value) != 0:
-            raise ValueError(f"{name} {value:g} needs a MagicID dataset folder (Build MagicID Dataset writes one: its "
+            raise OptionError(name,
+                              f"{name} {value:g} needs a MagicID dataset folder (Build MagicID Dataset writes one: its "
                              f"faces and face masks); '{Path(path).name}' is not one: set it to 0")
     return train_data.open_dataset(path, resolution)
 
@@ -328,9 +346,10 @@ def make_schedule(mode: str, source, weights: str | None = None) -> ModalitySche
                 missing = [m for m in schedule.modalities if m not in entry["conditions"]]
                 if missing:
                     name = Path(str(entry.get("image", entry.get("key", "?")))).stem
-                    raise ValueError(f"modality schedule '{mode}' needs {', '.join(schedule.modalities)} conditions: "
-                                     f"sample '{name}' has no {', '.join(missing)} image (name it "
-                                     f"{name}_{missing[0]}.png), or use a MagicID dataset folder")
+                    raise OptionError("modality_schedule",
+                                      f"modality schedule '{mode}' needs {', '.join(schedule.modalities)} conditions: "
+                                      f"sample '{name}' has no {', '.join(missing)} image (name it "
+                                      f"{name}_{missing[0]}.png), or use a MagicID dataset folder")
     return schedule
 
 

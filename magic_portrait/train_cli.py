@@ -252,14 +252,8 @@ def _train(args, name: str, runtime, ctx, tag: str, on_progress, load_models, ou
         source = training.open_source(dataset, args.resolution, clone_face_probability=args.clone_face_probability,
                                       face_loss_weight=args.face_loss_weight, magicid_crop=args.magicid_crop)
         schedule = training.schedule_options(source, args.modality_schedule, args.modality_weights, args.seed)
-    except ValueError as exc:
-        text = str(exc)
-        flag = next((f"--{n.replace('_', '-')}" for n in ("clone_face_probability", "face_loss_weight")
-                     if text.startswith(n)), None)
-        if flag is None:
-            flag = "--modality-weights" if args.modality_schedule == "random" and "weight" in text else (
-                "--modality-schedule" if args.modality_schedule != "single" else "--dataset")
-        raise UsageError(f"{flag}: {text}") from None
+    except ValueError as exc:  # mmf.OptionError names its option; any other error is the dataset's
+        raise UsageError(f"--{getattr(exc, 'option', 'dataset').replace('_', '-')}: {exc}") from None
     started = time.perf_counter()
     if load_models is None:
         model, clip, vae = comfy_nodes.CheckpointLoaderSimple().load_checkpoint(args.checkpoint)[:3]

@@ -276,19 +276,14 @@ def open_dataset(node: str, folder: Path, resolution: int, *, clone_face_probabi
         return training.open_source(folder, resolution, clone_face_probability=clone_face_probability,
                                     face_loss_weight=face_loss_weight, magicid_crop=magicid_crop)
     except ValueError as err:
-        text = str(err)
-        name = next((n for n in ("clone_face_probability", "face_loss_weight") if text.startswith(n)),
-                    "magicid_crop" if text.startswith("crop") else "dataset_folder")
-        raise NodeInputError(node, name, text) from None
+        raise NodeInputError(node, getattr(err, "option", "dataset_folder"), str(err)) from None
 
 
 def schedule_options(node: str, source, modality_schedule: str, modality_weights: str, seed: int) -> dict:
     try:
         return training.schedule_options(source, modality_schedule, modality_weights, seed)
     except ValueError as err:
-        text = str(err)
-        weights = modality_schedule == "random" and ("weight" in text or "modality '" in text)
-        raise NodeInputError(node, "modality_weights" if weights else "modality_schedule", text) from None
+        raise NodeInputError(node, getattr(err, "option", "modality_schedule"), str(err)) from None
 
 
 class TrainRepControlNet(io.ComfyNode):

@@ -119,20 +119,23 @@ def test_modality_weights_and_schedules_refuse_what_they_cannot_mean(dataset, tm
     for bad, match in (("pose=1", "unknown modality 'pose'"), ("skeleton", "not modality=weight"),
                        ("skeleton=-1", ">= 0"), ("skeleton=0", "at least one"), ("skeleton=x", "not a number"),
                        ("skeleton=1, skeleton=2", "twice")):
-        with pytest.raises(ValueError, match=match):
+        with pytest.raises(mmf.OptionError, match=match) as refused:
             mmf.parse_modality_weights(bad)
-    with pytest.raises(ValueError, match="unknown"):
+        assert refused.value.option == "modality_weights"
+    with pytest.raises(mmf.OptionError, match="unknown") as refused:
         mmf.ModalitySchedule("sometimes")
+    assert refused.value.option == "modality_schedule"
     # a pair folder without the schedule's condition images: named before training starts
     for name in ("a.png", "a_condition.png", "a_skeleton.png"):
         Image.new("RGB", (16, 16), 90).save(tmp_path / name)
     pairs = train_data.open_dataset(tmp_path, 16)
-    with pytest.raises(ValueError, match="sample 'a' has no landmark image.*a_landmark.png"):
+    with pytest.raises(mmf.OptionError, match="sample 'a' has no landmark image.*a_landmark.png") as refused:
         mmf.make_schedule("alternate", pairs)
-    with pytest.raises(ValueError, match="clone_face_probability 0.5 needs a MagicID dataset"):
-        mmf.open_training_source(tmp_path, 16, clone_face_probability=0.5)
-    with pytest.raises(ValueError, match="face_loss_weight 2 needs a MagicID dataset"):
-        mmf.open_training_source(tmp_path, 16, face_loss_weight=2)
+    assert refused.value.option == "modality_schedule"
+    for option, value in (("clone_face_probability", 0.5), ("face_loss_weight", 2)):
+        with pytest.raises(mmf.OptionError, match=f"{option} {value:g} needs a MagicID dataset") as refused:
+            mmf.open_training_source(tmp_path, 16, **{option: value})
+        assert refused.value.option == option
     assert mmf.make_schedule("single", mmf.MagicIDSource(dataset, RES)).modalities == ("landmark",)
 
 
@@ -226,8 +229,9 @@ def test_random_crops_cut_picture_conditions_and_mask_alike_and_reach_every_face
     first = source.load(train_data.SampleRef(square, 0, 0, 0, "landmark", 5))["image"]
     assert all(torch.equal(first, source.load(train_data.SampleRef(square, s, s, 0, "landmark", 5))["image"])
                for s in range(1, 4))
-    with pytest.raises(ValueError, match="crop 'left' is unknown"):
+    with pytest.raises(mmf.OptionError, match="crop 'left' is unknown") as refused:
         mmf.MagicIDSource(dataset, size, crop="left")
+    assert refused.value.option == "magicid_crop"
 
 
 def eval_loss(net, weights, source, keys=("skeleton", "landmark")) -> float:

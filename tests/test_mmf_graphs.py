@@ -117,6 +117,10 @@ def test_node_and_command_line_are_one_training_with_random_mmf_and_clone_face_t
     assert train_cli.main([*args[:args.index("--name") + 1], "bad_cli", "--modality-schedule", "random",
                            "--modality-weights", "skeleton=-1"], out=io.StringIO(), err=err) == 2
     assert "--modality-weights: the weight of 'skeleton' must be a number >= 0" in err.getvalue()
+    err = io.StringIO()  # the flag the node's input names (the error says which option, not the text)
+    assert train_cli.main([*args[:args.index("--name") + 1], "bad_cli", "--modality-schedule", "random",
+                           "--modality-weights", "pose=1"], out=io.StringIO(), err=err) == 2
+    assert "--modality-weights: unknown modality 'pose'" in err.getvalue()
     with pytest.raises(WorkflowError, match=rf"{TRAIN}.*input 'modality_weights'.*unknown modality 'pose'"):
         comfy.run_prompt(train_prompt("bad", 1, modality_schedule="random", modality_weights="pose=1"))
     with pytest.raises(WorkflowError, match=rf"{TRAIN}.*input 'clone_face_probability'.*needs a MagicID dataset"):
