@@ -192,13 +192,6 @@ class ModalityLog:
 # ---------------------------------------------------------------------------------------------- MagicID datasets
 
 
-def is_magicid_folder(path) -> bool:
-    from . import magicid_dataset as md
-
-    folder = Path(path)
-    return folder.is_dir() and (folder / md.INFO_FILE).is_file()
-
-
 def fit_array(array: np.ndarray, size: int, mode: str = "RGB",
               centering: tuple[float, float] = (0.5, 0.5)) -> torch.Tensor:
     """A uint8 image array as ``train_data.load_image`` gives a file: cropped to a square (where: ``centering``, PIL's
@@ -321,7 +314,7 @@ def open_training_source(path, resolution: int, *, clone_face_probability: float
     """``train_data.open_dataset`` that also knows MagicID folders; Clone Face Tuning and the face-weighted loss need
     one (they need the faces and masks of its manifest). ``crop`` applies to MagicID folders (other layouts are
     centre-cropped, as before)."""
-    if is_magicid_folder(path):
+    if train_data.is_magicid_folder(path):
         return MagicIDSource(path, resolution or 512, clone_face_probability=clone_face_probability,
                              face_loss_weight=face_loss_weight, crop=crop)
     if crop not in CROPS:

@@ -412,12 +412,17 @@ class CoreDatasetSamples(SampleSource):
         return state
 
 
+def is_magicid_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is what Build MagicID Dataset writes (its ``dataset.json`` marks it)."""
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, MAGICID_INFO))
+
+
 def open_dataset(path: str | os.PathLike, resolution: int | None) -> SampleSource | TarShards:
     """The source a dataset path names, by its layout: a MagicID dataset folder (``dataset.json`` + manifest, what
     Build MagicID Dataset writes: ``mmf.MagicIDSource``), a SaveTrainingDataset folder (``shard_NNNN.pkl``), tar
     shards (a folder of ``.tar`` files, a ``.tar`` file, a glob or a brace pattern), or a folder of pairs."""
     text = os.fspath(path)
-    if os.path.isdir(text) and os.path.isfile(os.path.join(text, MAGICID_INFO)):
+    if is_magicid_folder(text):
         from .mmf import MagicIDSource  # numpy/OpenCV: only when a MagicID folder is trained on
 
         return MagicIDSource(text, resolution or 512)
