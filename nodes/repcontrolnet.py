@@ -181,11 +181,10 @@ class ApplyRepControlNet(io.ComfyNode):
     def execute(cls, model, repcontrolnet, image, strength, merge_weights=True, condition_modality="any",
                 untrained_modality="error") -> io.NodeOutput:
         node = cls.define_schema().node_id
-        if not isinstance(repcontrolnet, LoadedRepControlNet):
-            check_fits(node, model, repcontrolnet)
-        text = modality_report(node, repcontrolnet, condition_modality, untrained_modality)
+        # apply first: it checks the file against the MODEL (patches on a clone, nothing computed per layer)
         patched, _ = apply_repcontrolnet(model, repcontrolnet, image, strength, merge_weights=merge_weights,
                                          node=node)
+        text = modality_report(node, repcontrolnet, condition_modality, untrained_modality)
         return io.NodeOutput(patched, ui=ui.PreviewText(text))
 
 
