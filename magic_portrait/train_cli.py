@@ -48,6 +48,7 @@ exit codes: 0 done, 1 training error (message on stderr), 2 usage error."""
 OPTIMIZERS = ("adam", "adamw", "sgd")  # as magic_core.repcontrolnet_train (not imported here: --help stays fast)
 MIXED_PRECISION = ("no", "bf16", "fp16")
 SCHEDULES = ("single", "alternate", "random", "merged")  # magic_core.mmf.SCHEDULES
+CROPS = ("random", "center")  # magic_core.mmf.CROPS
 
 
 class LauncherStopped(RuntimeError):
@@ -104,7 +105,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
                         "place, conditions redrawn (default 0: off)")
     p.add_argument("--face-loss-weight", type=float, default=0.0, metavar="L",
                    help="face-weighted loss on a MagicID dataset: faces weigh 1 + L times the background (default 0)")
-    p.add_argument("--magicid-crop", choices=("random", "center"), default="random",
+    p.add_argument("--magicid-crop", choices=CROPS, default="random",
                    help="where a MagicID dataset's pictures are cut to the training square: random (default: a new "
                         "place every step, from the seed) or center")
     p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0: off; default 1)")

@@ -376,3 +376,13 @@ def test_how_the_batch_is_split_does_not_change_which_samples_modalities_and_clo
         seen.append(sorted(source.asked))
     assert seen[0] == seen[1] == seen[2]
     assert any("_clone" in name for *_, name in seen[0]) and len(seen[0]) == 12
+
+
+def test_the_command_line_offers_the_choices_the_core_knows():
+    """train_cli keeps its own copies (its --help imports no torch): they must stay the core's."""
+    from magic_core import repcontrolnet_train
+    from magic_portrait import train_cli
+
+    assert train_cli.SCHEDULES == mmf.SCHEDULES and train_cli.CROPS == mmf.CROPS
+    assert train_cli.MIXED_PRECISION == repcontrolnet_train.MIXED_PRECISION
+    assert train_cli.OPTIMIZERS == repcontrolnet_train.OPTIMIZERS
