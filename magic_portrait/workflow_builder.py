@@ -177,6 +177,18 @@ class Workflow:
                 return
         raise KeyError(f"{target.type} has no input {input_name!r}")
 
+    def sample(self, model: tuple[NodeRef, int], positive: tuple[NodeRef, int], negative: tuple[NodeRef, int],
+               width: int, height: int, **sampler) -> NodeRef:
+        """An EmptyLatentImage of width x height and a KSampler (widgets `sampler`) on model/positive/negative;
+        returns the sampler."""
+        empty = self.node("EmptyLatentImage", width=width, height=height, batch_size=1)
+        node = self.node("KSampler", **sampler)
+        self.connect(model, node, "model")
+        self.connect(positive, node, "positive")
+        self.connect(negative, node, "negative")
+        self.connect(empty.out(0), node, "latent_image")
+        return node
+
     def decode_and_save(self, latent: tuple[NodeRef, int] | NodeRef, vae: tuple[NodeRef, int], prefix: str) -> NodeRef:
         """VAEDecode the latent and SaveImage it under `prefix`; returns the save node."""
         decode = self.node("VAEDecode")

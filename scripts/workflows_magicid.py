@@ -79,13 +79,8 @@ def _add_identity(wf: Workflow, emb, previous, person: int, **widgets):
 
 def _sample(wf: Workflow, model, apply, ckpt, width: int, height: int, prefix: str, columns: tuple[int, int]):
     wf.column = columns[0]
-    empty = wf.node("EmptyLatentImage", width=width, height=height, batch_size=1)
-    sampler = wf.node("KSampler", seed=42, steps=30, cfg=6.0, sampler_name="dpmpp_2m", scheduler="karras",
-                      denoise=1.0)
-    wf.connect(model, sampler, "model")
-    wf.connect(apply.out("positive"), sampler, "positive")
-    wf.connect(apply.out("negative"), sampler, "negative")
-    wf.connect(empty.out(0), sampler, "latent_image")
+    sampler = wf.sample(model, apply.out("positive"), apply.out("negative"), width, height, seed=42, steps=30,
+                        cfg=6.0, sampler_name="dpmpp_2m", scheduler="karras", denoise=1.0)
     wf.column = columns[1]
     wf.decode_and_save(sampler.out(0), ckpt.out("VAE"), prefix)
 

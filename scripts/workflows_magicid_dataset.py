@@ -109,12 +109,8 @@ def magicid_mmf_train(classes) -> Workflow:
     wf.connect(ckpt.out("MODEL"), apply, "model")
     wf.connect(train.out(0), apply, "repcontrolnet")
     wf.connect(draw.out(0), apply, "image")
-    empty = wf.node("EmptyLatentImage", width=768, height=512, batch_size=1)
-    sampler = wf.node("KSampler", seed=42, steps=20, cfg=6.0, sampler_name="euler", scheduler="normal", denoise=1.0)
-    wf.connect(apply.out(0), sampler, "model")
-    wf.connect(prompt.out(0), sampler, "positive")
-    wf.connect(negative.out(0), sampler, "negative")
-    wf.connect(empty.out(0), sampler, "latent_image")
+    sampler = wf.sample(apply.out(0), prompt.out(0), negative.out(0), 768, 512, seed=42, steps=20, cfg=6.0,
+                        sampler_name="euler", scheduler="normal", denoise=1.0)
     wf.column = 5
     wf.decode_and_save(sampler.out(0), ckpt.out("VAE"), "magic_portrait/magicid_mmf")
     wf.group("Face back-end, model, prompts", [0])

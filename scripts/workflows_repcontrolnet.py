@@ -18,13 +18,8 @@ MODE_BYPASS = 4
 
 def _sample_512(wf: Workflow, model, positive, negative):
     """An empty 512x512 latent and a 25-step KSampler on the controlled model."""
-    empty = wf.node("EmptyLatentImage", width=512, height=512, batch_size=1)
-    sampler = wf.node("KSampler", seed=0, steps=25, cfg=7.0, sampler_name="euler", scheduler="normal", denoise=1.0)
-    wf.connect(model.out(0), sampler, "model")
-    wf.connect(positive.out(0), sampler, "positive")
-    wf.connect(negative.out(0), sampler, "negative")
-    wf.connect(empty.out(0), sampler, "latent_image")
-    return sampler
+    return wf.sample(model.out(0), positive.out(0), negative.out(0), 512, 512, seed=0, steps=25, cfg=7.0,
+                     sampler_name="euler", scheduler="normal", denoise=1.0)
 
 
 def repcontrolnet_apply(classes) -> Workflow:
