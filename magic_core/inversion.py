@@ -57,6 +57,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .sharing import SharedOnCopy
+
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 StepHook = Callable[[str, int, torch.Tensor], None]
 
@@ -166,7 +168,7 @@ def find_boundary(boundaries: Iterable[ExactBoundary] | None, x: torch.Tensor, s
     return None
 
 
-class BoundaryLog:
+class BoundaryLog(SharedOnCopy):
     """The exact boundaries of an inversion SAMPLER's recent runs, which its paired reverse SAMPLER looks up (a
     SAMPLER's output LATENT carries one tensor, so the partner state travels here). Copies share the log."""
 
@@ -183,11 +185,6 @@ class BoundaryLog:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def __copy__(self):
-        return self
-
-    def __deepcopy__(self, memo):
-        return self
 
 
 @dataclass
@@ -400,7 +397,7 @@ def gate_setter(transformer_options: dict) -> Callable[[bool], None]:
 RUN_NOTES_KEY = "magic_portrait_run_notes"
 
 
-class RunNotes:
+class RunNotes(SharedOnCopy):
     """Lines about one sampling run, added by the patches that took part. Copies are the same object, so the note
     survives ComfyUI's copies of model_options."""
 
@@ -413,15 +410,10 @@ class RunNotes:
     def text(self, sep: str = "; ") -> str:
         return sep.join(self.lines)
 
-    def __copy__(self):
-        return self
-
-    def __deepcopy__(self, memo):
-        return self
 
 
 @dataclass
-class InversionRecord:
+class InversionRecord(SharedOnCopy):
     """What an inversion produced and what it belongs to; later nodes check it before using it."""
 
     latent: torch.Tensor  # inverted latent (LATENT space, CPU)
@@ -450,8 +442,6 @@ class InversionRecord:
     def source(self) -> torch.Tensor:
         return self.trajectory[0]
 
-    def __deepcopy__(self, memo):
-        return self
 
 
 class DivergenceError(ValueError):

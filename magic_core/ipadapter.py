@@ -102,6 +102,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .sharing import SharedOnCopy
+
 LayerKey = tuple[str, int, int]
 
 VARIANTS = (
@@ -347,7 +349,7 @@ _MODULES = {
 
 
 @dataclass(eq=False)
-class IPAdapterFile:
+class IPAdapterFile(SharedOnCopy):
     """A loaded IP-Adapter. Treat as immutable (``copy.deepcopy`` returns the same object, so ComfyUI's model-option
     copies do not duplicate the weights).
 
@@ -389,8 +391,6 @@ class IPAdapterFile:
     notes: tuple[str, ...] = ()
     _cache: dict = field(default_factory=dict, init=False, repr=False)
 
-    def __deepcopy__(self, memo):
-        return self
 
     @property
     def family_label(self) -> str:

@@ -40,6 +40,7 @@ import torch
 
 from .batch_rows import BatchRows
 from .layers import LayerKey, format_layers, layer_info, normalize_family, tokens_at
+from .sharing import SharedOnCopy
 
 SIGMA_RTOL = 1e-4
 DEFAULT_BUDGET_BYTES = 8 * 1024**3
@@ -234,7 +235,7 @@ def _fmt_key(layer_key: LayerKey) -> str:
     return f"{layer_key[0]} {layer_key[1]}:{layer_key[2]}"
 
 
-class CaptureGate:
+class CaptureGate(SharedOnCopy):
     """A flag the inversion sampler opens on the one model call per sigma whose features should be recorded.
 
     ``set`` matches the inversion's ``set_capture(flag)`` callback. Deep copies return the same gate, so every copy
@@ -252,17 +253,12 @@ class CaptureGate:
     def __bool__(self) -> bool:
         return self.open
 
-    def __copy__(self):
-        return self
-
-    def __deepcopy__(self, memo):
-        return self
 
     def __repr__(self) -> str:
         return f"CaptureGate(open={self.open})"
 
 
-class KVStore:
+class KVStore(SharedOnCopy):
     """Per (layer, step) attn1 input hidden states of an inverted image batch. See the module docstring."""
 
     def __init__(
@@ -619,11 +615,6 @@ class KVStore:
     def __len__(self) -> int:
         return len(self._data)
 
-    def __copy__(self):
-        return self
-
-    def __deepcopy__(self, memo):
-        return self
 
     def __repr__(self) -> str:
         return (f"KVStore(model_id={self.model_id!r}, family={self.family!r}, latent_shape={self.latent_shape}, "

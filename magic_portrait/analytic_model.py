@@ -16,10 +16,12 @@ from __future__ import annotations
 import torch
 
 from magic_core.gaussian_prior import GaussianPrior
+from magic_core.sharing import SharedOnCopy
 
 
-class AnalyticDenoiser:
-    """The model function wrapper: (apply_model, args) -> exact x0, never calling apply_model."""
+class AnalyticDenoiser(SharedOnCopy):
+    """The model function wrapper: (apply_model, args) -> exact x0, never calling apply_model. Shared on copy:
+    model_options are deep-copied per run and the call counter must stay one."""
 
     def __init__(self, prior: GaussianPrior):
         self.prior = prior
@@ -28,9 +30,6 @@ class AnalyticDenoiser:
     def __call__(self, apply_model, args: dict) -> torch.Tensor:
         self.calls += 1
         return self.prior.denoise(args["input"], args["timestep"])
-
-    def __deepcopy__(self, memo):  # model_options are deep-copied per run; the counter must stay shared
-        return self
 
 
 def analytic_model(base, prior: GaussianPrior):

@@ -19,6 +19,7 @@ from ..magic_core import ipadapter as ip
 from ..magic_core import layers as lay
 from ..magic_core import mgmica
 from ..magic_core import regions as reg
+from ..magic_core.sharing import SharedOnCopy
 from . import id_references as refs
 from .common import CATEGORY, PREFIX, NodeInputError, layer_family, model_family, register_model_folder
 from .magicid_types import FacesType, IDEmbedsType, IdentitiesType, IPAdapterType
@@ -82,7 +83,7 @@ class LoadIPAdapter(io.ComfyNode):
 
 # ------------------------------------------------------------------------------------------------ ID embeds
 @dataclass(frozen=True, eq=False)
-class IDEmbeds:
+class IDEmbeds(SharedOnCopy):
     """One identity's ID tokens (MAGIC_ID_EMBEDS): positive and negative [1, T, cross_dim] float32 on the CPU."""
 
     adapter: ip.IPAdapterFile
@@ -92,8 +93,6 @@ class IDEmbeds:
     face_embedding: np.ndarray | None = None  # the references' mean face embedding (L2-normalised), when known
     embedding_kind: str | None = None  # its kind (faces.ARCFACE_512, faces.DLIB_128, ...)
 
-    def __deepcopy__(self, memo):
-        return self
 
 
 def _mean_embedding(faces_used):
@@ -260,7 +259,7 @@ def _tokens(adapter, combine, refs, embeds, hidden, hidden_neg, face_emb, shortc
 
 # ------------------------------------------------------------------------------------------------ identities
 @dataclass(frozen=True, eq=False)
-class Identity:
+class Identity(SharedOnCopy):
     """One entry of MAGIC_IDENTITIES: ID tokens, a region (MASK [B, H, W] or a box), weight and step range."""
 
     embeds: IDEmbeds
@@ -270,8 +269,6 @@ class Identity:
     end_percent: float
     label: str
 
-    def __deepcopy__(self, memo):
-        return self
 
 
 class AddIdentity(io.ComfyNode):

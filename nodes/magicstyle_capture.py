@@ -19,6 +19,7 @@ from ..magic_core import fusion as ff
 from ..magic_core import inversion as inv
 from ..magic_core import kv_store as kvs
 from ..magic_core import layers as lay
+from ..magic_core.sharing import SharedOnCopy
 from .common import PREFIX, NodeInputError, layer_family, model_identity, weight_patch_signature
 from .inversion import run_inversion
 
@@ -95,7 +96,7 @@ def token_grid(h: int, w: int, level: int) -> tuple[int, int]:
 
 
 # ------------------------------------------------------------------------------------------------ capture
-class CapturePatch:
+class CapturePatch(SharedOnCopy):
     """attn1_patch: while the gate is open, record `n` of the selected layers into the store; changes nothing."""
 
     def __init__(self, store: kvs.KVStore, gate: kvs.CaptureGate, inner_dims: dict):
@@ -109,11 +110,6 @@ class CapturePatch:
                 self.store.record(key, extra_options["sigmas"], n[kept], None, self.inner_dims[key])
         return n, context_attn1, value_attn1
 
-    def __copy__(self):
-        return self
-
-    def __deepcopy__(self, memo):
-        return self
 
 
 MATCH_FUSION = "match fusion preset"  # store layers: the layers of the fusion preset the store is for
@@ -121,7 +117,7 @@ FROM_FUSION = -1.0  # store start/end percent: the fusion preset's
 
 
 @dataclass(frozen=True)
-class KVStoreSpec:
+class KVStoreSpec(SharedOnCopy):
     """What a KV Feature Store node asked for; DDIM Invert fills one store per inversion with it.
 
     By default it keeps exactly what Feature Fusion Attention with `fusion_preset` and its defaults reads: that
@@ -214,8 +210,6 @@ class KVStoreSpec:
                 "the captured calls (another patch replacing the UNet or its blocks?), or the inversion's sampler "
                 "does not open the capture gate (use DDIM Invert).")
 
-    def __deepcopy__(self, memo):
-        return self
 
 
 def invert_recording(spec: KVStoreSpec | None, model, positive, samples: torch.Tensor, sigmas: torch.Tensor,

@@ -33,6 +33,7 @@ from ..magic_core import fusion as ff
 from ..magic_core import inversion as inv
 from ..magic_core import kv_store as kvs
 from ..magic_core import layers as lay
+from ..magic_core.sharing import SharedOnCopy
 from .common import NodeInputError, identity_difference, model_identity, weight_patch_note, weight_patch_signature
 from .magicstyle_capture import CapturePatch, resolve_model_layers, token_grid
 
@@ -88,7 +89,7 @@ def _upcast(attn_precision, dtype) -> bool:
     asks for float32 attention at this dtype."""
     return comfy_attention.get_attn_precision(attn_precision, dtype) == torch.float32
 
-class FusionAttn1:
+class FusionAttn1(SharedOnCopy):
     """Feature Fusion Attention for one layer, on active steps; other steps and plain branches run unchanged.
 
     Two ways in: as an attn1 replace (``__call__``/``qkv`` on ComfyUI's q/k/v, inside another function that holds
@@ -251,14 +252,9 @@ class FusionAttn1:
         return self._fuse(transformer_options, ff.CurrentPass(n=x, context=context, value=value), "stand-in module",
                           plain, attend)
 
-    def __copy__(self):
-        return self
-
-    def __deepcopy__(self, memo):
-        return self
 
 
-class ChainedFusion:
+class ChainedFusion(SharedOnCopy):
     """A fusion put into an attn1 slot that another function took after the fusion was set (found when sampling
     starts): ComfyUI calls this, which fuses inside that function (the fusion's q/k/v route with it as `previous`)."""
 
@@ -268,11 +264,6 @@ class ChainedFusion:
     def __call__(self, q, k, v, extra):
         return self.fusion.qkv(q, k, v, extra, self.previous)
 
-    def __copy__(self):
-        return self
-
-    def __deepcopy__(self, memo):
-        return self
 
 
 def outer_function(fn):
@@ -329,7 +320,7 @@ def _check_composable(fusion: FusionAttn1, outer, batch: int) -> None:
         raise inexact_error(fusion, outer, weights)
 
 
-class FusedAttn1(torch.nn.Module):
+class FusedAttn1(SharedOnCopy, torch.nn.Module):
     """Stands in for one attn1 module (a ModelPatcher object patch, reverted when another clone loads).
 
     Its projections are the original module's own children under the same names, so state-dict keys, weight
@@ -356,8 +347,6 @@ class FusedAttn1(torch.nn.Module):
             return self.original(x, context=context, value=value, transformer_options=transformer_options, **kwargs)
         return self.to_out(out)
 
-    def __deepcopy__(self, memo):
-        return self
 
 
 def original_attn1(attn1: torch.nn.Module) -> torch.nn.Module:
@@ -367,7 +356,7 @@ def original_attn1(attn1: torch.nn.Module) -> torch.nn.Module:
     return attn1
 
 
-class FusionRunWrapper:
+class FusionRunWrapper(SharedOnCopy):
     """OUTER_SAMPLE wrapper of one Feature Fusion Attention node, around every sampling run of its MODEL:
 
     - before: the content store must fit the latent's size and batch, both stores the schedule (a style store may
@@ -484,11 +473,6 @@ class FusionRunWrapper:
             for line in lines:
                 notes.add(line)
 
-    def __copy__(self):
-        return self
-
-    def __deepcopy__(self, memo):
-        return self
 
 def _check_store(node: str, name: str, store, model_id: str, layers, steps, n_steps: int | None, preset: str = ""):
     if store is None:
@@ -596,7 +580,7 @@ def patch_model(model, params: ff.FusionParams, layers_choice: str, custom_layer
 
 
 
-class EvaluatedSigmas:
+class EvaluatedSigmas(SharedOnCopy):
     """APPLY_MODEL wrapper: notes each sigma the model runs at for the run's report (a chained wrapper list, never
     a slot)."""
 
@@ -607,11 +591,6 @@ class EvaluatedSigmas:
         self.run.evaluated.update(float(v) for v in t.detach().flatten().unique().cpu())
         return executor(x, t, *args, **kwargs)
 
-    def __copy__(self):
-        return self
-
-    def __deepcopy__(self, memo):
-        return self
 
 
 def describe_fusion(params: ff.FusionParams, patches: dict, model, content_store, style_store) -> str:

@@ -24,6 +24,7 @@ from comfy.ldm.modules import attention as comfy_attention
 from ..magic_core import layers as lay
 from ..magic_core import mgmica
 from ..magic_core import regions as reg
+from ..magic_core.sharing import SharedOnCopy
 
 UNCOND_MODES = mgmica.UNCOND_MODES
 
@@ -68,7 +69,7 @@ class PatchIdentity:
     sigma_end: float
 
 
-class MultiIDAttention:
+class MultiIDAttention(SharedOnCopy):
     """The patch (see module docstring). ``calls[layer]`` counts the calls that added an identity term."""
 
     def __init__(self, identities: list[PatchIdentity], layers: dict[lay.LayerKey, CrossAttnLayer],
@@ -200,11 +201,6 @@ class MultiIDAttention:
         self._kv_cache[cache_key] = out
         return out
 
-    def __copy__(self):
-        return self
-
-    def __deepcopy__(self, memo):
-        return self
 
 
 def check_mask_aspect(mask: torch.Tensor, latent_hw: tuple[int, int], node: str, label: str) -> None:

@@ -27,12 +27,13 @@ import comfy.weight_adapter
 import torch
 
 from ..magic_core import repcontrolnet as rcn
+from ..magic_core.sharing import SharedOnCopy
 from .common import NodeInputError
 
 UNET_KEY_PREFIX = "diffusion_model."
 
 
-class RepControlNetMerge(comfy.weight_adapter.WeightAdapterBase):
+class RepControlNetMerge(SharedOnCopy, comfy.weight_adapter.WeightAdapterBase):
     """Weight patch for every modal key of one Apply: adds ``strength * increment`` to the weight being patched.
 
     Immutable once built and shared by every clone that holds it (deep copies return it, the modal tensors are the
@@ -47,8 +48,6 @@ class RepControlNetMerge(comfy.weight_adapter.WeightAdapterBase):
         self.weights = []
         self._local = threading.local()  # increments captured earlier in a chain, per thread
 
-    def __deepcopy__(self, memo):
-        return self
 
     def _captured(self) -> dict[str, torch.Tensor | None]:
         pending = getattr(self._local, "increments", None)
@@ -81,7 +80,7 @@ class RepControlNetMerge(comfy.weight_adapter.WeightAdapterBase):
         return weight
 
 
-class MergeCapture(comfy.weight_adapter.WeightAdapterBase):
+class MergeCapture(SharedOnCopy, comfy.weight_adapter.WeightAdapterBase):
     """First patch of a key that other patches changed before Apply: computes the merge's increment from the
     unpatched weight it receives and returns that weight unchanged."""
 
@@ -92,8 +91,6 @@ class MergeCapture(comfy.weight_adapter.WeightAdapterBase):
         self.loaded_keys = set()
         self.weights = []
 
-    def __deepcopy__(self, memo):
-        return self
 
     def calculate_weight(self, weight, key, strength, strength_model, offset, function,
                          intermediate_dtype=torch.float32, original_weight=None):
@@ -114,7 +111,7 @@ def add_merge_patches(model, weights: rcn.RepControlNetWeights, strength: float)
     return merge, added
 
 
-class AdapterFeatures:
+class AdapterFeatures(SharedOnCopy):
     """input_block_patch: adds the adapter's features to the output of input block 0.
 
     The adapter runs once per (latent size, device, dtype) and sampling run: an OUTER_SAMPLE wrapper clears the
@@ -130,8 +127,6 @@ class AdapterFeatures:
         self.runs = 0  # adapter evaluations (tests check "once per run")
         self.lock = threading.Lock()
 
-    def __deepcopy__(self, memo):
-        return self
 
     def features(self, h: torch.Tensor) -> torch.Tensor:
         key = (tuple(h.shape[-2:]), str(h.device), h.dtype)
@@ -162,14 +157,12 @@ class AdapterFeatures:
             raise NodeInputError(self.node, "image", str(err)) from None
 
 
-class RunScope:
+class RunScope(SharedOnCopy):
     """OUTER_SAMPLE wrapper: a fresh feature cache for every sampling run (and none kept afterwards)."""
 
     def __init__(self, patch: AdapterFeatures):
         self.patch = patch
 
-    def __deepcopy__(self, memo):
-        return self
 
     def __call__(self, executor, *args, **kwargs):
         self.patch.clear()
