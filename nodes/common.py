@@ -1,16 +1,12 @@
-"""Small ComfyUI-side helpers shared by the node modules: model identity, family, guided sampling runs."""
+"""Small ComfyUI-side helpers shared by the node modules: names, input errors, model folders, model family, latents."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 
 import comfy.model_base
 import comfy.sample
-import comfy.samplers
 import folder_paths
-import latent_preview
 import torch
 
 PREFIX = "MagicPortrait_"
@@ -58,113 +54,6 @@ def layer_family(model, node: str, input_name: str = "model") -> str:
     raise NodeInputError(node, input_name, f"this node supports SD1.5/SD2.x/SDXL UNets, not {family}")
 
 
-IDENTITY_FIELDS = ("model family", "prediction type", "latent format", "UNet architecture", "checkpoint weights")
-_FINGERPRINT_ELEMENTS = 1 << 16
-
-
-def model_identity(model) -> str:
-    """What inversion records and KV stores must share with the MODEL that uses them: the same latent space and
-    architecture from the same checkpoint. ``family/prediction/latent format/architecture digest/weights digest``.
-
-    Weight patches (LoRAs, UNetSelfAttentionMultiply, merges) are left out: a record or store made with the base
-    model may be used with a patched one (``weight_patch_signature`` describes them for the node's text). The
-    weights digest reads the checkpoint's own values even while another clone's patches sit in the weights in place
-    (ComfyUI keeps the originals in the patcher's backup), so loading another clone never changes the identity.
-    """
-    base = model.model
-    state = base.diffusion_model.state_dict()
-    keys = sorted(state)
-    weights = hashlib.sha256()
-    for key in (keys[0], keys[len(keys) // 2], keys[-1]):
-        tensor = _original_weight(model, "diffusion_model." + key, state[key]).detach()
-        flat = tensor.reshape(-1)[:_FINGERPRINT_ELEMENTS].to("cpu", torch.float32).contiguous()
-        weights.update(f"{key}:{tuple(tensor.shape)}".encode())
-        weights.update(flat.numpy().tobytes())
-    config = getattr(getattr(base, "model_config", None), "unet_config", {}) or {}
-    arch = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:8]
-    prediction = getattr(base.model_type, "name", str(base.model_type))
-    latent = type(base.latent_format).__name__
-    return f"{model_family(model)}/{prediction}/{latent}/{arch}/{weights.hexdigest()[:16]}"
-
-
-def _original_weight(model, full_key: str, current: torch.Tensor) -> torch.Tensor:
-    """The checkpoint's own value of a weight: the patcher's backup while patches are applied in place."""
-    for backup in (getattr(model, "hook_backup", None) or {}, getattr(model, "backup", None) or {}):
-        entry = backup.get(full_key)
-        if entry is not None:
-            return entry[0]
-    return current
-
-
-def identity_difference(recorded: str, current: str) -> str | None:
-    """None when two ``model_identity`` values agree, else what differs, in words."""
-    if recorded == current:
-        return None
-    a, b = str(recorded).split("/"), str(current).split("/")
-    if len(a) != len(IDENTITY_FIELDS) or len(b) != len(IDENTITY_FIELDS):
-        return f"another model ({recorded}; this MODEL is {current})"
-    for field, x, y in zip(IDENTITY_FIELDS, a, b, strict=True):
-        if x != y:
-            if field == "checkpoint weights":
-                return f"another checkpoint (the same {a[0]} architecture with other weights: {recorded} vs {current})"
-            return f"another {field} ({x}; this MODEL has {y})"
-    return None
-
-
-def weight_patch_signature(model) -> str:
-    """A short description of the weight patches on a MODEL clone: '' for none, else '<n> patched keys:<digest>'.
-    The digest covers keys, strengths and (sampled) patch contents, so other LoRA strengths or files differ."""
-    patches = getattr(model, "patches", None) or {}
-    if not patches:
-        return ""
-    digest = hashlib.sha256()
-    for key in sorted(patches):
-        digest.update(key.encode())
-        for entry in patches[key]:
-            entry = tuple(entry)
-            digest.update(repr([_plain(x) for x in entry[:1] + entry[2:]]).encode())
-            _fingerprint(digest, entry[1] if len(entry) > 1 else None)
-    return f"{len(patches)} patched keys:{digest.hexdigest()[:12]}"
-
-
-def _plain(value):
-    if isinstance(value, (int, float, str, bool, type(None))):
-        return value
-    if isinstance(value, (tuple, list)):
-        return [_plain(v) for v in value]
-    return getattr(value, "__qualname__", type(value).__name__)
-
-
-def _fingerprint(digest, value, depth: int = 0) -> None:
-    if depth > 6:
-        return
-    if isinstance(value, torch.Tensor):
-        flat = value.detach().reshape(-1)
-        step = max(1, flat.numel() // 4096)
-        digest.update(f"{tuple(value.shape)}{value.dtype}".encode())
-        digest.update(flat[::step].to("cpu", torch.float32).contiguous().numpy().tobytes())
-    elif isinstance(value, (tuple, list)):
-        for item in value:
-            _fingerprint(digest, item, depth + 1)
-    elif hasattr(value, "weights"):  # ComfyUI's weight adapters (LoRA, LoHa, ...)
-        digest.update(type(value).__name__.encode())
-        _fingerprint(digest, value.weights, depth + 1)
-    else:
-        digest.update(repr(_plain(value)).encode())
-
-
-def describe_weight_patches(signature: str) -> str:
-    return signature.split(":", 1)[0] if signature else "none"
-
-
-def weight_patch_note(recorded: str, current: str, what: str) -> str | None:
-    """A note for a node's text when the MODEL's weight patches differ from those `what` was made with."""
-    if recorded == current:
-        return None
-    return (f"weight patches differ from {what}'s ({describe_weight_patches(recorded)}; this MODEL: "
-            f"{describe_weight_patches(current)}): allowed, the same checkpoint")
-
-
 def check_latent(node: str, model, latent: dict, input_name: str = "latent") -> torch.Tensor:
     samples = latent.get("samples") if isinstance(latent, dict) else None
     if not isinstance(samples, torch.Tensor):
@@ -200,27 +89,3 @@ def latent_format_name(model) -> str:
 def tag_latent(latent: dict, model) -> dict:
     """`latent` (a new dict) naming the latent format of `model`, whose latent space its samples are in."""
     return {**latent, LATENT_FORMAT_KEY: latent_format_name(model)}
-
-
-def schedule(model, scheduler: str, steps: int, strength: float) -> torch.Tensor:
-    """The sampling schedule (descending, ending at 0) that a partial inversion of `strength` pairs with."""
-    from ..magic_core.inversion import strength_steps
-
-    covered = strength_steps(steps, strength)
-    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).cpu()
-    return sigmas[-(covered + 1) :]
-
-
-def guided_run(model, positive, negative, cfg: float, samples: torch.Tensor, sampler, sigmas: torch.Tensor, seed=0):
-    """Run a sampler through ComfyUI's CFGGuider, so conditioning, ControlNets, hooks and patches all apply."""
-    guider = comfy.samplers.CFGGuider(model)
-    if negative is None:
-        if cfg != 1.0:
-            raise ValueError("a negative conditioning is needed when cfg is not 1")
-        negative = positive  # never evaluated: cfg 1 skips the unconditional pass
-    guider.set_conds(positive, negative)
-    guider.set_cfg(cfg)
-    callback = latent_preview.prepare_callback(model, len(sigmas) - 1)
-    noise = torch.zeros_like(samples)
-    out = guider.sample(noise, samples, sampler, sigmas, callback=callback, disable_pbar=True, seed=seed)
-    return out.to(device="cpu", dtype=torch.float32)

@@ -13,11 +13,11 @@ from ..magic_core import diir
 from ..magic_core import face_draw as fd
 from ..magic_core import faces as fc
 from ..magic_core import inversion as inv
-from .common import CATEGORY, PREFIX, NodeInputError, guided_run, model_family, schedule
-from .inversion import reverse_sampler_function, run_inversion
+from .common import CATEGORY, PREFIX, NodeInputError, model_family
+from .inversion_sampling import guided_run, reverse_sampler_function, run_inversion, schedule
 from .landmark_control import apply_control
 from .magicid import Identity, apply_mgmica
-from .magicid_types import FacesType, IdentitiesType
+from .types import FacesType, IdentitiesType
 
 NATIVE_CROP = {"sd15": 512, "sd2x": 768, "sdxl": 1024}
 CONDITION_STYLES = ("openpose_face", "instantid_kps", "landmark_contours")

@@ -19,7 +19,7 @@ from ..magic_core import face_draw as fd
 from ..magic_core import face_masks as fm
 from ..magic_core import faces as fc
 from .common import CATEGORY, PREFIX, NodeInputError, register_model_folder
-from .magicid_types import FaceAnalysisType, FacesType, PoseKeypointType
+from .types import FaceAnalysisType, FacesType, PoseKeypointType
 
 INSIGHTFACE_FOLDER = "insightface"
 register_model_folder(INSIGHTFACE_FOLDER, {".onnx"})

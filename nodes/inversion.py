@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 import comfy.samplers
-import torch
 from comfy_api.v0_0_2 import io, ui
 
 from ..magic_core import inversion as inv
@@ -14,21 +13,21 @@ from .common import (
     PREFIX,
     NodeInputError,
     check_latent,
-    guided_run,
-    identity_difference,
     model_family,
-    model_identity,
-    schedule,
     tag_latent,
-    weight_patch_note,
-    weight_patch_signature,
 )
-
-InversionRecordType = io.Custom("MAGIC_INVERSION")
-# A KV store spec (from the KV Feature Store node) says what to capture; DDIM Invert fills a store with it. The spec
-# object provides begin(model, samples, sigmas, node) -> (model clone that captures, store) and finish(store, node).
-KVStoreSpecType = io.Custom("MAGIC_KV_STORE_SPEC")
-KVStoreType = io.Custom("MAGIC_KV_STORE")
+from .fingerprint import model_fingerprint, weight_patch_signature
+from .inversion_sampling import (
+    InversionRecord,
+    check_record,
+    inversion_sampler_function,
+    reverse_sampler_function,
+    run_inversion,
+    run_reverse,
+    schedule,
+    with_run_notes,
+)
+from .types import InversionRecordType, KVStoreSpecType, KVStoreType
 
 MODE_TOOLTIP = (
     "ddim: one model call per step (fast). fixed_point: k extra calls per step that solve the step exactly, "
@@ -53,123 +52,6 @@ GAMMA_TOOLTIP = (
     "paper's exact-inversion setting) never grows anything; below 1 the inversion divides by gamma every step, so "
     "errors grow like gamma^-steps: keep it near 1 for many steps (a diverging inversion is refused)."
 )
-# A bdia inverted latent whose RMS exceeds this many times that of the source noised to the top sigma has diverged.
-DIVERGENCE_LIMIT = 10.0
-
-
-def _progress_callback(callback, total):
-    if callback is None:
-        return None
-    return lambda i, x: callback({"i": i, "x": x, "denoised": x, "sigma": None, "sigma_hat": None})
-
-
-def inversion_sampler_function(mode: str, refine_iterations: int, edict_mix: float, sink: dict | None = None, *,
-                               bdia_gamma: float = inv.BDIA_DEFAULT_GAMMA, boundary_log: inv.BoundaryLog | None = None,
-                               state_dtype: torch.dtype | None = None):
-    """A k-diffusion style sampler function that inverts instead of denoising (sigmas in either order).
-    With a feature store attached (capture gates in transformer_options) it makes the one extra capture call.
-    EDICT/BDIA runs leave their exact top and partner states in `boundary_log` (for a paired reverse SAMPLER)."""
-    inv.check_bdia_gamma(bdia_gamma)
-
-    def invert_fn(model, x, sigmas, extra_args=None, callback=None, disable=None):
-        extra_args = extra_args or {}
-        ascending = inv.inversion_sigmas(sigmas).to(x.device)
-        s_in = x.new_ones([x.shape[0]])
-        transformer_options = extra_args.get("model_options", {}).get("transformer_options", {})
-        capture_top = bool(transformer_options.get(inv.CAPTURE_GATES_KEY))
-        outcome = inv.invert(
-            lambda z, sigma: model(z, sigma * s_in, **extra_args),
-            x,
-            ascending,
-            mode=mode,
-            refine_iterations=refine_iterations,
-            edict_mix=edict_mix,
-            capture_top=capture_top,
-            on_step=_progress_callback(callback, len(ascending) - 1),
-            set_capture=inv.gate_setter(transformer_options),
-            bdia_gamma=bdia_gamma,
-            state_dtype=state_dtype,
-        )
-        if mode == "bdia":
-            inv.check_divergence(x, outcome, bdia_gamma, DIVERGENCE_LIMIT)
-        if sink is not None:
-            sink["outcome"] = outcome
-        if boundary_log is not None:
-            boundary_log.remember(outcome.boundary)
-        return outcome.latent
-
-    return invert_fn
-
-
-def reverse_sampler_function(mode: str, edict_mix: float, partner: torch.Tensor | None = None, process_in=None, *,
-                             bdia_gamma: float = inv.BDIA_DEFAULT_GAMMA, boundaries=None,
-                             state_dtype: torch.dtype | None = None):
-    """The exact reverse of `inversion_sampler_function`: ends at the smallest non-zero sigma.
-
-    EDICT/BDIA: when the starting latent is the top of one of `boundaries` (an inversion's `ExactBoundary`, or a
-    `BoundaryLog`), its exact states are used and the round trip stays bit-exact. Otherwise `partner` (LATENT space;
-    `process_in` maps it to the model's) is the second state; without one, EDICT starts both sequences at the latent
-    and BDIA starts with a plain DDIM step (as it samples from noise)."""
-    inv.check_bdia_gamma(bdia_gamma)
-
-    def reverse_fn(model, x, sigmas, extra_args=None, callback=None, disable=None):
-        extra_args = extra_args or {}
-        ascending = inv.inversion_sigmas(sigmas)
-        descending = ascending.flip(0).to(x.device)
-        s_in = x.new_ones([x.shape[0]])
-        start, y = x, None
-        if mode in inv.EXACT_MODES:
-            found = inv.find_boundary(boundaries, x, ascending)
-            if found is not None:
-                start, y = found.top.to(x.device), found.partner.to(x.device)
-            elif partner is not None:
-                y = partner.to(x.device, x.dtype)
-                y = process_in(y) if process_in is not None else y
-                if y.shape != x.shape:
-                    raise ValueError(f"{mode} partner latent {tuple(y.shape)} does not match the latent "
-                                     f"{tuple(x.shape)}")
-        return inv.sample_back(
-            lambda z, sigma: model(z, sigma * s_in, **extra_args),
-            start,
-            descending,
-            mode=mode if mode in inv.EXACT_MODES else "ddim",
-            partner=y,
-            edict_mix=edict_mix,
-            on_step=_progress_callback(callback, len(descending) - 1),
-            bdia_gamma=bdia_gamma,
-            model_dtype=x.dtype,
-            state_dtype=state_dtype,
-        )
-
-    return reverse_fn
-
-
-def run_inversion(model, positive, negative, cfg, samples, sigmas, mode, refine_iterations, edict_mix,
-                  bdia_gamma: float = inv.BDIA_DEFAULT_GAMMA):
-    sink: dict = {}
-    sampler = comfy.samplers.KSAMPLER(
-        inversion_sampler_function(mode, refine_iterations, edict_mix, sink, bdia_gamma=bdia_gamma)
-    )
-    latent = guided_run(model, positive, negative, cfg, samples, sampler, inv.inversion_sigmas(sigmas))
-    outcome = sink["outcome"]
-    process_out = model.get_model_object("latent_format").process_out
-    trajectory = [samples.cpu().float()] + [process_out(z).cpu().float() for z in outcome.trajectory[1:]]
-    partner = process_out(outcome.partner).cpu().float() if outcome.partner is not None else None
-    return latent, trajectory, partner, outcome
-
-
-def run_reverse(model, record: inv.InversionRecord, positive, negative, cfg, start: torch.Tensor | None = None):
-    process_in = model.get_model_object("latent_format").process_in
-    # BDIA's partner belongs to the inverted latent only: another start begins with a DDIM step instead.
-    partner = None if record.mode == "bdia" else record.partner
-    sampler = comfy.samplers.KSAMPLER(
-        reverse_sampler_function(record.mode, record.edict_mix, partner, process_in, bdia_gamma=record.bdia_gamma,
-                                 boundaries=[record.boundary])
-    )
-    samples = record.latent if start is None else start
-    return guided_run(model, positive, negative, cfg, samples, sampler, record.sigmas.flip(0))
-
-
 class DDIMInvert(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -257,10 +139,10 @@ class DDIMInvert(io.ComfyNode):
         if store is not None:
             feature_store.finish(store, node=node)
         elapsed = time.perf_counter() - started
-        record = inv.InversionRecord(
+        record = InversionRecord(
             latent=inverted, trajectory=trajectory, sigmas=outcome.sigmas, mode=mode,
             refine_iterations=refine_iterations if mode == "fixed_point" else 0, edict_mix=edict_mix, partner=partner,
-            model_id=model_identity(model), family=model_family(model), cfg=cfg, positive=positive, negative=negative,
+            model_id=model_fingerprint(model), family=model_family(model), cfg=cfg, positive=positive, negative=negative,
             latent_format=model.get_model_object("latent_format"), weight_patches=weight_patch_signature(model),
             bdia_gamma=float(bdia_gamma), boundary=outcome.boundary,
         )
@@ -332,27 +214,6 @@ class SampleInverted(io.ComfyNode):
         return io.NodeOutput(tag_latent({"samples": samples}, model), ui=ui.PreviewText(report))
 
 
-def with_run_notes(model):
-    """A clone of `model` carrying a fresh RunNotes sink, which patches fill while it samples (nothing else changes:
-    same weights, patches and wrappers)."""
-    notes = inv.RunNotes()
-    clone = model.clone()
-    clone.model_options.setdefault("transformer_options", {})[inv.RUN_NOTES_KEY] = notes
-    return clone, notes
-
-
-def check_record(node: str, input_name: str, record, model) -> str | None:
-    """Refuse a record from another checkpoint, family or latent format; return a note when only the weight patches
-    (LoRAs, attention multipliers) differ, which is allowed."""
-    if not isinstance(record, inv.InversionRecord):
-        raise NodeInputError(node, input_name, "expected a MAGIC_INVERSION from DDIM Invert (Magic Portrait)")
-    difference = identity_difference(record.model_id, model_identity(model))
-    if difference is not None:
-        raise NodeInputError(node, input_name, f"was made with {difference}. Invert again with this model (weight "
-                             "patches such as LoRAs added after the inversion are fine; another checkpoint is not).")
-    return weight_patch_note(record.weight_patches, weight_patch_signature(model), "the inversion")
-
-
 class InversionSampler(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -411,7 +272,7 @@ class InvertedSampler(io.ComfyNode):
     def execute(cls, inversion=None) -> io.NodeOutput:
         if inversion is None:
             return io.NodeOutput(comfy.samplers.KSAMPLER(reverse_sampler_function("ddim", inv.EDICT_DEFAULT_MIX)))
-        if not isinstance(inversion, inv.InversionRecord):
+        if not isinstance(inversion, InversionRecord):
             raise NodeInputError(cls.define_schema().node_id, "inversion", "expected a MAGIC_INVERSION record")
         # BDIA's partner belongs to the inverted latent only: the boundary finds it, another start takes a DDIM step
         partner = None if inversion.mode == "bdia" else inversion.partner

@@ -22,8 +22,8 @@ from ..magic_core import regions as reg
 from ..magic_core.sharing import SharedOnCopy
 from . import id_references as refs
 from .common import CATEGORY, PREFIX, NodeInputError, layer_family, model_family, register_model_folder
-from .magicid_types import FacesType, IDEmbedsType, IdentitiesType, IPAdapterType
 from .mgmica_patch import UNCOND_MODES, MultiIDAttention, PatchIdentity, cross_attention_layers
+from .types import FacesType, IDEmbedsType, IdentitiesType, IPAdapterType
 
 FOLDER = "ipadapter"
 EXTENSIONS = {".safetensors", ".bin", ".pt", ".pth"}

@@ -20,8 +20,8 @@ from ..magic_core import face_masks as fm
 from ..magic_core import magicid_build as mb
 from ..magic_core import magicid_dataset as md
 from .common import CATEGORY, PREFIX, NodeInputError
-from .magicid_types import FaceAnalysisType, PoseKeypointType
 from .repcontrolnet import ALLOW_ABSOLUTE_DATASET_ENV, allows_absolute_dataset
+from .types import FaceAnalysisType, PoseKeypointType
 
 BUNDLED_PHOTOS = "magic_portrait_magicid_photos"  # copied into the input folder by example_inputs.py
 DEFAULT_DATASET = "magic_portrait_magicid_dataset"

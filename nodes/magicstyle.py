@@ -18,10 +18,11 @@ from comfy_api.v0_0_2 import io, ui
 from ..magic_core import fusion as ff
 from ..magic_core import inversion as inv
 from ..magic_core import kv_store as kvs
-from .common import CATEGORY, PREFIX, NodeInputError, check_latent, guided_run, schedule, tag_latent
-from .inversion import KVStoreSpecType, KVStoreType, reverse_sampler_function, with_run_notes
+from .common import CATEGORY, PREFIX, NodeInputError, check_latent, tag_latent
+from .inversion_sampling import guided_run, reverse_sampler_function, schedule, with_run_notes
 from .magicstyle_capture import FROM_FUSION, MATCH_FUSION, KVStoreSpec, invert_recording
 from .magicstyle_patch import describe_fusion, patch_model
+from .types import KVStoreSpecType, KVStoreType
 
 STORE_LAYER_PRESETS = ["all", "decoder", "instantstyle_style", "instantstyle_layout", "styleid", "masactrl", "custom"]
 FUSION_LAYER_CHOICES = ["preset default", *STORE_LAYER_PRESETS]

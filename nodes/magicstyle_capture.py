@@ -20,8 +20,9 @@ from ..magic_core import inversion as inv
 from ..magic_core import kv_store as kvs
 from ..magic_core import layers as lay
 from ..magic_core.sharing import SharedOnCopy
-from .common import PREFIX, NodeInputError, layer_family, model_identity, weight_patch_signature
-from .inversion import run_inversion
+from .common import PREFIX, NodeInputError, layer_family
+from .fingerprint import model_fingerprint, weight_patch_signature
+from .inversion_sampling import CAPTURE_GATES_KEY, run_inversion
 
 
 # ------------------------------------------------------------------------------------------------ model structure
@@ -175,7 +176,7 @@ class KVStoreSpec(SharedOnCopy):
         budget = None if self.budget_mb <= 0 else int(self.budget_mb * 1024 * 1024)
         inner_dims = {k: layers[k].inner_dim for k in keys}
         try:
-            store = kvs.KVStore.for_plan(model_identity(model), samples.shape, sigmas, layer_family(model, node),
+            store = kvs.KVStore.for_plan(model_fingerprint(model), samples.shape, sigmas, layer_family(model, node),
                                          plan, dtype=self.dtype, device=device, budget_bytes=budget,
                                          inner_dims=inner_dims, label=self.label,
                                          weight_patches=weight_patch_signature(model), selected_by=self.selected_by)
@@ -195,7 +196,7 @@ class KVStoreSpec(SharedOnCopy):
         gate = kvs.CaptureGate()
         clone.set_model_attn1_patch(CapturePatch(store, gate, inner_dims))
         to = clone.model_options.setdefault("transformer_options", {})
-        to[inv.CAPTURE_GATES_KEY] = [*to.get(inv.CAPTURE_GATES_KEY, []), gate]
+        to[CAPTURE_GATES_KEY] = [*to.get(CAPTURE_GATES_KEY, []), gate]
         return clone, store
 
     def finish(self, store: kvs.KVStore, node: str) -> None:

@@ -30,11 +30,12 @@ from comfy.ldm.modules import attention as comfy_attention
 
 from ..magic_core import batch_rows as br
 from ..magic_core import fusion as ff
-from ..magic_core import inversion as inv
 from ..magic_core import kv_store as kvs
 from ..magic_core import layers as lay
 from ..magic_core.sharing import SharedOnCopy
-from .common import NodeInputError, identity_difference, model_identity, weight_patch_note, weight_patch_signature
+from .common import NodeInputError
+from .fingerprint import fingerprint_difference, model_fingerprint, weight_patch_note, weight_patch_signature
+from .inversion_sampling import RUN_NOTES_KEY
 from .magicstyle_capture import CapturePatch, resolve_model_layers, token_grid
 
 log = logging.getLogger(__name__)
@@ -390,7 +391,7 @@ class FusionRunWrapper(SharedOnCopy):
         if isinstance(options, dict):
             self._fuse_inside_later_replaces(to, int(latent_image.shape[0]))
         out = executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
-        self._report(sigmas, to.get(inv.RUN_NOTES_KEY))
+        self._report(sigmas, to.get(RUN_NOTES_KEY))
         return out
 
     def _check_stores(self, latent_image, sigmas) -> None:
@@ -480,7 +481,7 @@ def _check_store(node: str, name: str, store, model_id: str, layers, steps, n_st
     if not isinstance(store, kvs.KVStore):
         raise NodeInputError(node, name, "expected a MAGIC_KV_STORE: connect DDIM Invert's 'features' output (with "
                              "a KV Feature Store node on its feature_store input)")
-    difference = identity_difference(store.model_id, model_id)
+    difference = fingerprint_difference(store.model_id, model_id)
     if difference is not None:
         raise NodeInputError(node, name, f"was recorded with {difference}. Stored features fit the checkpoint that "
                              "produced them (weight patches such as LoRAs added later are fine): invert with this "
@@ -525,7 +526,7 @@ def patch_model(model, params: ff.FusionParams, layers_choice: str, custom_layer
     style = style_store if params.needs_style else None
     ref = content if content is not None else style
     steps = kvs.percent_steps(ref.n_steps, params.start_percent, params.end_percent)
-    model_id = model_identity(model)
+    model_id = model_fingerprint(model)
     n_steps = None
     for name, store in (("content_store", content), ("style_store", style)):
         _check_store(node, name, store, model_id, keys, steps, n_steps, params.name)

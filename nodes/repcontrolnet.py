@@ -34,12 +34,11 @@ from ..magic_core import repcontrolnet_train as rcn_train
 from . import repcontrolnet_training as training
 from .common import CATEGORY, PREFIX, NodeInputError, model_family, register_model_folder
 from .repcontrolnet_patch import AdapterFeatures, RunScope, add_merge_patches
+from .types import LossMapType, RepControlNetType
 
 FOLDER = "magic_repcontrolnet"
 EXTENSIONS = {".safetensors"}
 WRAPPER_KEY = "magic_portrait.repcontrolnet"
-RepControlNetType = io.Custom("MAGIC_REPCONTROLNET")
-LossMapType = io.Custom("LOSS_MAP")  # the type ComfyUI's LossGraphNode plots
 IMAGE_EXTENSIONS = train_data.IMAGE_EXTENSIONS
 CONDITION_SUFFIXES = train_data.CONDITION_SUFFIXES
 BUNDLED_DATASET = "magic_portrait_repcontrolnet_dataset"  # copied into the input folder by example_inputs.py

@@ -55,7 +55,7 @@ def test_plain_mode_agrees_with_core_euler_on_flipped_schedule(nodes, sd15, tiny
     out = invert(nodes, sd15, cond, lat, measure=False)
     inverted, record = out.result[0]["samples"], out.result[1]
     with torch.inference_mode():
-        euler = pack.nodes.common.guided_run(sd15, cond, None, 1.0, lat["samples"],
+        euler = pack.nodes.inversion_sampling.guided_run(sd15, cond, None, 1.0, lat["samples"],
                                              comfy.samplers.KSAMPLER(kd.sample_euler), record.sigmas)
     torch.testing.assert_close(inverted, euler, rtol=0, atol=tol.model_tol(sd15, euler, calls=STEPS))
     assert torch.equal(record.sigmas, record.sigmas.sort().values)

@@ -240,7 +240,7 @@ def test_identity_survives_other_clones_patches_in_place_and_tells_weight_patche
     record = run_in_graph(nodes[P + "DDIMInvert"], model=base, positive=cond, latent=latent(21), scheduler="normal",
                       steps=3, strength=1.0, mode="ddim", refine_iterations=0, edict_mix=0.93, cfg=1.0,
                       measure_round_trip=False).result[1]
-    identity = common.model_identity(base)
+    identity = common.model_fingerprint(base)
     assert identity == record.model_id and common.weight_patch_signature(base) == ""
     g = torch.Generator().manual_seed(22)
     state = base.model_state_dict()
@@ -253,8 +253,8 @@ def test_identity_survives_other_clones_patches_in_place_and_tells_weight_patche
     try:
         comfy.model_management.load_models_gpu([patched])
         assert not torch.equal(base.model_state_dict()[first_key], before)  # the patches sit in the weights
-        assert common.model_identity(base) == identity
-        assert common.model_identity(patched) == identity
+        assert common.model_fingerprint(base) == identity
+        assert common.model_fingerprint(patched) == identity
         out = run_in_graph(nodes[P + "SampleInverted"], model=base, inversion=record, cfg=1.0, measure_error=False)
         assert torch.isfinite(out.result[0]["samples"]).all()
     finally:
