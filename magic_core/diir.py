@@ -2,11 +2,13 @@
 
 For each face, in a stable order (left to right):
 
-1. ``crop_box``: a square around the face, ``1 + 2 * margin`` times the face box's longer side (the box clipped to
-   the picture), centred on the box, and larger when the paste mask reaches further (``paste_extent``), so the
-   paste never meets the crop's edge; it may reach past the image border. ``extract_crop`` cuts it out (the part outside the image mirrored in, so the
-   model sees a plausible surrounding) and resizes it to the model's native size (small faces are upscaled).
-2. The caller encodes, inverts, re-denoises with the identity and landmarks of ``face_in_crop`` and decodes.
+1. ``face_crop.face_square``: a square around the face, ``1 + 2 * margin`` times the face box's longer side (the
+   box clipped to the picture), centred on the box, and larger when the paste mask reaches further
+   (``paste_extent``), so the paste never meets the crop's edge; it may reach past the image border.
+   ``face_crop.cut_square`` cuts it out (the part outside the image mirrored in, so the model sees a plausible
+   surrounding) and resizes it to the model's native size (small faces are upscaled).
+2. The caller encodes, inverts, re-denoises with the identity and landmarks of ``face_crop.face_in_crop`` and
+   decodes.
 3. ``match_colors``: the restored crop's per-channel mean and std in CIELAB, measured inside the face region, are
    moved to those of the original crop there (a restored face keeps the photo's light and white balance).
 4. ``paste_mask``: where the restored crop replaces the image: 1 on the face hull (with the forehead) grown by
@@ -24,47 +26,14 @@ This module does not import ComfyUI.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import cv2
 import numpy as np
 
 from . import face_masks as fm
+from .face_crop import CropBox
 from .faces import Face
 
 COLOR_MODES = ("mean_std", "none")
-
-
-@dataclass(frozen=True)
-class CropBox:
-    """A square of the image in pixels: left, top and side (may reach past the image)."""
-
-    left: int
-    top: int
-    side: int
-
-    @property
-    def right(self) -> int:
-        return self.left + self.side
-
-    @property
-    def bottom(self) -> int:
-        return self.top + self.side
-
-
-def crop_box(face: Face, margin: float, contain: tuple[float, float, float, float] | None = None) -> CropBox:
-    """The square around `face`: side = (1 + 2 * margin) x the box's longer side, centred on the box; with
-    `contain` (x1, y1, x2, y2), large enough to hold that region too (still centred on the face)."""
-    if not math.isfinite(margin) or margin < 0:
-        raise ValueError(f"margin must be >= 0, got {margin}")
-    x0, y0, x1, y1 = (float(v) for v in face.bbox)
-    side = max(8, int(math.ceil(max(x1 - x0, y1 - y0) * (1.0 + 2.0 * margin))))
-    cx, cy = (x0 + x1) / 2.0, (y0 + y1) / 2.0
-    if contain is not None:
-        reach = max(cx - contain[0], contain[2] - cx, cy - contain[1], contain[3] - cy)
-        side = max(side, int(math.ceil(2.0 * reach)) + 2)
-    return CropBox(int(round(cx - side / 2.0)), int(round(cy - side / 2.0)), side)
 
 
 def paste_extent(face: Face, grow: float, feather: float) -> tuple[float, float, float, float]:
@@ -76,26 +45,6 @@ def paste_extent(face: Face, grow: float, feather: float) -> tuple[float, float,
         (x0, y0), (x1, y1) = points.min(axis=0), points.max(axis=0)
     reach = max(float(grow), 0.0) + max(float(feather), 0.0) + 1.0
     return x0 - reach, y0 - reach, x1 + reach, y1 + reach
-
-
-def extract_crop(image: np.ndarray, box: CropBox, size: int) -> np.ndarray:
-    """The box of `image` (H x W x C float32), the part outside the image mirrored in, resized to size x size."""
-    h, w = image.shape[:2]
-    pad_l, pad_t = max(0, -box.left), max(0, -box.top)
-    pad_r, pad_b = max(0, box.right - w), max(0, box.bottom - h)
-    region = image[max(0, box.top):min(h, box.bottom), max(0, box.left):min(w, box.right)]
-    if pad_l or pad_t or pad_r or pad_b:
-        # OpenCV's reflect border needs the pad to fit inside the region; beyond that, repeat the edge
-        mode = cv2.BORDER_REFLECT_101 if max(pad_l, pad_r) < region.shape[1] and max(pad_t, pad_b) < region.shape[0] \
-            else cv2.BORDER_REPLICATE
-        region = cv2.copyMakeBorder(region, pad_t, pad_b, pad_l, pad_r, mode)
-    interpolation = cv2.INTER_AREA if box.side > size else cv2.INTER_CUBIC
-    return np.clip(cv2.resize(region, (size, size), interpolation=interpolation), 0.0, 1.0).astype(np.float32)
-
-
-def face_in_crop(face: Face, box: CropBox, size: int) -> Face:
-    """`face` in the coordinates of the crop resized to size x size."""
-    return face.mapped(offset=(box.left, box.top), scale=size / box.side)
 
 
 def region_mask(face: Face, height: int, width: int, grow: float, feather: float) -> np.ndarray:

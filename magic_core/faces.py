@@ -196,6 +196,32 @@ class FaceDetections:
         return out
 
 
+def mean_embedding(faces: Sequence[Face]) -> tuple[np.ndarray | None, str | None]:
+    """The faces' mean embedding, L2-normalised, and its kind; (None, None) when a face has none or kinds differ."""
+    if not faces or any(f.embedding is None for f in faces):
+        return None, None
+    kinds = {f.embedding_kind for f in faces}
+    if len(kinds) != 1:
+        return None, None
+    mean = np.mean([f.embedding for f in faces], axis=0)
+    norm = float(np.linalg.norm(mean))
+    return (mean / norm if norm > 0 else None), kinds.pop()
+
+
+def greedy_match(similarity: np.ndarray) -> list[int | None]:
+    """For each row (a face) the column (a person) it is matched to, or None: the most similar pairs first, each
+    column used once. Ties go to the lower flat index (rows first), so the result is deterministic."""
+    rows, cols = similarity.shape
+    matched: list[int | None] = [None] * rows
+    taken: set[int] = set()
+    for flat in np.argsort(-similarity, axis=None, kind="stable"):
+        row, col = divmod(int(flat), cols)
+        if matched[row] is None and col not in taken:
+            matched[row] = col
+            taken.add(col)
+    return matched
+
+
 def parse_indices(text: str) -> list[int] | None:
     """'' or 'all' -> None (every face); '0, 2-3' -> [0, 2, 3]; a negative number counts from the right ('-1')."""
     text = str(text).strip().lower()

@@ -2,7 +2,7 @@
 
 One API computes every fusion: ``plan_fusion`` builds the ``FusionInputs`` of one batch part (the query and the
 key/value column groups with their weights), ``FusionInputs.attend`` computes them, ``FusionInputs.as_plain_qkv``
-re-expresses them as plain q/k/v for another attention function to compute. The definitions (DESIGN §3):
+re-expresses them as plain q/k/v for another attention function to compute. The definitions:
 
 - **query preservation**: ``Q = gamma * Q_c + (1 - gamma) * Q_x``.
 - **keys/values**: ``K = [K_s ; K_c (; K_x)]``, ``V = [V_s ; V_c (; V_x)]``; each column group has a weight that

@@ -366,14 +366,6 @@ def resolve_layers(
     return sort_layers(out)
 
 
-def layer_key(extra_options: Mapping) -> LayerKey | None:
-    """The (block, number, transformer_index) of the attention call an attention patch is running in."""
-    block = extra_options.get("block")
-    if block is None:
-        return None
-    return (str(block[0]), int(block[1]), int(extra_options.get("block_index", 0)))
-
-
 def tokens_at(family: str, block: str, number: int, latent_h: int, latent_w: int) -> tuple[int, int]:
     """(h, w) of the token grid at that layer for a latent of latent_h x latent_w (tokens = h * w).
 

@@ -36,6 +36,14 @@ class Box:
                              "needs 0 <= left < right <= 1 and 0 <= top < bottom <= 1 (fractions of the picture)")
 
 
+def aspects_match(size_hw: tuple[int, int], target_hw: tuple[int, int]) -> bool:
+    """Whether a mask of ``size_hw`` covers the same part of a picture (or latent grid) of ``target_hw``: their aspect
+    ratios agree to within 1%, or to within one unit of the target's shorter side where that is coarser (a latent is
+    the picture / 8, rounded). The one rule every node that takes a region mask applies."""
+    (h, w), (th, tw) = size_hw, target_hw
+    return abs((w / h) / (tw / th) - 1) <= max(0.01, 1.0 / min(th, tw))
+
+
 def center_crop_to_aspect(mask: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """The centre of `mask` [..., H, W] with the aspect ratio of height x width, cut with the rounding
     ComfyUI's ``common_upscale(..., crop="center")`` uses for hint images."""

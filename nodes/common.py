@@ -9,6 +9,8 @@ import comfy.sample
 import folder_paths
 import torch
 
+from ..magic_core import faces as fc
+
 PREFIX = "MagicPortrait_"
 CATEGORY = "Magic Portrait"
 
@@ -18,6 +20,39 @@ class NodeInputError(ValueError):
 
     def __init__(self, node: str, input_name: str, message: str):
         super().__init__(f"[{node}] input '{input_name}': {message}")
+
+
+# Every face crop's margin (magic_core.face_crop): room on each side of the face, in face sizes.
+FACE_MARGIN_TOOLTIP = ("Room around the face on each side, as a share of its size (crop side = (1 + 2 x margin) x "
+                       "face size), the same in every Magic Portrait node that crops faces.")
+
+# A float widget at -1 takes its value from a preset (fusion presets, a feature store's fusion preset).
+FROM_PRESET = -1.0
+
+
+def preset_or(value: float, preset_value: float) -> float:
+    """A widget's value, or the preset's where the widget is at FROM_PRESET (any negative: the widgets' minimum)."""
+    return preset_value if value < 0 else float(value)
+
+
+def require_negative(node: str, cfg: float, negative) -> None:
+    """cfg other than 1 runs the unconditional branch, which needs a negative conditioning."""
+    if cfg != 1.0 and negative is None:
+        raise NodeInputError(node, "negative", f"cfg is {cfg}: connect a negative conditioning or set cfg to 1")
+
+
+def check_percent_range(node: str, start: float, end: float, note: str = "") -> None:
+    """A step range (start_percent, end_percent) must not be reversed; `note` says where preset values came from."""
+    if start > end:
+        raise NodeInputError(node, "start_percent", f"{start:g} is above end_percent {end:g}{note}")
+
+
+def parse_face_indices(node: str, text: str, input_name: str = "face_indices") -> list[int] | None:
+    """A face_indices widget ('all', '0, 2', '-1') as indices, or None for all faces."""
+    try:
+        return fc.parse_indices(text)
+    except ValueError as err:
+        raise NodeInputError(node, input_name, str(err)) from None
 
 
 def register_model_folder(name: str, extensions) -> None:

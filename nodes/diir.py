@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import comfy.samplers
 import comfy.utils
-import numpy as np
 import torch
 from comfy_api.v0_0_2 import io, ui
 
@@ -13,14 +12,20 @@ from ..magic_core import diir
 from ..magic_core import face_draw as fd
 from ..magic_core import faces as fc
 from ..magic_core import inversion as inv
-from .common import CATEGORY, PREFIX, NodeInputError, model_family
-from .inversion_sampling import guided_run, reverse_sampler_function, run_inversion, schedule
-from .landmark_control import apply_control
-from .magicid import Identity, apply_mgmica
+from .common import (
+    CATEGORY,
+    FACE_MARGIN_TOOLTIP,
+    PREFIX,
+    NodeInputError,
+    model_family,
+    parse_face_indices,
+    require_negative,
+)
+from .diir_restore import FaceRestorer, RestoreSettings, match_identities
+from .inversion_sampling import schedule
 from .types import FacesType, IdentitiesType
 
 NATIVE_CROP = {"sd15": 512, "sd2x": 768, "sdxl": 1024}
-CONDITION_STYLES = ("openpose_face", "instantid_kps", "landmark_contours")
 MATCH_MODES = ("by index", "by similarity")
 
 
@@ -46,8 +51,7 @@ class DIIRFaceRestore(io.ComfyNode):
                 io.Conditioning.Input("positive", tooltip="e.g. 'a photo of a face, detailed skin'."),
                 io.String.Input("face_indices", default="all", tooltip="Which faces, e.g. 'all', '0, 2', '-1'."),
                 io.Float.Input("margin", default=0.6, min=0.0, max=4.0, step=0.05,
-                               tooltip="Room around the face on each side, as a share of its size (crop side = "
-                               "(1 + 2 x margin) x face size)."),
+                               tooltip=FACE_MARGIN_TOOLTIP),
                 io.Int.Input("crop_size", default=0, min=0, max=2048, step=64,
                              tooltip="0: the model's native size (SD1.5 512, SD2.x 768, SDXL 1024)."),
                 io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES, default="normal"),
@@ -70,7 +74,7 @@ class DIIRFaceRestore(io.ComfyNode):
                                tooltip="Which identity restores which face: the i-th identity the i-th chosen face "
                                "(left to right), or each face the identity whose reference face embedding is closest."),
                 io.Float.Input("identity_weight", default=1.0, min=0.0, max=5.0, step=0.05),
-                io.Combo.Input("condition_style", options=list(CONDITION_STYLES), default="openpose_face"),
+                io.Combo.Input("condition_style", options=list(fd.FACE_STYLES), default="openpose_face"),
                 io.Float.Input("control_strength", default=0.6, min=0.0, max=5.0, step=0.05),
                 io.Combo.Input("if_no_face", options=["return unchanged", "error"], default="return unchanged"),
                 io.Conditioning.Input("negative", optional=True, tooltip="Needed when cfg is not 1."),
@@ -89,18 +93,14 @@ class DIIRFaceRestore(io.ComfyNode):
                 cfg, inversion_mode, grow, feather, color_match, identity_match, identity_weight, condition_style,
                 control_strength, if_no_face, negative=None, identities=None, control_net=None) -> io.NodeOutput:
         node = cls.define_schema().node_id
-        if cfg != 1.0 and negative is None:
-            raise NodeInputError(node, "negative", f"cfg is {cfg}: connect a negative conditioning or set cfg to 1")
+        require_negative(node, cfg, negative)
         if not isinstance(faces, fc.FaceDetections):
             raise NodeInputError(node, "faces", "expected MAGIC_FACES from Detect Faces")
         if faces.batch != image.shape[0] or any(s != tuple(image.shape[1:3]) for s in faces.image_sizes):
             raise NodeInputError(node, "faces", f"were found in {faces.batch} image(s) of {faces.image_sizes[:2]} but "
                                  f"the image batch is {image.shape[0]} of {tuple(image.shape[1:3])}: run Detect Faces "
                                  "on this image")
-        try:
-            indices = fc.parse_indices(face_indices)
-        except ValueError as err:
-            raise NodeInputError(node, "face_indices", str(err)) from None
+        indices = parse_face_indices(node, face_indices)
         if strength > 0 and len(inv.inversion_sigmas(schedule(model, scheduler, steps, strength))) < 2:
             raise NodeInputError(node, "strength", f"{strength:g} of {steps} steps covers less than one inversion step: "
                                  "raise strength or steps (or set strength 0 for the VAE round trip only)")
@@ -121,13 +121,15 @@ class DIIRFaceRestore(io.ComfyNode):
                                      "face_indices chose none)")
             masks = torch.zeros(image.shape[0], *image.shape[1:3])
             return io.NodeOutput(image, masks, image, ui=ui.PreviewText("no face to restore: the image is unchanged"))
-        run = _Restorer(node, model, vae, positive, negative, size, margin, scheduler, steps, strength, cfg,
-                        inversion_mode, grow, feather, color_match, identity_weight, condition_style, control_strength,
-                        control_net, comfy.utils.ProgressBar(total))
+        settings = RestoreSettings(crop_size=size, margin=margin, scheduler=scheduler, steps=steps, strength=strength,
+                                   cfg=cfg, inversion_mode=inversion_mode, grow=grow, feather=feather,
+                                   color_match=color_match, identity_weight=identity_weight,
+                                   condition_style=condition_style, control_strength=control_strength)
+        run = FaceRestorer(node, model, vae, positive, negative, control_net, settings, comfy.utils.ProgressBar(total))
         out_images, out_masks, previews, notes = [], [], [], []
         for i in range(image.shape[0]):
             source = image[i, ..., :3].detach().cpu().float().numpy()
-            matched = _match_identities(node, chosen[i], ids, identity_match, notes, i)
+            matched = match_identities(node, chosen[i], ids, identity_match, notes, i)
             restored, union = run.image(source, chosen[i], matched)
             out_images.append(torch.from_numpy(restored))
             out_masks.append(torch.from_numpy(union))
@@ -146,110 +148,6 @@ class DIIRFaceRestore(io.ComfyNode):
             result = torch.cat([result, image[..., 3:].detach().cpu()], dim=-1)
         return io.NodeOutput(result, masks, torch.stack(previews),
                              ui=ui.PreviewText(report))
-
-
-def _match_identities(node, faces, ids, mode, notes, image_index):
-    """The identity (or None) for each face of one image."""
-    if not ids:
-        return [None] * len(faces)
-    if mode == "by index":
-        if len(ids) < len(faces):
-            notes.append(f"image {image_index}: {len(faces)} faces but {len(ids)} identities; faces "
-                         f"{list(range(len(ids), len(faces)))} are restored from their landmarks only")
-        return [ids[k] if k < len(ids) else None for k in range(len(faces))]
-    kinds = {i.embeds.embedding_kind for i in ids}
-    if any(i.embeds.face_embedding is None for i in ids):
-        raise NodeInputError(node, "identity_match", "'by similarity' needs each identity's reference face embedding: "
-                             "connect Detect Faces to ID Embeds' faces input, or match 'by index'")
-    if any(f.embedding is None or f.embedding_kind not in kinds for f in faces):
-        raise NodeInputError(node, "identity_match", f"the faces' embeddings ({faces[0].embedding_kind}) are not of the "
-                             f"identities' kind ({', '.join(sorted(map(str, kinds)))}): detect both with the same "
-                             "face back-end")
-    similarity = np.array([[float(np.dot(f.embedding, i.embeds.face_embedding)) for i in ids] for f in faces])
-    matched: list = [None] * len(faces)
-    taken: set = set()
-    for flat in np.argsort(-similarity, axis=None):  # greedy: the most similar pairs first, one face per identity
-        f, k = divmod(int(flat), len(ids))
-        if matched[f] is None and k not in taken:
-            matched[f], taken = ids[k], taken | {k}
-    for f, ident in enumerate(matched):
-        notes.append(f"image {image_index}, face {f}: "
-                     + (f"{ident.label} (similarity {similarity[f, ids.index(ident)]:.2f})" if ident else "no identity"))
-    return matched
-
-
-class _Restorer:
-    """Everything one run needs to restore faces (the model, conditioning and settings)."""
-
-    def __init__(self, node, model, vae, positive, negative, size, margin, scheduler, steps, strength, cfg, mode, grow,
-                 feather, color_match, identity_weight, condition_style, control_strength, control_net, progress):
-        self.node, self.model, self.vae = node, model, vae
-        self.positive, self.negative = positive, negative
-        self.size, self.margin, self.strength, self.cfg, self.mode = size, margin, strength, cfg, mode
-        self.grow, self.feather, self.color_match = grow, feather, color_match
-        self.identity_weight, self.condition_style, self.control_strength = identity_weight, condition_style, \
-            control_strength
-        self.control_net, self.progress = control_net, progress
-        self.sigmas = schedule(model, scheduler, steps, strength) if strength > 0 else None
-
-    def image(self, source: np.ndarray, faces, identities) -> tuple[np.ndarray, np.ndarray]:
-        """One image with its faces restored in order (left to right), and the union of the paste masks."""
-        h, w = source.shape[:2]
-        current = source
-        union = np.zeros((h, w), dtype=np.float32)
-        for face, identity in zip(faces, identities, strict=True):
-            grow, feather = self.grow * face.size, self.feather * face.size
-            box = diir.crop_box(face, self.margin, contain=diir.paste_extent(face, grow, feather))
-            mask = diir.paste_mask(face, box, h, w, grow, feather)
-            crop = diir.extract_crop(current, box, self.size)
-            restored = self.face(crop, diir.face_in_crop(face, box, self.size), identity)
-            current = diir.paste(current, restored, box, mask)
-            union = np.maximum(union, mask)
-            self.progress.update(1)
-        # bit-identical outside every paste mask, whatever the blending did
-        return np.where(union[..., None] > 0, current, source).astype(np.float32), union
-
-    def face(self, crop: np.ndarray, face: fc.Face, identity: Identity | None) -> np.ndarray:
-        """The restored crop (size x size x 3) of one face, colour-matched to the crop it came from."""
-        pixels = torch.from_numpy(crop)[None]
-        latent = self.vae.encode(pixels)
-        if self.sigmas is not None:
-            region = diir.region_mask(face, self.size, self.size, self.grow * face.size, 0.0)
-            latent = self._reinvent(latent, face, identity, torch.from_numpy(region)[None])
-        decoded = self.vae.decode(latent)
-        decoded = decoded.reshape(-1, *decoded.shape[-3:])[0].detach().cpu().float().numpy()
-        region = diir.region_mask(face, self.size, self.size, 0.0, 0.0)
-        return diir.match_colors(decoded, crop, region, self.color_match)
-
-    def _reinvent(self, latent: torch.Tensor, face: fc.Face, identity: Identity | None, region: torch.Tensor):
-        """Invert part of the way with the model as it is (cfg 1), then denoise with the identity and landmarks."""
-        inverted, _, partner, _ = run_inversion(self.model, self.positive, None, 1.0, latent, self.sigmas, self.mode,
-                                                3, inv.EDICT_DEFAULT_MIX)
-        model = self.model
-        if identity is not None:
-            one = Identity(identity.embeds, region, identity.weight * self.identity_weight, identity.start_percent,
-                           identity.end_percent, identity.label)
-            model, _ = apply_mgmica(self.model, (one,), 1.0, "exclusive", "negative tokens", "all = 1", self.node)
-        positive, negative = self.positive, self.negative if self.negative is not None else self.positive
-        if self.control_net is not None and self.control_strength > 0:
-            drawn = _draw(self.condition_style, face, self.size)
-            positive, negative = apply_control(positive, negative, self.control_net, drawn, self.control_strength,
-                                               (0.0, 1.0), region)
-        process_in = model.get_model_object("latent_format").process_in
-        sampler = comfy.samplers.KSAMPLER(reverse_sampler_function(self.mode, inv.EDICT_DEFAULT_MIX, partner,
-                                                                   process_in))
-        return guided_run(model, positive, negative if self.cfg != 1.0 else None, self.cfg, inverted, sampler,
-                          inv.inversion_sigmas(self.sigmas).flip(0))
-
-
-def _draw(style: str, face: fc.Face, size: int) -> torch.Tensor:
-    if style == "instantid_kps":
-        drawn = fd.draw_instantid_kps([face], size, size)
-    elif style == "landmark_contours":
-        drawn = fd.draw_landmark_contours([face], size, size)
-    else:
-        drawn = fd.draw_openpose_face([face], size, size)
-    return torch.from_numpy(drawn).float().div(255.0)[None]
 
 
 NODES = [DIIRFaceRestore]

@@ -18,7 +18,7 @@ from ..magic_core import face_backends as fb
 from ..magic_core import face_draw as fd
 from ..magic_core import face_masks as fm
 from ..magic_core import faces as fc
-from .common import CATEGORY, PREFIX, NodeInputError, register_model_folder
+from .common import CATEGORY, PREFIX, NodeInputError, parse_face_indices, register_model_folder
 from .types import FaceAnalysisType, FacesType, PoseKeypointType
 
 INSIGHTFACE_FOLDER = "insightface"
@@ -26,7 +26,8 @@ register_model_folder(INSIGHTFACE_FOLDER, {".onnx"})
 OFFLINE = "offline (dlib: no download)"
 INSIGHTFACE = "insightface"
 PACK_DEFAULTS = ("antelopev2", "buffalo_l")
-CONDITION_STYLES = ("openpose_face", "instantid_kps", "landmark_contours", "magicid_skeleton_landmarks")
+# the face styles, and MagicID's skeleton + landmarks, which also needs the body pose
+CONDITION_STYLES = (*fd.FACE_STYLES, "magicid_skeleton_landmarks")
 MASK_SHAPES = list(fm.SHAPES)
 
 
@@ -180,13 +181,6 @@ def _check_faces(node: str, faces) -> fc.FaceDetections:
     return faces
 
 
-def _indices(node: str, text: str) -> list[int] | None:
-    try:
-        return fc.parse_indices(text)
-    except ValueError as err:
-        raise NodeInputError(node, "face_indices", str(err)) from None
-
-
 def _select(node: str, detections: fc.FaceDetections, image: int, indices) -> list[fc.Face]:
     try:
         return detections.select(image, indices)
@@ -219,7 +213,7 @@ class FaceMasks(io.ComfyNode):
     def execute(cls, faces, shape, grow, feather, face_indices) -> io.NodeOutput:
         node = cls.define_schema().node_id
         detections = _check_faces(node, faces)
-        indices = _indices(node, face_indices)
+        indices = parse_face_indices(node, face_indices)
         per_face, unions = [], []
         for i, (h, w) in enumerate(detections.image_sizes):
             chosen = _select(node, detections, i, indices)
@@ -266,7 +260,7 @@ class DrawFaceCondition(io.ComfyNode):
                 ) -> io.NodeOutput:
         node = cls.define_schema().node_id
         detections = _check_faces(node, faces)
-        indices = _indices(node, face_indices)
+        indices = parse_face_indices(node, face_indices)
         if (width == 0) != (height == 0):
             raise NodeInputError(node, "width" if width == 0 else "height", "set both width and height, or both to 0")
         frames = None
@@ -288,12 +282,8 @@ class DrawFaceCondition(io.ComfyNode):
         for i, source in enumerate(detections.image_sizes):
             target = source if width == 0 else (int(height), int(width))
             chosen = fd.rescale_faces(_select(node, detections, i, indices), source, target)
-            if style == "openpose_face":
-                drawn = fd.draw_openpose_face(chosen, *target)
-            elif style == "instantid_kps":
-                drawn = fd.draw_instantid_kps(chosen, *target)
-            elif style == "landmark_contours":
-                drawn = fd.draw_landmark_contours(chosen, *target, thickness=thickness)
+            if style in fd.FACE_STYLES:
+                drawn = fd.draw_face_condition(style, chosen, *target, thickness=thickness)
             else:
                 frame = frames[i if len(frames) > 1 else 0]
                 drawn = fd.draw_magicid_condition(chosen, frame, *target, thickness=thickness)

@@ -21,6 +21,7 @@ import comfy.clip_model
 import comfy.model_management
 import torch
 
+from ..magic_core import face_crop as crop
 from ..magic_core import faces as fc
 from ..magic_core import ipadapter as ip
 
@@ -33,19 +34,10 @@ ALIGN_CHOICES = [ALIGN_ORIGINAL, ALIGN_IPADAPTER_PLUS]
 
 
 def face_box_crop(image: torch.Tensor, face: fc.Face, margin: float) -> torch.Tensor:
-    """[1, S, S, 3]: the square around the face box (clipped to the picture), its side (1 + margin) times the box's
-    longer side, cut from the float IMAGE [H, W, C] at its own resolution; zero where it reaches past the picture."""
-    x0, y0, x1, y1 = face.bbox.tolist()
-    side = max(x1 - x0, y1 - y0) * (1.0 + margin)
-    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    left, top = int(round(cx - side / 2)), int(round(cy - side / 2))
-    size = max(1, int(round(side)))
-    h, w = image.shape[:2]
-    out = torch.zeros(1, size, size, 3, dtype=torch.float32)
-    sx0, sy0, sx1, sy1 = max(0, left), max(0, top), min(w, left + size), min(h, top + size)
-    if sx1 > sx0 and sy1 > sy0:
-        out[0, sy0 - top:sy1 - top, sx0 - left:sx1 - left] = image[sy0:sy1, sx0:sx1, :3].float().cpu()
-    return out
+    """[1, S, S, 3]: the pack's face square (``face_crop.face_square``: `margin` face sizes of room on each side) cut
+    from the float IMAGE [H, W, C] at its own resolution; black where it reaches past the picture."""
+    pixels = image[..., :3].detach().float().cpu().numpy()
+    return torch.from_numpy(crop.cut_square(pixels, crop.face_square(face, margin), outside="zeros"))[None]
 
 
 def align_size(choice: str, family: str) -> int:

@@ -14,6 +14,7 @@ from .common import (
     NodeInputError,
     check_latent,
     model_family,
+    require_negative,
     tag_latent,
 )
 from .fingerprint import model_fingerprint, weight_patch_signature
@@ -102,8 +103,7 @@ class DDIMInvert(io.ComfyNode):
                 feature_store=None) -> io.NodeOutput:
         node = cls.define_schema().node_id
         samples = check_latent(node, model, latent)
-        if cfg != 1.0 and negative is None:
-            raise NodeInputError(node, "negative", f"cfg is {cfg}: connect a negative conditioning or set cfg to 1")
+        require_negative(node, cfg, negative)
         # steps >= 2, 0 < strength <= 1 and 0.5 <= bdia_gamma <= 1 are the schema's bounds: validation enforces them
         if sigmas is not None:
             sampling_sigmas, source = sigmas.cpu().float(), "the SIGMAS input (scheduler, steps, strength unused)"
@@ -193,8 +193,7 @@ class SampleInverted(io.ComfyNode):
         patch_note = check_record(node, "inversion", inversion, model)
         positive = inversion.positive if positive is None else positive
         negative = inversion.negative if negative is None else negative
-        if cfg != 1.0 and negative is None:
-            raise NodeInputError(node, "negative", f"cfg is {cfg}: connect a negative conditioning or set cfg to 1")
+        require_negative(node, cfg, negative)
         start = None
         if start_latent is not None:
             start = check_latent(node, model, start_latent, "start_latent")

@@ -6,10 +6,9 @@ from __future__ import annotations
 import torch
 from comfy_api.v0_0_2 import io, ui
 
-from .common import CATEGORY, PREFIX, NodeInputError
-from .masked_controlnet import RegionMaskedControl
-
-ASPECT_TOLERANCE = 0.01
+from ..magic_core import regions as reg
+from .common import CATEGORY, PREFIX, NodeInputError, check_percent_range
+from .masked_controlnet import apply_control
 
 
 def _as_mask(node: str, mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
@@ -17,39 +16,13 @@ def _as_mask(node: str, mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor
     if mask.ndim != 3 or mask.shape[0] == 0:
         raise NodeInputError(node, "mask", f"expected a MASK [B, H, W], got shape {tuple(mask.shape)}")
     (mh, mw), (ih, iw) = mask.shape[-2:], image.shape[1:3]
-    if abs((mw / mh) / (iw / ih) - 1) > ASPECT_TOLERANCE:
+    if not reg.aspects_match((mh, mw), (ih, iw)):
         raise NodeInputError(node, "mask", f"is {mw}x{mh} but the condition image is {iw}x{ih}: their aspect ratios "
                              "differ, so the mask would not cover the same part of the picture. Make the mask at the "
                              "image's size (e.g. Face Masks on the same faces the condition was drawn from)")
     if mask.shape[0] not in (1, image.shape[0]) and image.shape[0] != 1:
         raise NodeInputError(node, "mask", f"batch {mask.shape[0]} must be 1 or the image batch {image.shape[0]}")
     return mask
-
-
-def apply_control(positive, negative, control_net, image: torch.Tensor, strength: float, percent_range: tuple,
-                  region: torch.Tensor | None = None, vae=None) -> tuple[list, list]:
-    """Positive and negative conditioning with `control_net` applied on `image` ([B, H, W, C]), confined to `region`
-    ([B, H, W], same aspect ratio) when given; ControlNets already on the conditioning stay before it in the chain.
-    New lists: the inputs are not changed."""
-    hint = image[..., :3].movedim(-1, 1)
-    made: dict = {}  # one control per previous control, shared by positive and negative like core's node
-
-    def control_for(previous):
-        key = id(previous)
-        if key not in made:
-            inner = control_net.copy().set_cond_hint(hint, strength, percent_range, vae=vae)
-            control = inner if region is None else RegionMaskedControl(inner, region)
-            made[key] = control.set_previous_controlnet(previous)
-        return made[key]
-
-    out = []
-    for conditioning in (positive, negative):
-        entries = []
-        for embedding, options in conditioning:
-            options = {**options, "control": control_for(options.get("control")), "control_apply_to_uncond": False}
-            entries.append([embedding, options])
-        out.append(entries)
-    return out[0], out[1]
 
 
 class ApplyLandmarkControlNet(io.ComfyNode):
@@ -84,8 +57,7 @@ class ApplyLandmarkControlNet(io.ComfyNode):
     def execute(cls, positive, negative, control_net, image, strength, start_percent, end_percent, mask=None,
                 vae=None) -> io.NodeOutput:
         node = cls.define_schema().node_id
-        if start_percent > end_percent:
-            raise NodeInputError(node, "start_percent", f"{start_percent} is above end_percent {end_percent}")
+        check_percent_range(node, start_percent, end_percent)
         if strength == 0:
             return io.NodeOutput(positive, negative, ui=ui.PreviewText("strength 0: conditioning unchanged"))
         region = None if mask is None else _as_mask(node, mask, image)

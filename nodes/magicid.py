@@ -7,7 +7,6 @@ patch over every cross-attention layer (nodes.mgmica_patch), each confined to it
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import folder_paths
 import numpy as np
@@ -16,13 +15,11 @@ from comfy_api.v0_0_2 import io, ui
 
 from ..magic_core import faces as fc
 from ..magic_core import ipadapter as ip
-from ..magic_core import layers as lay
 from ..magic_core import mgmica
 from ..magic_core import regions as reg
-from ..magic_core.sharing import SharedOnCopy
 from . import id_references as refs
-from .common import CATEGORY, PREFIX, NodeInputError, layer_family, model_family, register_model_folder
-from .mgmica_patch import UNCOND_MODES, MultiIDAttention, PatchIdentity, cross_attention_layers
+from .common import CATEGORY, FACE_MARGIN_TOOLTIP, PREFIX, NodeInputError, check_percent_range, register_model_folder
+from .mgmica_patch import UNCOND_MODES, IDEmbeds, Identity, apply_mgmica
 from .types import FacesType, IDEmbedsType, IdentitiesType, IPAdapterType
 
 FOLDER = "ipadapter"
@@ -82,31 +79,6 @@ class LoadIPAdapter(io.ComfyNode):
 
 
 # ------------------------------------------------------------------------------------------------ ID embeds
-@dataclass(frozen=True, eq=False)
-class IDEmbeds(SharedOnCopy):
-    """One identity's ID tokens (MAGIC_ID_EMBEDS): positive and negative [1, T, cross_dim] float32 on the CPU."""
-
-    adapter: ip.IPAdapterFile
-    positive: torch.Tensor
-    negative: torch.Tensor
-    label: str
-    face_embedding: np.ndarray | None = None  # the references' mean face embedding (L2-normalised), when known
-    embedding_kind: str | None = None  # its kind (faces.ARCFACE_512, faces.DLIB_128, ...)
-
-
-
-def _mean_embedding(faces_used):
-    """The references' mean face embedding, L2-normalised, and its kind; (None, None) without embeddings."""
-    if not faces_used or any(f.embedding is None for f in faces_used):
-        return None, None
-    kinds = {f.embedding_kind for f in faces_used}
-    if len(kinds) != 1:
-        return None, None
-    mean = np.mean([f.embedding for f in faces_used], axis=0)
-    norm = float(np.linalg.norm(mean))
-    return (mean / norm if norm > 0 else None), kinds.pop()
-
-
 class IDEmbedsNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -137,8 +109,9 @@ class IDEmbedsNode(io.ComfyNode):
                 io.Combo.Input("image_crop", options=CROP_CHOICES, default="auto",
                                tooltip="What CLIP vision sees for base/plus/plus-face: 'auto' = the face when faces "
                                "are connected, else the whole image. FaceID-Plus always uses the aligned face."),
-                io.Float.Input("face_margin", default=0.4, min=0.0, max=3.0, step=0.05,
-                               tooltip="Face crops: extra room around the face box (0.4 = 40%)."),
+                io.Float.Input("face_margin", default=0.2, min=0.0, max=1.5, step=0.05,
+                               tooltip=FACE_MARGIN_TOOLTIP + " Magic Portrait 0.2 counted both sides "
+                               "together: halve a value saved with it to keep its crop."),
                 io.Float.Input("shortcut_scale", default=1.0, min=0.0, max=5.0, step=0.05,
                                tooltip="FaceID-PlusV2 only: weight of the face-embedding shortcut (s_scale; tokens = "
                                "MLP tokens + s_scale x perceiver). 1.0 is the original IP-Adapter's default and "
@@ -214,7 +187,7 @@ class IDEmbedsNode(io.ComfyNode):
             detail += f"; negative image: {negative_image}"
         if adapter.variant in ("faceid-plus", "faceid-plusv2"):
             detail += f"; face aligned at {align} px"
-        face_embedding, kind = _mean_embedding(chosen)
+        face_embedding, kind = fc.mean_embedding(chosen)
         embeds_out = IDEmbeds(adapter, positive.float().cpu(), negative.float().cpu(), label, face_embedding, kind)
         return io.NodeOutput(embeds_out, crops_shown, ui=ui.PreviewText(detail))
 
@@ -258,19 +231,6 @@ def _tokens(adapter, combine, refs, embeds, hidden, hidden_neg, face_emb, shortc
 
 
 # ------------------------------------------------------------------------------------------------ identities
-@dataclass(frozen=True, eq=False)
-class Identity(SharedOnCopy):
-    """One entry of MAGIC_IDENTITIES: ID tokens, a region (MASK [B, H, W] or a box), weight and step range."""
-
-    embeds: IDEmbeds
-    region: torch.Tensor | reg.Box
-    weight: float
-    start_percent: float
-    end_percent: float
-    label: str
-
-
-
 class AddIdentity(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -308,8 +268,7 @@ class AddIdentity(io.ComfyNode):
         node = cls.define_schema().node_id
         if not isinstance(id_embeds, IDEmbeds):
             raise NodeInputError(node, "id_embeds", "expected MAGIC_ID_EMBEDS from ID Embeds")
-        if start_percent > end_percent:
-            raise NodeInputError(node, "start_percent", f"{start_percent} is above end_percent {end_percent}")
+        check_percent_range(node, start_percent, end_percent)
         previous = tuple(identities or ())
         name = label.strip() or f"identity {len(previous)}"
         if mask is not None:
@@ -370,46 +329,6 @@ class MultiIDAttentionNode(io.ComfyNode):
                  f"uncond: {uncond}"]
         lines += [f"- {i.label}: weight {i.weight:g}" for i in patch.identities]
         return io.NodeOutput(clone, ui=ui.PreviewText("\n".join(lines)))
-
-
-def apply_mgmica(model, identities, weight: float, overlap: str, uncond: str, layer_weights: str, node: str):
-    """A clone of `model` carrying one MultiIDAttention patch; returns (clone, patch)."""
-    if not identities:
-        raise NodeInputError(node, "identities", "the identity list is empty: connect Add Identity")
-    if any(not isinstance(i, Identity) for i in identities):
-        raise NodeInputError(node, "identities", "expected MAGIC_IDENTITIES from Add Identity")
-    layers = cross_attention_layers(model)
-    by_key = {layer.key: layer for layer in layers}
-    family = layer_family(model, node)
-    try:
-        per_layer = lay.parse_layer_weights(layer_weights, family, lay.depths_of(by_key))
-    except lay.LayerSpecError as err:
-        raise NodeInputError(node, "layer_weights", str(err)) from None
-    sampling = model.get_model_object("model_sampling")
-    patch_identities = []
-    for ident in identities:
-        adapter = ident.embeds.adapter
-        try:
-            ip.check_family(adapter, model_family(model), cross_dim=layers[0].context_dim)
-            mapping = ip.map_layers(adapter, {k: layer.inner_dim for k, layer in by_key.items()})
-        except ip.IPAdapterError as err:
-            raise NodeInputError(node, "model", f"identity '{ident.label}' ({adapter.name}): {err}") from None
-        weights = adapter.layer_weights()
-        kv = {}
-        for key, n in mapping.items():
-            if per_layer.get(key, 0.0) == 0.0:
-                continue
-            wk, wv = (w.float() for w in weights[n])
-            pos, neg = ident.embeds.positive, ident.embeds.negative
-            kv[key] = (pos @ wk.T, pos @ wv.T, neg @ wk.T, neg @ wv.T)
-        patch_identities.append(PatchIdentity(
-            ident.label, kv, ident.region, ident.weight * float(weight),
-            float(sampling.percent_to_sigma(ident.start_percent)), float(sampling.percent_to_sigma(ident.end_percent))))
-    patch = MultiIDAttention(patch_identities, by_key, per_layer, overlap, uncond, node)
-    clone = model.clone()
-    clone.set_model_attn2_patch(patch.capture)
-    clone.set_model_attn2_output_patch(patch)
-    return clone, patch
 
 
 NODES = [LoadIPAdapter, IDEmbedsNode, AddIdentity, MultiIDAttentionNode]

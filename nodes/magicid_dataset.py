@@ -7,11 +7,10 @@ absolute path unless the server sets MAGIC_PORTRAIT_ALLOW_ABSOLUTE_DATASET=1."""
 
 from __future__ import annotations
 
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path
 
 import comfy.model_management
 import comfy.utils
-import folder_paths
 import torch
 from comfy_api.v0_0_2 import io, ui
 
@@ -20,7 +19,7 @@ from ..magic_core import face_masks as fm
 from ..magic_core import magicid_build as mb
 from ..magic_core import magicid_dataset as md
 from .common import CATEGORY, PREFIX, NodeInputError
-from .repcontrolnet import ALLOW_ABSOLUTE_DATASET_ENV, allows_absolute_dataset
+from .input_folders import resolve_input_folder
 from .types import FaceAnalysisType, PoseKeypointType
 
 BUNDLED_PHOTOS = "magic_portrait_magicid_photos"  # copied into the input folder by example_inputs.py
@@ -28,26 +27,6 @@ DEFAULT_DATASET = "magic_portrait_magicid_dataset"
 MISSING_SKELETON = {"skip the photo": mb.SKIP, "keep it (landmark only)": mb.KEEP_LANDMARK_ONLY, "error": mb.ERROR}
 BAD_PHOTO = {"skip the photo": mb.SKIP, "error": mb.ERROR}
 PREVIEW_CELL = 160
-
-
-def resolve_input_folder(node: str, input_name: str, value: str) -> Path:
-    """A folder named relative to ComfyUI's input folder, contained as Train RepControlNet's dataset_folder is: no
-    '..' part, no absolute path (or '~') unless the server opted in with MAGIC_PORTRAIT_ALLOW_ABSOLUTE_DATASET=1.
-    Symlinks already inside the input folder are followed."""
-    text = str(value).strip()
-    input_dir = Path(folder_paths.get_input_directory())
-    where = f"ComfyUI's input folder ({input_dir})"
-    if not text:
-        raise NodeInputError(node, input_name, f"is empty: name a folder inside {where}")
-    if PurePosixPath(text).is_absolute() or PureWindowsPath(text).anchor or text.startswith("~"):
-        if allows_absolute_dataset():
-            return Path(text).expanduser()
-        raise NodeInputError(node, input_name, f"'{text}' is an absolute path: name a folder inside {where} instead, "
-                             f"or start the server with {ALLOW_ABSOLUTE_DATASET_ENV}=1 to allow absolute paths (only "
-                             "where everyone who can queue a prompt may read and write every folder the server can)")
-    if ".." in PurePosixPath(text.replace("\\", "/")).parts:
-        raise NodeInputError(node, input_name, f"'{text}' contains '..': the folder must be inside {where}")
-    return input_dir / text
 
 
 def _first(value):
@@ -157,8 +136,8 @@ class BuildMagicIDDataset(io.ComfyNode):
         """Runs again when the photos folder or the dataset changed on disk, not only when an input did."""
         node = PREFIX + "BuildMagicIDDataset"
         try:
-            photos = resolve_input_folder(node, "photos_folder", _first(photos_folder))
-            dataset = resolve_input_folder(node, "dataset_folder", _first(dataset_folder))
+            photos = resolve_input_folder(node, "photos_folder", _first(photos_folder), access="read and write")
+            dataset = resolve_input_folder(node, "dataset_folder", _first(dataset_folder), access="read and write")
             return (_folder_state(photos), _folder_state(dataset))
         except (NodeInputError, OSError):
             return float("nan")  # never equal: the node runs and reports the problem
@@ -172,7 +151,7 @@ class BuildMagicIDDataset(io.ComfyNode):
         if not isinstance(analyzer, fb.FaceAnalyzer):
             raise NodeInputError(node, "face_analysis", "expected MAGIC_FACE_ANALYSIS from Face Analysis Loader")
         dataset_name = str(_first(dataset_folder)).strip()
-        target = resolve_input_folder(node, "dataset_folder", dataset_name)
+        target = resolve_input_folder(node, "dataset_folder", dataset_name, access="read and write")
         try:
             settings = md.BuildSettings(landmark_style=_first(landmark_style), thickness=_first(thickness),
                                         skeleton_hands=_first(skeleton_hands), mask_shape=_first(mask_shape),
@@ -228,7 +207,7 @@ class BuildMagicIDDataset(io.ComfyNode):
         if pose_keypoint is not None:
             raise NodeInputError(node, "pose_keypoint", "is used with images only: photos from photos_folder take "
                                  "their skeletons from the OpenPose JSON beside each photo")
-        folder = resolve_input_folder(node, "photos_folder", _first(photos_folder))
+        folder = resolve_input_folder(node, "photos_folder", _first(photos_folder), access="read and write")
         if not folder.is_dir():
             raise NodeInputError(node, "photos_folder", f"'{folder}' is not a folder: put your photos (with "
                                  "NAME.json skeletons beside them) in a folder inside ComfyUI's input folder and name "

@@ -18,7 +18,7 @@ from comfy_api.v0_0_2 import io, ui
 from ..magic_core import fusion as ff
 from ..magic_core import inversion as inv
 from ..magic_core import kv_store as kvs
-from .common import CATEGORY, PREFIX, NodeInputError, check_latent, tag_latent
+from .common import CATEGORY, FROM_PRESET, PREFIX, NodeInputError, check_latent, require_negative, tag_latent
 from .inversion_sampling import guided_run, reverse_sampler_function, schedule, with_run_notes
 from .magicstyle_capture import FROM_FUSION, MATCH_FUSION, KVStoreSpec, invert_recording
 from .magicstyle_patch import describe_fusion, patch_model
@@ -28,7 +28,6 @@ STORE_LAYER_PRESETS = ["all", "decoder", "instantstyle_style", "instantstyle_lay
 FUSION_LAYER_CHOICES = ["preset default", *STORE_LAYER_PRESETS]
 UNCOND_CHOICES = ["preset default", *ff.UNCOND_MODES]
 DEVICE_CHOICES = ["cpu (offload)", "model device"]
-FROM_PRESET = -1.0
 LAYERS_TOOLTIP = ("Self-attention layers: a preset, or 'custom' with the custom_layers list, e.g. "
                   "'output 3-5, middle 0, input 8:0-3' (block numbers as ComfyUI counts them; ':i' picks transformer "
                   "indices in SDXL's deep blocks).")
@@ -262,8 +261,7 @@ class MagicStylePortrait(io.ComfyNode):
                 inversion_positive=None) -> io.NodeOutput:
         node = cls.define_schema().node_id
         started = time.perf_counter()
-        if cfg != 1.0 and negative is None:
-            raise NodeInputError(node, "negative", f"cfg is {cfg}: connect a negative conditioning or set cfg to 1")
+        require_negative(node, cfg, negative)
         params = fusion_params(preset, gamma, content_weight, tau, start_percent, end_percent, uncond, node)
         spec = KVStoreSpec(layers=params.layers_preset if layers == "preset default" else layers,
                            custom_layers=custom_layers, dtype=store_dtype, device=store_device,

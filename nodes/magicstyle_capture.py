@@ -20,62 +20,14 @@ from ..magic_core import inversion as inv
 from ..magic_core import kv_store as kvs
 from ..magic_core import layers as lay
 from ..magic_core.sharing import SharedOnCopy
-from .common import PREFIX, NodeInputError, layer_family
+from .common import FROM_PRESET, PREFIX, NodeInputError, check_percent_range, layer_family, preset_or
 from .fingerprint import model_fingerprint, weight_patch_signature
 from .inversion_sampling import CAPTURE_GATES_KEY, run_inversion
-
-
-# ------------------------------------------------------------------------------------------------ model structure
-@dataclass(frozen=True)
-class AttnLayer:
-    key: lay.LayerKey
-    channels: int  # width of n entering attn1
-    inner_dim: int  # heads * dim_head of q/k/v
-    level: int  # number of 2x downsamplings of the latent grid at this layer
-    path: str  # attn1's attribute path from the BaseModel, as ModelPatcher object patches name it
-
-
-def _transformer_blocks(block) -> list:
-    out = []
-    for layer in block:
-        out.extend(getattr(layer, "transformer_blocks", ()))
-    return out
-
-
-def _has(block, name: str) -> bool:
-    return any(type(layer).__name__ == name for layer in block)
-
-
-def unet_attention_layers(model) -> dict[lay.LayerKey, AttnLayer]:
-    """Every self-attention layer of the model's UNet with its widths, resolution level and attn1 path."""
-    unet = model.model.diffusion_model
-    if not all(hasattr(unet, name) for name in ("input_blocks", "middle_block", "output_blocks")):
-        raise ValueError(f"{type(unet).__name__} is not a UNet with input/middle/output blocks (SD1.5/SDXL)")
-    found: dict[lay.LayerKey, AttnLayer] = {}
-    names = {id(module): name for name, module in unet.named_modules()}
-
-    def add(block_name, number, block, level):
-        for index, tb in enumerate(_transformer_blocks(block)):
-            to_q = tb.attn1.to_q  # a fusion's stand-in module shares the original's projections
-            found[(block_name, number, index)] = AttnLayer((block_name, number, index), int(to_q.in_features),
-                                                          int(to_q.out_features), level,
-                                                          f"diffusion_model.{names[id(tb)]}.attn1")
-
-    level = 0
-    for number, block in enumerate(unet.input_blocks):
-        if _has(block, "Downsample"):
-            level += 1
-        add("input", number, block, level)
-    add("middle", 0, unet.middle_block, level)
-    for number, block in enumerate(unet.output_blocks):
-        add("output", number, block, level)
-        if _has(block, "Upsample"):
-            level -= 1
-    return found
+from .unet_layers import layer_key, unet_attention_layers
 
 
 def resolve_model_layers(model, preset: str, custom: str, node: str):
-    """(selected layer keys, every AttnLayer of the model) for a layer preset or a 'custom' list."""
+    """(selected layer keys, every AttentionLayer of the model) for a layer preset or a 'custom' list."""
     layers = unet_attention_layers(model)
     family = layer_family(model, node)
     spec = custom if preset == "custom" else preset
@@ -105,7 +57,7 @@ class CapturePatch(SharedOnCopy):
 
     def __call__(self, n, context_attn1, value_attn1, extra_options):
         if self.gate.open:
-            key = lay.layer_key(extra_options)
+            key = layer_key(extra_options)
             if key is not None and key in self.inner_dims:
                 kept = br.BatchRows.of(n.shape[0], extra_options.get("cond_or_uncond")).kept_chunk()
                 self.store.record(key, extra_options["sigmas"], n[kept], None, self.inner_dims[key])
@@ -114,7 +66,7 @@ class CapturePatch(SharedOnCopy):
 
 
 MATCH_FUSION = "match fusion preset"  # store layers: the layers of the fusion preset the store is for
-FROM_FUSION = -1.0  # store start/end percent: the fusion preset's
+FROM_FUSION = FROM_PRESET  # store start/end percent: the fusion preset's
 
 
 @dataclass(frozen=True)
@@ -138,7 +90,7 @@ class KVStoreSpec(SharedOnCopy):
     origin: str = ""  # where the selection comes from, for messages (default: said from the fields)
 
     def plan(self, model) -> tuple[kvs.FeaturePlan, dict]:
-        """(the layers and steps to keep, every AttnLayer of the model)."""
+        """(the layers and steps to keep, every AttentionLayer of the model)."""
         try:
             params = ff.get_preset(self.fusion_preset)
         except ValueError as err:
@@ -146,11 +98,9 @@ class KVStoreSpec(SharedOnCopy):
         matched = self.layers == MATCH_FUSION
         keys, layers = resolve_model_layers(model, params.layers_preset if matched else self.layers,
                                             self.custom_layers, self.node)
-        start = params.start_percent if self.start_percent < 0 else self.start_percent
-        end = params.end_percent if self.end_percent < 0 else self.end_percent
-        if start > end:
-            raise NodeInputError(self.node, "start_percent", f"{start:g} is above end_percent {end:g} (-1 takes "
-                                 f"fusion preset {params.name!r}'s)")
+        start = preset_or(self.start_percent, params.start_percent)
+        end = preset_or(self.end_percent, params.end_percent)
+        check_percent_range(self.node, start, end, f" (-1 takes fusion preset {params.name!r}'s)")
         preset = f"fusion preset {params.name!r}"
         if matched:
             chosen = f"layers of {preset} ({params.layers_preset})"

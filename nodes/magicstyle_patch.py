@@ -1,12 +1,12 @@
 """The ComfyUI-facing Feature Fusion Attention patch: the objects a fusion node puts on a MODEL clone.
 
-- Where a selected layer's attn1 replace slot is free (the usual case) a ``FusedAttn1`` stands in for the attn1
+- Where a selected layer's attn1 replace slot is free (the usual case) a ``FusionStandIn`` stands in for the attn1
   module (a ModelPatcher object patch, the same projection children, so weight keys and LoRAs are untouched): it
   fuses from the hidden states, projecting one blended query and the stored states' k/v, never the current pass's
   unused k/v. Where another function already holds the slot, fusion goes into the slot instead and runs inside it:
   the other function runs on inactive steps/branches, and on active ones computes the fused attention from FFA's
   q/k/v (tau folded into q, column weights realised exactly by repeating key/value groups, or refused). Both ways
-  run one dispatcher (``FusionAttn1._fuse``) over ``magic_core.fusion.plan_fusion``.
+  run one dispatcher (``LayerFusion._fuse``) over ``magic_core.fusion.plan_fusion``.
 - A function set in the slot *after* the node (core Self-Attention Guidance at middle 0, any later
   set_model_attn1_replace) would make ComfyUI skip the stand-in module: the node's OUTER_SAMPLE wrapper
   (``FusionRunWrapper``) finds it when sampling starts and puts the fusion inside it for that run. The wrapper also
@@ -90,11 +90,11 @@ def _upcast(attn_precision, dtype) -> bool:
     asks for float32 attention at this dtype."""
     return comfy_attention.get_attn_precision(attn_precision, dtype) == torch.float32
 
-class FusionAttn1(SharedOnCopy):
+class LayerFusion(SharedOnCopy):
     """Feature Fusion Attention for one layer, on active steps; other steps and plain branches run unchanged.
 
     Two ways in: as an attn1 replace (``__call__``/``qkv`` on ComfyUI's q/k/v, inside another function that holds
-    the slot, `previous`) or, when the slot is free, through ``FusedAttn1`` in place of the attn1 module (``hidden``),
+    the slot, `previous`) or, when the slot is free, through ``FusionStandIn`` in place of the attn1 module (``hidden``),
     which projects only what fusion reads. Keeps per-run counts (``start_run`` resets them) for the run report.
     """
 
@@ -259,7 +259,7 @@ class ChainedFusion(SharedOnCopy):
     """A fusion put into an attn1 slot that another function took after the fusion was set (found when sampling
     starts): ComfyUI calls this, which fuses inside that function (the fusion's q/k/v route with it as `previous`)."""
 
-    def __init__(self, fusion: FusionAttn1, previous):
+    def __init__(self, fusion: LayerFusion, previous):
         self.fusion, self.previous = fusion, previous
 
     def __call__(self, q, k, v, extra):
@@ -269,22 +269,22 @@ class ChainedFusion(SharedOnCopy):
 
 def outer_function(fn):
     """The first function in an attn1 slot's chain that is not one of ours (None: only fusions)."""
-    while isinstance(fn, (FusionAttn1, ChainedFusion)):
+    while isinstance(fn, (LayerFusion, ChainedFusion)):
         fn = fn.previous
     return fn
 
 
-def fusions_in_slot(fn) -> list[FusionAttn1]:
+def fusions_in_slot(fn) -> list[LayerFusion]:
     out = []
-    while isinstance(fn, (FusionAttn1, ChainedFusion)):
-        out.append(fn if isinstance(fn, FusionAttn1) else fn.fusion)
+    while isinstance(fn, (LayerFusion, ChainedFusion)):
+        out.append(fn if isinstance(fn, LayerFusion) else fn.fusion)
         fn = fn.previous
     return out
 
 
-def fusions_standing_in(module) -> list[FusionAttn1]:
+def fusions_standing_in(module) -> list[LayerFusion]:
     out = []
-    while isinstance(module, FusedAttn1):
+    while isinstance(module, FusionStandIn):
         out.append(module.fusion)
         module = module.original
     return out
@@ -299,7 +299,7 @@ def slot_holder(replaces: dict, key):
     return None, None
 
 
-def inexact_error(fusion: FusionAttn1, outer, weights) -> NodeInputError:
+def inexact_error(fusion: LayerFusion, outer, weights) -> NodeInputError:
     shown = ", ".join(f"{w:g}" for w in weights)
     return NodeInputError(
         fusion.node, "content_weight",
@@ -310,7 +310,7 @@ def inexact_error(fusion: FusionAttn1, outer, weights) -> NodeInputError:
         "MODEL.")
 
 
-def _check_composable(fusion: FusionAttn1, outer, batch: int) -> None:
+def _check_composable(fusion: LayerFusion, outer, batch: int) -> None:
     if outer is None:
         return
     n_style = fusion.style.batch if fusion.params.needs_style and fusion.style is not None else 1
@@ -321,7 +321,7 @@ def _check_composable(fusion: FusionAttn1, outer, batch: int) -> None:
         raise inexact_error(fusion, outer, weights)
 
 
-class FusedAttn1(SharedOnCopy, torch.nn.Module):
+class FusionStandIn(SharedOnCopy, torch.nn.Module):
     """Stands in for one attn1 module (a ModelPatcher object patch, reverted when another clone loads).
 
     Its projections are the original module's own children under the same names, so state-dict keys, weight
@@ -329,7 +329,7 @@ class FusedAttn1(SharedOnCopy, torch.nn.Module):
     an earlier Feature Fusion Attention's stand-in on the same layer (fusions on other steps compose this way).
     """
 
-    def __init__(self, fusion: FusionAttn1, original: torch.nn.Module):
+    def __init__(self, fusion: LayerFusion, original: torch.nn.Module):
         super().__init__()
         self.to_q, self.to_k, self.to_v, self.to_out = original.to_q, original.to_k, original.to_v, original.to_out
         self.heads = original.heads
@@ -352,7 +352,7 @@ class FusedAttn1(SharedOnCopy, torch.nn.Module):
 
 def original_attn1(attn1: torch.nn.Module) -> torch.nn.Module:
     """The UNet's own attn1 module under any fusion stand-ins."""
-    while isinstance(attn1, FusedAttn1):
+    while isinstance(attn1, FusionStandIn):
         attn1 = attn1.original
     return attn1
 
@@ -506,7 +506,7 @@ def _overlapping(a: list[float], b: list[float]) -> list[float]:
 
 def patch_model(model, params: ff.FusionParams, layers_choice: str, custom_layers: str, content_store, style_store,
                 node: str):
-    """A clone of `model` with Feature Fusion Attention; returns (clone, {layer: FusionAttn1}).
+    """A clone of `model` with Feature Fusion Attention; returns (clone, {layer: LayerFusion}).
 
     Per layer: a free attn1 slot gets a stand-in module (nested around an earlier fusion's stand-in, if any); a taken
     slot gets the fusion as its replace, chaining the holder. Several fusion nodes compose by (layer, step): each
@@ -564,10 +564,10 @@ def patch_model(model, params: ff.FusionParams, layers_choice: str, custom_layer
             "node.")
     patches = {}
     for key, path, current, holder, where in plans:
-        patch = FusionAttn1(key, original_attn1(current), params, content, style, holder, steps, node,
+        patch = LayerFusion(key, original_attn1(current), params, content, style, holder, steps, node,
                             level=layers[key].level)
         if holder is None:
-            clone.add_object_patch(path, FusedAttn1(patch, current))
+            clone.add_object_patch(path, FusionStandIn(patch, current))
         else:  # another function owns the slot: fuse inside it (ComfyUI would skip the module)
             _check_composable(patch, outer_function(holder), batch)
             patch.previous_slot = where

@@ -1,5 +1,5 @@
 """A ControlNet whose residuals only act inside a region mask: the ComfyUI-facing object Apply Landmark ControlNet
-puts on the conditioning.
+(and DIIR Face Restore) put on the conditioning with ``apply_control``.
 
 ``RegionMaskedControl`` is a ``comfy.controlnet.ControlBase`` that owns a copy of the user's CONTROL_NET (hint,
 strength and timestep range set on it, no previous control of its own) and sits in the conditioning's control chain
@@ -97,3 +97,29 @@ def _merge(control: dict, control_prev: dict | None) -> dict:
             elif prev is not None:
                 mine[i] = prev if mine[i] is None else prev + mine[i]
     return out
+
+
+def apply_control(positive, negative, control_net, image: torch.Tensor, strength: float, percent_range: tuple,
+                  region: torch.Tensor | None = None, vae=None) -> tuple[list, list]:
+    """Positive and negative conditioning with `control_net` applied on `image` ([B, H, W, C]), confined to `region`
+    ([B, H, W], same aspect ratio) when given; ControlNets already on the conditioning stay before it in the chain.
+    New lists: the inputs are not changed."""
+    hint = image[..., :3].movedim(-1, 1)
+    made: dict = {}  # one control per previous control, shared by positive and negative like core's node
+
+    def control_for(previous):
+        key = id(previous)
+        if key not in made:
+            inner = control_net.copy().set_cond_hint(hint, strength, percent_range, vae=vae)
+            control = inner if region is None else RegionMaskedControl(inner, region)
+            made[key] = control.set_previous_controlnet(previous)
+        return made[key]
+
+    out = []
+    for conditioning in (positive, negative):
+        entries = []
+        for embedding, options in conditioning:
+            options = {**options, "control": control_for(options.get("control")), "control_apply_to_uncond": False}
+            entries.append([embedding, options])
+        out.append(entries)
+    return out[0], out[1]

@@ -18,43 +18,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from comfy.ldm.modules import attention as comfy_attention
 
+from ..magic_core import ipadapter as ip
 from ..magic_core import layers as lay
 from ..magic_core import mgmica
 from ..magic_core import regions as reg
 from ..magic_core.sharing import SharedOnCopy
+from .common import NodeInputError, layer_family, model_family
+from .unet_layers import AttentionLayer, cross_attention_layers, layer_key
 
 UNCOND_MODES = mgmica.UNCOND_MODES
-
-
-@dataclass(frozen=True)
-class CrossAttnLayer:
-    key: lay.LayerKey
-    attn2: torch.nn.Module
-    inner_dim: int
-    context_dim: int
-
-
-def cross_attention_layers(model) -> list[CrossAttnLayer]:
-    """Every cross-attention layer of a UNet, in IP-Adapter's order (input, output, middle blocks)."""
-    unet = model.model.diffusion_model
-    if not all(hasattr(unet, name) for name in ("input_blocks", "middle_block", "output_blocks")):
-        raise ValueError(f"{type(unet).__name__} is not a UNet with input/middle/output blocks (SD1.5/SDXL)")
-    found = []
-    for block_name, blocks in (("input", unet.input_blocks), ("output", unet.output_blocks),
-                               ("middle", [unet.middle_block])):
-        for number, block in enumerate(blocks):
-            index = 0
-            for layer in block:
-                for tb in getattr(layer, "transformer_blocks", ()):
-                    attn2 = getattr(tb, "attn2", None)
-                    if attn2 is not None:
-                        found.append(CrossAttnLayer((block_name, number, index), attn2, int(attn2.to_q.out_features),
-                                                    int(attn2.to_k.in_features)))
-                    index += 1
-    return found
 
 
 @dataclass(frozen=True)
@@ -72,7 +48,7 @@ class PatchIdentity:
 class MultiIDAttention(SharedOnCopy):
     """The patch (see module docstring). ``calls[layer]`` counts the calls that added an identity term."""
 
-    def __init__(self, identities: list[PatchIdentity], layers: dict[lay.LayerKey, CrossAttnLayer],
+    def __init__(self, identities: list[PatchIdentity], layers: dict[lay.LayerKey, AttentionLayer],
                  layer_weights: dict[lay.LayerKey, float], overlap: str, uncond: str, node: str):
         self.identities, self.layers, self.layer_weights = identities, layers, layer_weights
         self.overlap, self.uncond, self.node = overlap, uncond, node
@@ -84,13 +60,13 @@ class MultiIDAttention(SharedOnCopy):
 
     # ----- the two list patches -------------------------------------------------------------------------------------
     def capture(self, n, context_attn2, value_attn2, extra_options):
-        key = lay.layer_key(extra_options)
+        key = layer_key(extra_options)
         self._captured = (key, n) if key in self.layers else None
         return n, context_attn2, value_attn2
 
     def __call__(self, n, extra_options):
         captured, self._captured = self._captured, None
-        key = lay.layer_key(extra_options)
+        key = layer_key(extra_options)
         layer_weight = self.layer_weights.get(key, 0.0)
         if captured is None or captured[0] != key or layer_weight == 0.0:
             return n
@@ -205,8 +181,71 @@ class MultiIDAttention(SharedOnCopy):
 
 def check_mask_aspect(mask: torch.Tensor, latent_hw: tuple[int, int], node: str, label: str) -> None:
     (mh, mw), (lh, lw) = mask.shape[-2:], latent_hw
-    # a latent is the picture / 8 rounded: allow that rounding, refuse a real mismatch
-    if abs((mw / mh) / (lw / lh) - 1) > max(0.01, 1.0 / min(lh, lw)):
+    if not reg.aspects_match((mh, mw), (lh, lw)):  # a latent is the picture / 8 rounded: aspects_match allows that
         raise ValueError(f"[{node}] identity '{label}': its region mask is {mw}x{mh} but the picture being sampled is "
                          f"{lw * 8}x{lh * 8} (latent {lw}x{lh}): the aspect ratios differ, so the region would land "
                          "elsewhere. Make the mask at the picture's size, or give the region as a box")
+
+
+@dataclass(frozen=True, eq=False)
+class IDEmbeds(SharedOnCopy):
+    """One identity's ID tokens (MAGIC_ID_EMBEDS): positive and negative [1, T, cross_dim] float32 on the CPU."""
+
+    adapter: ip.IPAdapterFile
+    positive: torch.Tensor
+    negative: torch.Tensor
+    label: str
+    face_embedding: np.ndarray | None = None  # the references' mean face embedding (L2-normalised), when known
+    embedding_kind: str | None = None  # its kind (faces.ARCFACE_512, faces.DLIB_128, ...)
+
+
+@dataclass(frozen=True, eq=False)
+class Identity(SharedOnCopy):
+    """One entry of MAGIC_IDENTITIES: ID tokens, a region (MASK [B, H, W] or a box), weight and step range."""
+
+    embeds: IDEmbeds
+    region: torch.Tensor | reg.Box
+    weight: float
+    start_percent: float
+    end_percent: float
+    label: str
+
+
+def apply_mgmica(model, identities, weight: float, overlap: str, uncond: str, layer_weights: str, node: str):
+    """A clone of `model` carrying one MultiIDAttention patch; returns (clone, patch)."""
+    if not identities:
+        raise NodeInputError(node, "identities", "the identity list is empty: connect Add Identity")
+    if any(not isinstance(i, Identity) for i in identities):
+        raise NodeInputError(node, "identities", "expected MAGIC_IDENTITIES from Add Identity")
+    layers = cross_attention_layers(model)
+    by_key = {layer.key: layer for layer in layers}
+    family = layer_family(model, node)
+    try:
+        per_layer = lay.parse_layer_weights(layer_weights, family, lay.depths_of(by_key))
+    except lay.LayerSpecError as err:
+        raise NodeInputError(node, "layer_weights", str(err)) from None
+    sampling = model.get_model_object("model_sampling")
+    patch_identities = []
+    for ident in identities:
+        adapter = ident.embeds.adapter
+        try:
+            ip.check_family(adapter, model_family(model), cross_dim=layers[0].context_dim)
+            mapping = ip.map_layers(adapter, {k: layer.inner_dim for k, layer in by_key.items()})
+        except ip.IPAdapterError as err:
+            raise NodeInputError(node, "model", f"identity '{ident.label}' ({adapter.name}): {err}") from None
+        weights = adapter.layer_weights()
+        kv = {}
+        for key, n in mapping.items():
+            if per_layer.get(key, 0.0) == 0.0:
+                continue
+            wk, wv = (w.float() for w in weights[n])
+            pos, neg = ident.embeds.positive, ident.embeds.negative
+            kv[key] = (pos @ wk.T, pos @ wv.T, neg @ wk.T, neg @ wv.T)
+        patch_identities.append(PatchIdentity(
+            ident.label, kv, ident.region, ident.weight * float(weight),
+            float(sampling.percent_to_sigma(ident.start_percent)), float(sampling.percent_to_sigma(ident.end_percent))))
+    patch = MultiIDAttention(patch_identities, by_key, per_layer, overlap, uncond, node)
+    clone = model.clone()
+    clone.set_model_attn2_patch(patch.capture)
+    clone.set_model_attn2_output_patch(patch)
+    return clone, patch

@@ -18,8 +18,7 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path, PureWindowsPath
 
 import comfy.model_management
 import comfy.patcher_extension
@@ -33,6 +32,7 @@ from ..magic_core import repcontrolnet as rcn
 from ..magic_core import repcontrolnet_train as rcn_train
 from . import repcontrolnet_training as training
 from .common import CATEGORY, PREFIX, NodeInputError, model_family, register_model_folder
+from .input_folders import resolve_input_folder
 from .repcontrolnet_patch import AdapterFeatures, RunScope, add_merge_patches
 from .types import LossMapType, RepControlNetType
 
@@ -42,7 +42,6 @@ WRAPPER_KEY = "magic_portrait.repcontrolnet"
 IMAGE_EXTENSIONS = train_data.IMAGE_EXTENSIONS
 CONDITION_SUFFIXES = train_data.CONDITION_SUFFIXES
 BUNDLED_DATASET = "magic_portrait_repcontrolnet_dataset"  # copied into the input folder by example_inputs.py
-ALLOW_ABSOLUTE_DATASET_ENV = "MAGIC_PORTRAIT_ALLOW_ABSOLUTE_DATASET"
 
 
 def register_folder() -> None:
@@ -212,34 +211,6 @@ def modality_report(node: str, loaded: LoadedRepControlNet, condition_modality: 
 # -------------------------------------------------------------------------------------------------------- training
 
 
-def allows_absolute_dataset() -> bool:
-    """Whether the server opted in to absolute dataset paths (``MAGIC_PORTRAIT_ALLOW_ABSOLUTE_DATASET=1``)."""
-    return os.environ.get(ALLOW_ABSOLUTE_DATASET_ENV, "").strip().lower() in ("1", "true", "yes")
-
-
-def resolve_dataset_folder(node: str, value: str) -> Path:
-    """The folder a Train node's ``dataset_folder`` names: a path relative to ComfyUI's input folder, without '..'.
-
-    On a shared server anyone who can queue a prompt sets this string, so it must not reach other folders: an
-    absolute path (or ``~``) is refused unless the server opted in with MAGIC_PORTRAIT_ALLOW_ABSOLUTE_DATASET=1.
-    Symlinks already inside the input folder are followed: whoever placed one there can read its target anyway."""
-    text = str(value).strip()
-    input_dir = Path(folder_paths.get_input_directory())
-    where = f"ComfyUI's input folder ({input_dir})"
-    if not text:
-        raise NodeInputError(node, "dataset_folder", f"is empty: name a folder inside {where}, e.g. {BUNDLED_DATASET}")
-    if PurePosixPath(text).is_absolute() or PureWindowsPath(text).anchor or text.startswith("~"):
-        if allows_absolute_dataset():
-            return Path(text).expanduser()
-        raise NodeInputError(node, "dataset_folder", f"'{text}' is an absolute path: name a folder inside {where} "
-                             f"instead (copy or link your pairs there), or start the server with "
-                             f"{ALLOW_ABSOLUTE_DATASET_ENV}=1 to allow absolute paths (only where everyone who can "
-                             "queue a prompt may read every folder the server can)")
-    if ".." in PurePosixPath(text.replace("\\", "/")).parts:
-        raise NodeInputError(node, "dataset_folder", f"'{text}' contains '..': the folder must be inside {where}")
-    return input_dir / text
-
-
 def trained_file_name(node: str, value: str) -> str:
     """The ``name`` input as a plain file stem: the trained file must land in models/magic_repcontrolnet itself."""
     name = str(value).strip()
@@ -370,7 +341,8 @@ class TrainRepControlNet(io.ComfyNode):
         name = trained_file_name(node, name)
         if resolution % 8:
             raise NodeInputError(node, "resolution", f"must be a multiple of 8, got {resolution}")
-        source = open_dataset(node, resolve_dataset_folder(node, dataset_folder), resolution,
+        source = open_dataset(node, resolve_input_folder(node, "dataset_folder", dataset_folder, example=BUNDLED_DATASET,
+                                                           fill_hint="copy or link your pairs there"), resolution,
                               clone_face_probability=clone_face_probability, face_loss_weight=face_loss_weight,
                               magicid_crop=magicid_crop)
         schedule = schedule_options(node, source, modality_schedule, modality_weights, seed)

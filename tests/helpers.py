@@ -271,7 +271,7 @@ def faceid_embeds_nodes(embeds: str, image_node: str, faces_node: str) -> dict:
                                                                       "variant": "auto (from the file)"}},
         embeds: {"class_type": P + "IDEmbeds", "inputs": {
             "ipadapter": ["ipadapter", 0], "images": [image_node, 0], "faces": [faces_node, 0], "face_index": 0,
-            "combine": "average", "image_crop": "auto", "face_margin": 0.4, "shortcut_scale": 1.0}},
+            "combine": "average", "image_crop": "auto", "face_margin": 0.2, "shortcut_scale": 1.0}},
     }
 
 

@@ -7,6 +7,7 @@ import tolerances as tol
 import torch
 
 from magic_core import diir
+from magic_core import face_crop as crop
 from magic_core.faces import Face
 
 
@@ -21,32 +22,51 @@ def _face(x0, y0, x1, y1, landmarks=False):
     return Face(bbox=[x0, y0, x1, y1], kps=kps, score=0.9, landmarks68=lm)
 
 
-def test_crop_box_is_a_centred_square_of_the_margin():
-    box = diir.crop_box(_face(100, 50, 180, 150), 0.5)
+def test_face_square_is_a_centred_square_of_the_margin_on_each_side():
+    box = crop.face_square(_face(100, 50, 180, 150), 0.5)
     assert box.side == 200  # longer side 100 x (1 + 2 x 0.5)
     assert (box.left + box.side / 2, box.top + box.side / 2) == (140, 100)
+    odd = crop.face_square(_face(10.2, 20.0, 43.5, 41.0), 0.25)
+    assert odd.side == 50  # 33.3 x 1.5 = 49.95, rounded up to whole pixels
+    assert (odd.left, odd.top) == (round(26.85 - 25), round(30.5 - 25))
+    assert crop.face_square(_face(0, 0, 3, 3), 0.0).side == crop.MIN_SIDE
     with pytest.raises(ValueError, match="margin"):
-        diir.crop_box(_face(0, 0, 10, 10), -0.1)
+        crop.face_square(_face(0, 0, 10, 10), -0.1)
 
 
-def test_extract_crop_resizes_and_mirrors_past_the_border():
+def test_cut_square_at_its_own_size_is_the_slice_with_black_or_mirrored_edges():
+    g = np.random.default_rng(1)
+    image = g.random((50, 40, 3)).astype(np.float32)
+    box = crop.CropBox(-6, 30, 30)  # 6 px past the left edge, 10 px past the bottom
+    black = crop.cut_square(image, box, outside="zeros")
+    expected = np.zeros((30, 30, 3), np.float32)
+    expected[0:20, 6:30] = image[30:50, 0:24]
+    np.testing.assert_array_equal(black, expected)
+    mirrored = crop.cut_square(image, box)
+    np.testing.assert_array_equal(mirrored[0:20, 6:30], image[30:50, 0:24])
+    np.testing.assert_array_equal(mirrored[0:20, 5], image[30:50, 1])  # reflect-101: the edge column is not repeated
+    with pytest.raises(ValueError, match="outside"):
+        crop.cut_square(image, box, outside="edge")
+
+
+def test_cut_square_resizes_and_mirrors_past_the_border():
     g = np.random.default_rng(0)
     image = g.random((120, 90, 3)).astype(np.float32)
-    inside = diir.extract_crop(image, diir.CropBox(10, 20, 40), 40)
+    inside = crop.cut_square(image, crop.CropBox(10, 20, 40), 40)
     np.testing.assert_allclose(inside, image[20:60, 10:50], atol=tol.float_tol(torch.float32, 16))  # no resize at the same size
-    border = diir.extract_crop(image, diir.CropBox(-10, -5, 40), 80)
+    border = crop.cut_square(image, crop.CropBox(-10, -5, 40), 80)
     assert border.shape == (80, 80, 3) and border.dtype == np.float32
     expected = cv2.copyMakeBorder(image[0:35, 0:30], 5, 0, 10, 0, cv2.BORDER_REFLECT_101)
     np.testing.assert_allclose(border, np.clip(cv2.resize(expected, (80, 80), interpolation=cv2.INTER_CUBIC), 0, 1),
                                atol=tol.float_tol(torch.float32, 16))  # a 4x4 bicubic kernel on values in [0, 1]
-    huge = diir.extract_crop(image, diir.CropBox(-200, -200, 500), 64)  # far past the image: edges repeated
+    huge = crop.cut_square(image, crop.CropBox(-200, -200, 500), 64)  # far past the image: edges repeated
     assert huge.shape == (64, 64, 3) and np.isfinite(huge).all()
 
 
 def test_face_in_crop_maps_every_point():
     face = _face(100, 50, 180, 150, landmarks=True)
-    box = diir.CropBox(90, 40, 200)
-    moved = diir.face_in_crop(face, box, 400)
+    box = crop.CropBox(90, 40, 200)
+    moved = crop.face_in_crop(face, box, 400)
     np.testing.assert_allclose(moved.bbox, (face.bbox - [90, 40, 90, 40]) * 2, atol=tol.float_tol(torch.float32, 2, 1024))
     np.testing.assert_allclose(moved.kps, (face.kps - [90, 40]) * 2, atol=tol.float_tol(torch.float32, 2, 1024))
     np.testing.assert_allclose(moved.landmarks68, (face.landmarks68 - [90, 40]) * 2,
@@ -57,24 +77,24 @@ def test_paste_changes_nothing_where_the_mask_is_zero():
     g = np.random.default_rng(1)
     image = g.random((101, 137, 3)).astype(np.float32)
     face = _face(40, 30, 80, 70, landmarks=True)
-    box = diir.crop_box(face, 0.6)
+    box = crop.face_square(face, 0.6)
     mask = diir.paste_mask(face, box, 101, 137, grow=4, feather=3)
     assert mask.max() == 1 and mask.min() == 0
     outside_square = np.ones((101, 137), bool)
     outside_square[max(0, box.top):box.bottom, max(0, box.left):box.right] = False
     assert not mask[outside_square].any()  # never outside the crop square
-    crop = g.random((64, 64, 3)).astype(np.float32)
-    out = diir.paste(image, crop, box, mask)
+    restored = g.random((64, 64, 3)).astype(np.float32)
+    out = diir.paste(image, restored, box, mask)
     assert out is not image and np.array_equal(out[mask == 0], image[mask == 0])
     assert (out[mask == 1] != image[mask == 1]).any()
-    full = cv2.resize(crop, (box.side, box.side), interpolation=cv2.INTER_CUBIC).clip(0, 1)
+    full = cv2.resize(restored, (box.side, box.side), interpolation=cv2.INTER_CUBIC).clip(0, 1)
     y, x = np.argwhere(mask == 1)[0]
     np.testing.assert_allclose(out[y, x], full[y - box.top, x - box.left], atol=tol.float_tol(torch.float32, 16))
 
 
 def test_paste_mask_without_landmarks_is_the_ellipse():
     face = _face(40, 30, 80, 70)
-    mask = diir.paste_mask(face, diir.crop_box(face, 0.6), 120, 120, grow=0, feather=0)
+    mask = diir.paste_mask(face, crop.face_square(face, 0.6), 120, 120, grow=0, feather=0)
     assert mask[50, 60] == 1 and mask[31, 41] == 0  # centre in, box corner out
 
 

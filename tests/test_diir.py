@@ -233,7 +233,7 @@ def test_identities_matched_by_similarity(nodes, pack, sd15_checkpoint_objects, 
     """Two faces, two identities whose reference embeddings are each closest to the other face: 'by similarity'
     crosses them over, 'by index' does not, and the restored faces differ accordingly."""
     model, vae = sd15_checkpoint_objects
-    fc, magicid = pack.magic_core.faces, pack.nodes.magicid
+    fc, mgmica_patch = pack.magic_core.faces, pack.nodes.mgmica_patch
     rng = np.random.default_rng(5)
     e0, e1 = rng.normal(size=512), rng.normal(size=512)
     faces = _detections(pack, [(40, 60, 120, 140), (200, 60, 280, 140)], (200, 320))
@@ -241,9 +241,9 @@ def test_identities_matched_by_similarity(nodes, pack, sd15_checkpoint_objects, 
                                 for f, e in zip(faces.faces[0], (e0, e1), strict=True)]], [(200, 320)])
     def ident(embedding, label, seed):
         g = torch.Generator().manual_seed(seed)
-        emb = magicid.IDEmbeds(faceid_adapter, torch.randn(1, 4, 768, generator=g), torch.randn(1, 4, 768, generator=g),
+        emb = mgmica_patch.IDEmbeds(faceid_adapter, torch.randn(1, 4, 768, generator=g), torch.randn(1, 4, 768, generator=g),
                                label, embedding / np.linalg.norm(embedding), fc.ARCFACE_512)
-        return magicid.Identity(emb, pack.magic_core.regions.Box(0, 0, 1, 1), 1.0, 0.0, 1.0, label)
+        return mgmica_patch.Identity(emb, pack.magic_core.regions.Box(0, 0, 1, 1), 1.0, 0.0, 1.0, label)
 
     ids = (ident(e1 + 0.1 * e0, "looks like face 1", 1), ident(e0 + 0.1 * e1, "looks like face 0", 2))
     image = torch.rand(1, 200, 320, 3, generator=torch.Generator().manual_seed(6))

@@ -10,6 +10,8 @@ through ComfyUI's preprocessing (cubiq/ComfyUI_IPAdapter_plus ``torch.zeros([1, 
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import tolerances as tol
@@ -99,10 +101,11 @@ def negative_pixels(kind: str) -> torch.Tensor:
 
 
 def face_square(image: torch.Tensor, face, margin: float) -> torch.Tensor:
-    """The square of side (1 + margin) x the face box's longer side around the box, zero outside the picture."""
+    """The square of side (1 + 2 x margin) x the face box's longer side (whole pixels, rounded up) around the box,
+    zero outside the picture."""
     x0, y0, x1, y1 = face.bbox.tolist()
-    side = max(x1 - x0, y1 - y0) * (1 + margin)
-    left, top, n = round((x0 + x1) / 2 - side / 2), round((y0 + y1) / 2 - side / 2), round(side)
+    n = math.ceil(max(x1 - x0, y1 - y0) * (1 + 2 * margin))
+    left, top = round((x0 + x1) / 2 - n / 2), round((y0 + y1) / 2 - n / 2)
     padded = F.pad(image.movedim(-1, 1), (n, n, n, n))
     return padded[:, :, top + n:top + 2 * n, left + n:left + 2 * n].movedim(1, -1)
 
@@ -141,7 +144,7 @@ def token_tol(adapter) -> float:
 
 def id_embeds(nodes, adapter, images, faces, clip_vision, **over):
     inputs = {"ipadapter": adapter, "images": images, "faces": faces, "face_index": 0, "clip_vision": clip_vision,
-              "combine": "average", "image_crop": "auto", "face_margin": 0.4, "shortcut_scale": 1.0} | over
+              "combine": "average", "image_crop": "auto", "face_margin": 0.2, "shortcut_scale": 1.0} | over
     return run_node(nodes[EMBEDS], **inputs).result
 
 
@@ -155,7 +158,7 @@ def test_tokens_of_every_variant_follow_the_original_formulas(pack, nodes, adapt
     if variant in ("faceid-plus", "faceid-plusv2"):
         reference = aligned_crop(pack.magic_core, astronaut, face, 224)  # at 224 px, as IP-Adapter crops it
     elif adapter.needs_clip_embeds or adapter.needs_clip_hidden:
-        reference = face_square(astronaut, face, 0.4)  # the face cut out at the picture's resolution
+        reference = face_square(astronaut, face, 0.2)  # the face cut out at the picture's resolution
     else:
         reference = None
     embeds, crops = id_embeds(nodes, adapter, astronaut, astronaut_faces, clip_vision, negative_image=negative,

@@ -51,9 +51,9 @@ def fuse(nodes, model, preset, content, style, **inputs):
 
 def fused_layers_and_steps(model) -> dict:
     """{layer: active step indices} of the fusion patched into a MODEL (stand-in modules or attn1 replaces)."""
-    found = {o.fusion.key: o.fusion for o in model.object_patches.values() if type(o).__name__ == "FusedAttn1"}
+    found = {o.fusion.key: o.fusion for o in model.object_patches.values() if type(o).__name__ == "FusionStandIn"}
     attn1 = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
-    found.update({k: p for k, p in attn1.items() if type(p).__name__ == "FusionAttn1"})
+    found.update({k: p for k, p in attn1.items() if type(p).__name__ == "LayerFusion"})
     return {key: sorted(f.steps) for key, f in found.items()}
 
 

@@ -58,10 +58,10 @@ def sample(nodes, model, record, start=None):
 
 
 def ffa_patches(model) -> dict:
-    """{layer: FusionAttn1}: fusion sits in attn1's place (an object patch) or, chained, in its replace slot."""
-    found = {o.fusion.key: o.fusion for o in model.object_patches.values() if type(o).__name__ == "FusedAttn1"}
+    """{layer: LayerFusion}: fusion sits in attn1's place (an object patch) or, chained, in its replace slot."""
+    found = {o.fusion.key: o.fusion for o in model.object_patches.values() if type(o).__name__ == "FusionStandIn"}
     attn1 = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
-    found.update({k: p for k, p in attn1.items() if type(p).__name__ == "FusionAttn1"})
+    found.update({k: p for k, p in attn1.items() if type(p).__name__ == "LayerFusion"})
     return found
 
 
@@ -291,10 +291,10 @@ def test_fused_layers_stand_in_for_attn1_and_are_reverted(nodes, pack, sd15, tin
     keys_before = list(sd15.model.state_dict())
     plain_before = sample(nodes, sd15, stores["record"])
     patched = fuse(nodes, sd15, content=stores["content"], style=stores["style"])
-    assert sorted(type(o).__name__ for o in patched.object_patches.values()) == ["FusedAttn1"] * 6
+    assert sorted(type(o).__name__ for o in patched.object_patches.values()) == ["FusionStandIn"] * 6
     assert not patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1")
     fused = sample(nodes, patched, stores["record"])
-    assert type(tb.attn1).__name__ == "FusedAttn1"
+    assert type(tb.attn1).__name__ == "FusionStandIn"
     assert list(sd15.model.state_dict()) == keys_before
     assert tol.differs(fused, plain_before)
     # a weight patch on a fused layer's query projection reaches through the stand-in module
@@ -336,12 +336,12 @@ def test_fused_attention_follows_the_models_attention_precision(nodes, pack, pat
     x = f.content.get(f.key, sigma, dtype=torch.float16)
     opts = {"sigmas": sigma, "cond_or_uncond": [0]}
     with torch.inference_mode():
-        out = patch.FusedAttn1(g, half)(x, transformer_options=opts)
+        out = patch.FusionStandIn(g, half)(x, transformer_options=opts)
         assert out.dtype == torch.float16 and torch.isfinite(out).all() and seen[-1] == (torch.float16, True)
         g(half.to_q(x), half.to_k(x), half.to_v(x), {**opts, "n_heads": half.heads, "attn_precision": torch.float32})
         assert seen[-1] == (torch.float16, True)
         half.attn_precision = None
-        patch.FusedAttn1(g, half)(x, transformer_options=opts)
+        patch.FusionStandIn(g, half)(x, transformer_options=opts)
         assert seen[-1] == (torch.float16, False)
 
 

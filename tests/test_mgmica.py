@@ -78,7 +78,7 @@ def _images(seed: int, count: int = 1, size: int = 96):
 def embeds(nodes, adapter, seed, count=1, clip_vision=None, combine="average", faces=True):
     return run_node(nodes[EMBEDS], ipadapter=adapter, images=_images(seed, count),
                     faces=_faces(adapter_core(adapter), seed, count) if faces else None, face_index=0, clip_vision=clip_vision,
-                    combine=combine, image_crop="auto", face_margin=0.4, shortcut_scale=1.0).result[0]
+                    combine=combine, image_crop="auto", face_margin=0.2, shortcut_scale=1.0).result[0]
 
 
 def adapter_core(adapter):
@@ -193,7 +193,7 @@ def test_faceid_refuses_a_dlib_embedding(nodes, adapters, core):
                                              embedding=np.ones(128), embedding_kind=fc.DLIB_128)]], [(96, 96)])
     with pytest.raises(ValueError, match=r"\[MagicPortrait_IDEmbeds\] input 'faces'.*512-d ArcFace.*insightface"):
         run_node(nodes[EMBEDS], ipadapter=adapters["faceid"], images=_images(0), faces=dlib_faces, face_index=0,
-                 clip_vision=None, combine="average", image_crop="auto", face_margin=0.4, shortcut_scale=1.0)
+                 clip_vision=None, combine="average", image_crop="auto", face_margin=0.2, shortcut_scale=1.0)
 
 
 def test_embeds_need_clip_vision_and_faces_where_the_variant_does(nodes, adapters, clip_vision, core):
@@ -203,7 +203,7 @@ def test_embeds_need_clip_vision_and_faces_where_the_variant_does(nodes, adapter
         embeds(nodes, adapters["faceid"], 0, faces=False)
     with pytest.raises(ValueError, match="input 'face_index'.*has 1 face"):
         run_node(nodes[EMBEDS], ipadapter=adapters["faceid"], images=_images(0), faces=_faces(core, 0), face_index=3,
-                 clip_vision=None, combine="average", image_crop="auto", face_margin=0.4, shortcut_scale=1.0)
+                 clip_vision=None, combine="average", image_crop="auto", face_margin=0.2, shortcut_scale=1.0)
 
 
 def test_a_clip_vision_of_another_width_is_refused_naming_both(nodes, adapters, tiny, tmp_path):
@@ -476,7 +476,7 @@ def test_mgmica_and_feature_fusion_attention_in_one_model(nodes, sd15, tiny, fac
                    measure_error=False, positive=cond).result[0]["samples"]
     assert torch.isfinite(out).all() and x.shape == out.shape
     assert patch_of(both).calls
-    fused = [m for m in both.object_patches.values() if type(m).__name__ == "FusedAttn1"]
+    fused = [m for m in both.object_patches.values() if type(m).__name__ == "FusionStandIn"]
     assert fused and all(m.fusion.calls > 0 for m in fused)
 
 
@@ -524,7 +524,7 @@ def test_sdxl_70_layer_numbering_routes_each_file_layer_to_its_comfyui_layer(nod
                 adapter.ip_adapter[f"{2 * i + 1}.to_v_ip.weight"] = torch.zeros_like(
                     adapter.ip_adapter[f"{2 * i + 1}.to_v_ip.weight"])
         emb = run_node(nodes[EMBEDS], ipadapter=adapter, images=_images(30), faces=faces, face_index=0,
-                       clip_vision=None, combine="average", image_crop="auto", face_margin=0.4,
+                       clip_vision=None, combine="average", image_crop="auto", face_margin=0.2,
                        shortcut_scale=1.0).result[0]
         patched = mgmica(nodes, model, identity(nodes, emb))
         rec, plain_rec = Recorder(), Recorder()
@@ -546,7 +546,7 @@ def test_the_uncond_branch_attends_to_the_negative_image_tokens_of_either_implem
 
     ip, adapter = core.ipadapter, adapters["plus-face"]
     emb = run_node(nodes[EMBEDS], ipadapter=adapter, images=_images(20), faces=_faces(core, 20), face_index=0,
-                   clip_vision=clip_vision, combine="average", image_crop="auto", face_margin=0.4,
+                   clip_vision=clip_vision, combine="average", image_crop="auto", face_margin=0.2,
                    shortcut_scale=1.0, negative_image=negative).result[0]
     mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
     std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)

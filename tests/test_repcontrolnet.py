@@ -510,7 +510,7 @@ def test_training_lowers_the_loss_saves_and_resumes(nodes, R, core, pack, tiny, 
         run_node(nodes[TRAIN], **{**args, "dataset_folder": "."})
 
 
-def test_dataset_folder_stays_inside_the_input_folder_unless_the_server_opts_in(nodes, R, tiny, input_dir, models_dir,
+def test_dataset_folder_stays_inside_the_input_folder_unless_the_server_opts_in(nodes, pack, tiny, input_dir, models_dir,
                                                                                 tmp_path, monkeypatch):
     """On a shared server anyone who can queue a prompt sets dataset_folder and name: neither may reach outside
     ComfyUI's input folder / models/magic_repcontrolnet, unless the server sets the documented opt-in."""
@@ -519,7 +519,7 @@ def test_dataset_folder_stays_inside_the_input_folder_unless_the_server_opts_in(
     _write_pairs(input_dir / "data", 2, size=64)
     (input_dir / "linked").symlink_to(outside, target_is_directory=True)  # placed by whoever runs the server
     model = tiny.build_sd15_model(seed=12, full_blocks=False, model_channels=64)
-    monkeypatch.delenv(R.ALLOW_ABSOLUTE_DATASET_ENV, raising=False)
+    monkeypatch.delenv(pack.nodes.input_folders.ALLOW_ABSOLUTE_DATASET_ENV, raising=False)
     for value, match in ((str(outside), r"absolute path.*MAGIC_PORTRAIT_ALLOW_ABSOLUTE_DATASET=1"),
                          ("~/outside", "absolute path"), ("../outside", "contains '..'"),
                          ("data/../../outside", "contains '..'"), ("..\\outside", "contains '..'"),
@@ -533,7 +533,7 @@ def test_dataset_folder_stays_inside_the_input_folder_unless_the_server_opts_in(
 
     run_node(nodes[TRAIN], **train_args(tiny, model, dataset_folder="linked", name="linked.safetensors"))
     assert (models_dir / "linked.safetensors").is_file()
-    monkeypatch.setenv(R.ALLOW_ABSOLUTE_DATASET_ENV, "1")
+    monkeypatch.setenv(pack.nodes.input_folders.ALLOW_ABSOLUTE_DATASET_ENV, "1")
     out = run_node(nodes[TRAIN], **train_args(tiny, model, dataset_folder=str(outside), name="absolute"))
     assert (models_dir / "absolute.safetensors").is_file() and "trained 2 pairs" in out.ui.as_dict()["text"][0]
 
