@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from comfy_server import PACK_FOLDER, REPO, ServerError, definitions_from_object_info, start_server
 
-from magic_portrait import comfy_env, runner
+from magic_portrait import comfy_env, model_files
 from magic_portrait.workflow import ui_to_api
 
 EXAMPLES = sorted(p.stem for p in (REPO / "example_workflows").glob("*.json"))
@@ -97,10 +97,10 @@ def write_stand_in_models(comfy, models_dir: Path) -> list[Path]:
 
     prompts = [ui_to_api(json.loads((REPO / "example_workflows" / f"{name}.json").read_text()),
                          nodes.NODE_CLASS_MAPPINGS) for name in EXAMPLES]
-    named = [entry for prompt in prompts for entry in runner.named_model_files(prompt, nodes.NODE_CLASS_MAPPINGS)]
-    packs = [pack for prompt in prompts for pack in runner.named_insightface_packs(prompt, comfy)]
+    named = [entry for prompt in prompts for entry in model_files.named_model_files(prompt, nodes.NODE_CLASS_MAPPINGS)]
+    packs = [pack for prompt in prompts for pack in model_files.named_insightface_packs(prompt, comfy)]
     log = io.StringIO()
-    written = runner.write_tiny_models(models_dir, named, insightface_packs=packs, runtime=comfy, log=log)
+    written = model_files.write_tiny_models(models_dir, named, insightface_packs=packs, runtime=comfy, log=log)
     assert written, log.getvalue()
     return written
 
