@@ -125,23 +125,6 @@ def find_missing_files(prompt: dict, node_classes: dict, input_dirs: list | None
     return missing
 
 
-def named_model_files(prompt: dict, node_classes: dict) -> list[dict]:
-    """Every model file the prompt's loaders name, there or not, as find_missing_files describes one (without
-    'dirs'): what write_tiny_models takes to fill a models folder of its own, e.g. a separate server's."""
-    folder_lists = _model_folder_lists()
-    named = []
-    for node_id, node in prompt.items():
-        for name, spec in declared_inputs(node["class_type"], node_classes).items():
-            value = node["inputs"].get(name)
-            if spec.type != "COMBO" or not isinstance(value, str) or any(spec.options.get(f) for f in UPLOAD_FLAGS):
-                continue
-            folder = model_folder_for(node["class_type"], name, spec.choices or [], folder_lists)
-            if folder is not None:
-                named.append({"node": node_id, "class_type": node["class_type"], "input": name, "value": value,
-                              "kind": "model", "folder": folder})
-    return named
-
-
 def format_missing(missing: list[dict]) -> str:
     lines = []
     for m in missing:
@@ -210,7 +193,7 @@ def tiny_checkpoints_in(prompt: dict) -> list[str]:
 def write_tiny_models(models_dir, models: list[dict], *, checkpoint_name: str = "", insightface_packs=(),
                       runtime=None, log=None) -> list[Path]:
     """Write tiny checkpoints into `models_dir`/checkpoints, then stand-ins made for the first of them (all noise)
-    for the other model files in `models` (find_missing_files / named_model_files entries): RepControlNet files,
+    for the other model files in `models` (entries as find_missing_files describes them): RepControlNet files,
     ControlNets, CLIP vision models, IP-Adapters, and the insightface packs named. Files already there are kept.
 
     `checkpoint_name`: the one checkpoint to write ("" = every checkpoint in `models`). Every target is checked to
