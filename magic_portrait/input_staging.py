@@ -41,7 +41,6 @@ def contained_path(folder, name: str, what: str = "file") -> Path:
     return target
 
 
-
 def _upload_inputs(prompt: dict, node_classes: dict):
     """(node id, input name) of every file-upload COMBO (LoadImage 'image', LoadVideo 'file', ...) with a str value."""
     for node_id, node in prompt.items():

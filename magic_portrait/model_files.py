@@ -55,7 +55,6 @@ MODEL_INPUT_NAMES = {
 }
 
 
-
 def model_folder_for(class_type: str, input_name: str, choices: list, folder_lists: dict[str, list]) -> str | None:
     """The folder_paths folder a loader's COMBO lists (None if it is not a model list)."""
     known = KNOWN_MODEL_INPUTS.get((class_type, input_name))
@@ -189,7 +188,6 @@ def tiny_checkpoints_in(prompt: dict) -> list[str]:
     return found
 
 
-
 def write_tiny_models(models_dir, models: list[dict], *, checkpoint_name: str = "", insightface_packs=(),
                       runtime=None, log=None) -> list[Path]:
     """Write tiny checkpoints into `models_dir`/checkpoints, then stand-ins made for the first of them (all noise)
@@ -320,4 +318,3 @@ def missing_insightface_packs(prompt: dict, runtime) -> list[str]:
     roots = runtime.pack.nodes.faces.insightface_roots()
     return [pack for pack in named_insightface_packs(prompt, runtime)
             if not any((root / "models" / pack).exists() for root in roots)]
-

@@ -47,7 +47,6 @@ class RunResult:
     seconds: float = 0.0
 
 
-
 # ------------------------------------------------------------------------------------------------ progress
 
 
@@ -322,7 +321,6 @@ def run_workflow(
             shutil.rmtree(folder, ignore_errors=True)
 
 
-
 def _write_summary(result: RunResult, workflow: str | None, runtime, output_dir: Path) -> None:
     nodes_out = {
         node_id: {"class_type": result.prompt.get(node_id, {}).get("class_type"),
@@ -353,4 +351,3 @@ def _print_summary(result: RunResult, output_dir: Path, out) -> None:
             body = text["text"].replace("\n", "\n      ")
             print(f"  node {text['node']} ({text['class_type']}) {text['key']}: {body}", file=out)
     print(f"summary: {result.summary_path}", file=out)
-

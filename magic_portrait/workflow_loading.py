@@ -150,4 +150,3 @@ def apply_sets(prompt: dict, sets: list[str], node_classes: dict,
         prompt[node_id]["inputs"][input_name] = value
         applied.append((node_id, input_name, value))
     return applied
-
