@@ -22,13 +22,10 @@ STYLE_IMAGE = "magic_portrait_style.png"
 def base(wf: Workflow, image: str = CONTENT_IMAGE, prompt: str = ""):
     wf.column = 0
     ckpt = wf.node("CheckpointLoaderSimple", ckpt_name=CHECKPOINT)
-    text = wf.node("CLIPTextEncode", text=prompt, title="Inversion prompt (empty)")
-    wf.connect(ckpt.out("CLIP"), text, "clip")
+    text = wf.encode_text(ckpt.out("CLIP"), prompt, "Inversion prompt (empty)")
     load = wf.node("LoadImage", image=image, title="Content image")
     wf.column = 1
-    encode = wf.node("VAEEncode")
-    wf.connect(load.out("IMAGE"), encode, "pixels")
-    wf.connect(ckpt.out("VAE"), encode, "vae")
+    encode = wf.encode_image(load.out("IMAGE"), ckpt.out("VAE"))
     return ckpt, text, encode
 
 
