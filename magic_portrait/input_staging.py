@@ -5,7 +5,6 @@ run's input folder, and every name that decides where a file is written is held 
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
@@ -50,19 +49,14 @@ def _upload_inputs(prompt: dict, node_classes: dict):
                     yield node_id, name
 
 
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def stage_input_files(prompt: dict, node_classes: dict, input_dir: Path, search_dirs: list[Path],
                       log=None) -> list[str]:
     """Copy files named by upload inputs (LoadImage 'image', ...) into `input_dir` when they are elsewhere: a path to
     an existing file (absolute or relative to the current folder), or a name found in one of `search_dirs`.
     The input then names the copy. Returns messages describing each copy."""
+    # The pack's one chunked file hash; imported here, not at the top, so `--help` stays fast (it pulls in cv2).
+    from magic_core.magicid_build import file_sha256
+
     input_dir = Path(input_dir).resolve()
     messages = []
     for node_id, name in list(_upload_inputs(prompt, node_classes)):
@@ -80,8 +74,8 @@ def stage_input_files(prompt: dict, node_classes: dict, input_dir: Path, search_
         if source is None:
             continue
         target = contained_path(input_dir, source.name, "input file")
-        if target.exists() and _file_digest(target) != _file_digest(source):
-            target = contained_path(input_dir, f"{source.stem}-{_file_digest(source)[:8]}{source.suffix}",
+        if target.exists() and file_sha256(target) != file_sha256(source):
+            target = contained_path(input_dir, f"{source.stem}-{file_sha256(source)[:8]}{source.suffix}",
                                     "input file")
         if not target.exists():
             input_dir.mkdir(parents=True, exist_ok=True)
