@@ -20,8 +20,7 @@ def _style_image(wf: Workflow, ckpt=None, encode: bool = True):
     load = wf.node("LoadImage", image=STYLE_IMAGE, title="Style image")
     if not encode:
         return load
-    vae_encode = wf.encode_image(load.out("IMAGE"), ckpt.out("VAE"), "Encode style")
-    return vae_encode
+    return wf.encode_image(load.out("IMAGE"), ckpt.out("VAE"), "Encode style")
 
 
 def magicstyle_portrait(classes) -> Workflow:
