@@ -132,9 +132,9 @@ class Workflow:
         """Frame every node of these columns under `title` (placed by to_json)."""
         self.groups.append({"title": title, "columns": sorted(set(columns)), "color": color})
 
-    def group_columns(self, *titles: str) -> None:
-        """One group per column, left to right: the i-th title frames column i."""
-        for column, title in enumerate(titles):
+    def group_columns(self, *titles: str, start: int = 0) -> None:
+        """One group per column, left to right from column `start`: the i-th title frames column start + i."""
+        for column, title in enumerate(titles, start):
             self.group(title, [column])
 
     def layout(self) -> None:

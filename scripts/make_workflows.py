@@ -49,8 +49,7 @@ def invert_reconstruct(classes) -> Workflow:
     wf.column = 3
     wf.decode_and_save(back.out(0), ckpt.out("VAE"), "magic_portrait/reconstruction")
     wf.group("Load and encode", [0, 1])
-    wf.group("Invert, then sample back", [2])
-    wf.group("Decode and save", [3])
+    wf.group_columns("Invert, then sample back", "Decode and save", start=2)
     return wf
 
 
@@ -80,9 +79,7 @@ def invert_with_core_sampler_custom(classes) -> Workflow:
     wf.column = 4
     wf.decode_and_save(back.out(0), ckpt.out("VAE"), "magic_portrait/reconstruction_sampler_custom")
     wf.group("Load and encode", [0, 1])
-    wf.group("Schedule and samplers", [2])
-    wf.group("Invert, then sample back (SamplerCustom)", [3])
-    wf.group("Decode and save", [4])
+    wf.group_columns("Schedule and samplers", "Invert, then sample back (SamplerCustom)", "Decode and save", start=2)
     return wf
 
 

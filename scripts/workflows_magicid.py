@@ -85,7 +85,6 @@ def _sample(wf: Workflow, model, apply, ckpt, width: int, height: int, prefix: s
 
 def landmark_controlnet(classes) -> Workflow:
     wf = Workflow(classes)
-    wf.column = 0
     wf.note("Landmark ControlNet on the faces of a portrait (Magic Portrait, MagicID).\n\nDetect Faces finds the faces "
             "(offline dlib back-end: no download; switch the loader to insightface for antelopev2/buffalo_l) and "
             "shows them numbered left to right. Draw Face Condition draws OpenPose face points where the landmarks "
@@ -111,7 +110,6 @@ def landmark_controlnet(classes) -> Workflow:
 
 def group_photo(classes) -> Workflow:
     wf = Workflow(classes)
-    wf.column = 0
     wf.note("A group photo with one identity per person (Magic Portrait, MagicID: MGMICA).\n\nEach person's reference "
             "portrait gives ID tokens through the IP-Adapter (ID Embeds, using the detected face). Add Identity puts "
             "each person in a region - here a box: the left and the right half of the picture - and Multi-ID "
@@ -153,7 +151,6 @@ def group_photo(classes) -> Workflow:
 
 def face_restore(classes) -> Workflow:
     wf = Workflow(classes)
-    wf.column = 0
     wf.note("DIIR face restoration (Magic Portrait, MagicID).\n\nDIIR Face Restore takes every face Detect Faces "
             "found, crops it with a margin, brings it to the model's native size, DDIM-inverts it part of the way "
             "(strength) and denoises it again with that person's identity (IP-Adapter tokens through Multi-ID "

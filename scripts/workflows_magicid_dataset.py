@@ -24,7 +24,6 @@ DATASET = "magic_portrait_magicid_dataset"
 
 def magicid_dataset(classes) -> Workflow:
     wf = Workflow(classes)
-    wf.column = 0
     wf.note("Build a MagicID dataset (Magic Portrait).\n\nRuns as opened: Build MagicID Dataset reads "
             f"ComfyUI/input/{PHOTOS}/ (six photos with an OpenPose skeleton JSON beside each, which Magic Portrait "
             "copies into ComfyUI's input folder when ComfyUI starts) and writes the dataset into "
@@ -52,7 +51,6 @@ def magicid_dataset(classes) -> Workflow:
 
 def magicid_mmf_train(classes) -> Workflow:
     wf = Workflow(classes)
-    wf.column = 0
     wf.note("MagicID training: Multi-Mode Fusion and Clone Face Tuning (Magic Portrait).\n\nRuns as opened. Build "
             f"MagicID Dataset turns ComfyUI/input/{PHOTOS}/ (six photos with their skeleton JSON, copied there by "
             f"Magic Portrait when ComfyUI starts) into ComfyUI/input/{DATASET}/ (only new photos are processed on a "

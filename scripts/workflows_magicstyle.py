@@ -63,15 +63,12 @@ def magicstyle_portrait(classes) -> Workflow:
     wf.column = 4
     wf.decode_and_save(sample.out(0), ckpt.out("VAE"), "magic_portrait/magicstyle")
     wf.group("Content and style images", [0, 1])
-    wf.group("DDIM inversion with a KV Feature Store", [2])
-    wf.group("Feature fusion sampling", [3])
-    wf.group("Decode and save", [4])
+    wf.group_columns("DDIM inversion with a KV Feature Store", "Feature fusion sampling", "Decode and save", start=2)
     return wf
 
 
 def magicstyle_portrait_single_node(classes) -> Workflow:
     wf = Workflow(classes)
-    wf.column = 0
     wf.note("MagicStyle in one node (Magic Portrait).\n\nMagicStyle Portrait encodes the portrait and the style "
             "image, inverts both keeping their self-attention features, fuses them while sampling back and decodes. "
             "Its widgets are the same as the separate nodes' (see magicstyle_portrait). The style image keeps its "

@@ -24,7 +24,6 @@ def _sample_512(wf: Workflow, model, positive, negative):
 
 def repcontrolnet_apply(classes) -> Workflow:
     wf = Workflow(classes)
-    wf.column = 0
     wf.note("RepControlNet (Magic Portrait).\n\nApply RepControlNet merges the control file's modal weights into a "
             "clone of the model (reversible) and adds its condition adapter once per run, so control costs what the "
             "base model costs. The condition image here is Canny edges of a portrait.\n\nNeeds an SD1.5 checkpoint "
@@ -61,7 +60,6 @@ def repcontrolnet_train(classes) -> Workflow:
     """Train a RepControlNet on the bundled Canny-edge pairs (which the pack copies to
     ComfyUI/input/magic_portrait_repcontrolnet_dataset/ when ComfyUI starts), plot the loss, then use the result."""
     wf = Workflow(classes)
-    wf.column = 0
     wf.note("Train a RepControlNet (Magic Portrait).\n\nRuns as opened: it trains on "
             f"ComfyUI/input/{BUNDLED_DATASET}/, six small image + Canny-edge pairs (crops of scikit-image's sample "
             "photos) that Magic Portrait copies into ComfyUI's input folder when ComfyUI starts (it never "
