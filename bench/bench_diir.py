@@ -13,20 +13,19 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+import harness  # noqa: E402
 
 from magic_portrait import comfy_env  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--width", type=int, default=320, help="model_channels (SD1.5: 320)")
-    parser.add_argument("--channel-mult", default="1,2,4,4", help="channel multipliers per level (SD1.5: 1,2,4,4)")
-    parser.add_argument("--heads", type=int, default=8, help="attention heads (SD1.5: 8)")
+    harness.add_unet_arguments(parser)
     parser.add_argument("--crop", type=int, default=512, help="DIIR crop size (SD1.5's native 512)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--strength", type=float, default=0.45)
@@ -48,10 +47,8 @@ def main() -> None:
     diir_node = pack.nodes.diir.DIIRFaceRestore
     torch.set_grad_enabled(False)
 
-    channel_mult = [int(m) for m in args.channel_mult.split(",")]
-    model = tiny.build_sd15_model(seed=0, model_channels=args.width, channel_mult=channel_mult, num_heads=args.heads)
+    model, channel_mult, n_params = harness.build_unet(args)
     vae = tiny.build_sd_vae(seed=0)
-    n_params = sum(p.numel() for p in model.model.diffusion_model.parameters())
     layers = mgmica_patch.cross_attention_layers(model)
     with tempfile.TemporaryDirectory() as folder:
         path = write_tiny_ipadapter(Path(folder) / "bench-faceid_sd15.safetensors", variant="faceid", family="sd15",
@@ -86,16 +83,9 @@ def main() -> None:
         vae.decode(vae.encode(torch.rand(1, args.crop, args.crop, 3, generator=g)))
 
     variants = {"plain": plain, "diir": restore, "vae": encode_decode}
-    times = {name: [] for name in variants}
-    names = list(variants)
     with torch.inference_mode():
-        for r in range(args.repeats):  # interleaved, order rotated each round
-            for name in names[r % len(names):] + names[:r % len(names)]:
-                start = time.perf_counter()
-                variants[name]()
-                times[name].append(time.perf_counter() - start)
-    best = {k: min(v) for k, v in times.items()}
-    print("all timings (s):", {k: [round(t, 2) for t in v] for k, v in times.items()})
+        times = harness.time_rounds(variants, args.repeats)
+    best = harness.best_times(times)
     covered = len(pack.magic_core.inversion.inversion_sigmas(common.schedule(model, "normal", args.steps,
                                                                            args.strength))) - 1
     print(f"DIIR bench: SD1.5 UNet structure, model_channels {args.width}, channel_mult {channel_mult}, {args.heads} "

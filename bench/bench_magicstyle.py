@@ -33,15 +33,15 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
+import harness  # noqa: E402
+
 from magic_portrait import comfy_env  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=64, help="latent size (64 = 512 px)")
-    parser.add_argument("--width", type=int, default=320, help="model_channels (SD1.5: 320)")
-    parser.add_argument("--channel-mult", default="1,2,4,4", help="channel multipliers per level (SD1.5: 1,2,4,4)")
-    parser.add_argument("--heads", type=int, default=8, help="attention heads (SD1.5: 8)")
+    harness.add_unet_arguments(parser)
     parser.add_argument("--steps", type=int, default=4, help="sampling steps timed (the store is scaled to 50)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--comfy-attention", choices=["same", "sdpa", "default"], default="same",
@@ -72,9 +72,7 @@ def main() -> None:
     common, inversion_nodes = pack.nodes.common, pack.nodes.inversion
     torch.set_grad_enabled(False)
 
-    channel_mult = [int(m) for m in args.channel_mult.split(",")]
-    model = tiny.build_sd15_model(seed=0, model_channels=args.width, channel_mult=channel_mult, num_heads=args.heads)
-    n_params = sum(p.numel() for p in model.model.diffusion_model.parameters())
+    model, channel_mult, n_params = harness.build_unet(args)
     cond = tiny.sd15_cond(0)
     g = torch.Generator().manual_seed(0)
     z_c = torch.randn(1, 4, args.size, args.size, generator=g) * 4
@@ -181,12 +179,9 @@ def main() -> None:
     for variant in variants.values():  # warm-up: the first run of each pays for first-touch allocations
         run(*variant)
     times = {name: [] for name in variants}
-    names = list(variants)
-    for r in range(args.repeats):  # interleaved, order rotated each round: what ran before shifts a time here
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            times[name].append(run(*variants[name]))
-    best = {k: min(v) for k, v in times.items()}
-    print("all timings (s):", {k: [round(t, 2) for t in v] for k, v in times.items()})
+    for name in harness.rotated_rounds(variants, args.repeats):
+        times[name].append(run(*variants[name]))
+    best = harness.best_times(times)
     assert all(p.calls > 0 for p in patches.values())
     run(inside_later, zt)  # the last run's report: every layer fused inside the other pack's replace
     assert all(set(p.routes) == {f"inside {ms.describe_patch(other_pack)}"} for p in patches.values())

@@ -31,6 +31,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+import harness  # noqa: E402
+
 from magic_portrait import comfy_env  # noqa: E402
 
 # four faces in a row, as in a group photo: each box 20% of the width and 35% of the height (7% of the picture)
@@ -41,9 +43,7 @@ TOKENS = 16
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=64, help="latent size (64 = 512 px)")
-    parser.add_argument("--width", type=int, default=320, help="model_channels (SD1.5: 320)")
-    parser.add_argument("--channel-mult", default="1,2,4,4", help="channel multipliers per level (SD1.5: 1,2,4,4)")
-    parser.add_argument("--heads", type=int, default=8, help="attention heads (SD1.5: 8)")
+    harness.add_unet_arguments(parser)
     parser.add_argument("--steps", type=int, default=4, help="euler steps timed")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--layer-repeats", type=int, default=30)
@@ -63,9 +63,7 @@ def main() -> None:
     ip, mg, reg = pack.magic_core.ipadapter, pack.magic_core.mgmica, pack.magic_core.regions
     torch.set_grad_enabled(False)
 
-    channel_mult = [int(m) for m in args.channel_mult.split(",")]
-    model = tiny.build_sd15_model(seed=0, model_channels=args.width, channel_mult=channel_mult, num_heads=args.heads)
-    n_params = sum(p.numel() for p in model.model.diffusion_model.parameters())
+    model, channel_mult, n_params = harness.build_unet(args)
     layers = patch_mod.cross_attention_layers(model)
     with tempfile.TemporaryDirectory() as folder:
         path = write_tiny_ipadapter(Path(folder) / "bench-plus-face_sd15.safetensors", variant="plus-face",
@@ -134,12 +132,9 @@ def main() -> None:
     for m in variants.values():  # warm-up
         run(m)
     times = {name: [] for name in variants}
-    names = list(variants)
-    for r in range(args.repeats):  # interleaved, order rotated each round
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            times[name].append(run(variants[name]))
-    best = {k: min(v) for k, v in times.items()}
-    print("all timings (s):", {k: [round(t, 2) for t in v] for k, v in times.items()})
+    for name in harness.rotated_rounds(variants, args.repeats):
+        times[name].append(run(variants[name]))
+    best = harness.best_times(times)
     assert all(len(p.calls) == len(layers) for _, p in patches.values()) and chained_fn.calls > 0
 
     print(f"MGMICA bench: SD1.5 UNet structure ({len(layers)} cross-attention layers), model_channels {args.width}, "
@@ -190,16 +185,10 @@ def layer_table(args, model, layers, patches, chained_fn, cond, torch) -> None:
 
     calls = {"plain": plain, "mgmica1": with_patch(patches[1][1]), "mgmica2": with_patch(patches[2][1]),
              "mgmica4": with_patch(patches[4][1]), "whole": with_patch(patches["whole"][1]), "chained4": chained}
-    times = {name: [] for name in calls}
     with torch.inference_mode():
         for fn in calls.values():
             fn()
-        names = list(calls)
-        for r in range(args.layer_repeats):
-            for name in names[r % len(names):] + names[:r % len(names)]:
-                start = time.perf_counter()
-                calls[name]()
-                times[name].append(time.perf_counter() - start)
+        times = harness.time_rounds(calls, args.layer_repeats)
     best = {k: min(v) * 1000 for k, v in times.items()}
     extra_ms = {k: best[k] - best["plain"] for k in best}
     print(f"one cross-attention layer ({key[0]} {key[1]}: {size * size} tokens x {layer.inner_dim} channels, cond + "

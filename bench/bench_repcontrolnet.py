@@ -50,6 +50,7 @@ import sys
 import time
 from pathlib import Path
 
+import harness
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
@@ -157,27 +158,6 @@ MEMORY_ROUTES = {
     "old": "old route (a difference per layer)",
     "comfyui": "ComfyUI's own patching (no-op patch)",
 }
-_KIB = 1024
-
-
-def _proc_status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def resident_bytes() -> int:
-    return _proc_status_kib("VmRSS") * _KIB
-
-
-def peak_bytes() -> int:
-    return _proc_status_kib("VmHWM") * _KIB
-
-
-def reset_peak() -> None:
-    """Set the high-water mark to the current resident set (Linux >= 4.0)."""
-    Path("/proc/self/clear_refs").write_text("5")
 
 
 def old_route_patches(model, weights, strength: float) -> None:
@@ -229,8 +209,8 @@ def measure_memory_route(route: str, channels: int) -> dict:
         model = comfy.sd.load_lora_for_models(base, None, lora, 1.0, 0.0)[0]
     hint = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0))
     gc.collect()
-    start = resident_bytes()
-    reset_peak()
+    start = harness.resident_bytes()
+    harness.reset_peak()
     with torch.inference_mode():
         if route in ("new", "new_lora"):
             patched, _ = R.apply_repcontrolnet(model, loaded, hint, 1.0)
@@ -240,15 +220,15 @@ def measure_memory_route(route: str, channels: int) -> dict:
         else:
             patched = model.clone()
             patched.add_patches(dict.fromkeys(("diffusion_model." + k for k in weights.modal), Unchanged()), 1.0)
-    apply_peak = peak_bytes() - start
+    apply_peak = harness.peak_bytes() - start
     gc.collect()
-    apply_held = resident_bytes() - start
-    reset_peak()
+    apply_held = harness.resident_bytes() - start
+    harness.reset_peak()
     with torch.inference_mode():
         comfy.model_management.load_models_gpu([patched])  # ComfyUI patches the weights here
-    load_peak = peak_bytes() - start
+    load_peak = harness.peak_bytes() - start
     gc.collect()
-    load_held = resident_bytes() - start
+    load_held = harness.resident_bytes() - start
     return {"route": route, "modal_bytes": modal_bytes, "largest_layer_bytes": largest, "apply_peak": apply_peak,
             "apply_held": apply_held, "load_peak": load_peak, "load_held": load_held}
 

@@ -41,6 +41,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import harness
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
@@ -53,19 +54,6 @@ VARIANTS = {
     "checkpointed": ("1 rank x 2 threads, gradient checkpointing", {"threads": 2, "ranks": 1, "checkpointing": True}),
 }
 WARMUP = 1
-_KIB = 1024
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def reset_peak() -> None:
-    """Set the high-water mark to the current resident set (Linux >= 4.0)."""
-    Path("/proc/self/clear_refs").write_text("5")
 
 
 def write_dataset(folder: Path, samples: int, latent: int, seed: int = 0) -> None:
@@ -110,13 +98,13 @@ def run_variant(args) -> dict | None:
     import gc
 
     gc.collect()
-    baseline = _status_kib("VmRSS") * _KIB
-    reset_peak()
+    baseline = harness.resident_bytes()
+    harness.reset_peak()
     result = training.run_training(
         model, None, tiny.sd15_cond(0), source, steps=WARMUP + args.steps, batch_size=batch, preset="encoder",
         adapter_channels=128, seed=0, gradient_checkpointing=args.checkpointing, num_workers=1, dist=ctx,
         on_progress=lambda step, loss: stamps.append(time.perf_counter()))
-    peak = _status_kib("VmHWM") * _KIB
+    peak = harness.peak_bytes()
     ctx.close()
     if not ctx.is_main:
         return None

@@ -72,15 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # usage errors exit with code 2
-    from . import runner
+    from .run_cli import cli_make_tiny_checkpoint, cli_run
 
     if args.command == "run":
-        return runner.cli_run(args)
+        return cli_run(args)
     if args.command == "train":
         from .train_cli import cli_train
 
         return cli_train(args)
-    return runner.cli_make_tiny_checkpoint(args)
+    return cli_make_tiny_checkpoint(args)
 
 
 if __name__ == "__main__":

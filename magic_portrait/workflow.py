@@ -113,6 +113,18 @@ def input_specs(node_class) -> list[InputSpec]:
     return specs
 
 
+def declared_inputs(class_type: str, node_classes: dict) -> dict[str, InputSpec]:
+    """A node type's declared inputs by name; empty for an unknown type or one whose INPUT_TYPES() fails (the
+    executor's validation reports those better)."""
+    node_class = node_classes.get(class_type)
+    if node_class is None:
+        return {}
+    try:
+        return {spec.name: spec for spec in input_specs(node_class)}
+    except WorkflowFormatError:
+        return {}
+
+
 def _control_slots(spec: InputSpec) -> list[WidgetSlot]:
     cag = spec.options.get("control_after_generate")
     if spec.type == "INT" and (cag if cag is not None else spec.name in SEED_NAMES):

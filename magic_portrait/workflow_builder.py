@@ -132,6 +132,11 @@ class Workflow:
         """Frame every node of these columns under `title` (placed by to_json)."""
         self.groups.append({"title": title, "columns": sorted(set(columns)), "color": color})
 
+    def group_columns(self, *titles: str, start: int = 0) -> None:
+        """One group per column, left to right from column `start`: the i-th title frames column start + i."""
+        for column, title in enumerate(titles, start):
+            self.group(title, [column])
+
     def layout(self) -> None:
         """Columns left to right, each as wide as its widest node (and wide enough for the title of a group framing
         it alone, or its share of a wider group's title); nodes stacked in the order they were made."""
@@ -176,6 +181,19 @@ class Workflow:
                 src.data["outputs"][slot]["links"].append(link_id)
                 return
         raise KeyError(f"{target.type} has no input {input_name!r}")
+
+    def encode_text(self, clip: tuple[NodeRef, int], text: str, title: str | None = None) -> NodeRef:
+        """A CLIPTextEncode of `text` with `clip`."""
+        node = self.node("CLIPTextEncode", text=text, title=title)
+        self.connect(clip, node, "clip")
+        return node
+
+    def encode_image(self, image: tuple[NodeRef, int], vae: tuple[NodeRef, int], title: str | None = None) -> NodeRef:
+        """A VAEEncode of `image` with `vae`."""
+        node = self.node("VAEEncode", title=title)
+        self.connect(image, node, "pixels")
+        self.connect(vae, node, "vae")
+        return node
 
     def sample(self, model: tuple[NodeRef, int], positive: tuple[NodeRef, int], negative: tuple[NodeRef, int],
                width: int, height: int, **sampler) -> NodeRef:

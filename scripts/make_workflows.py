@@ -22,13 +22,10 @@ STYLE_IMAGE = "magic_portrait_style.png"
 def base(wf: Workflow, image: str = CONTENT_IMAGE, prompt: str = ""):
     wf.column = 0
     ckpt = wf.node("CheckpointLoaderSimple", ckpt_name=CHECKPOINT)
-    text = wf.node("CLIPTextEncode", text=prompt, title="Inversion prompt (empty)")
-    wf.connect(ckpt.out("CLIP"), text, "clip")
+    text = wf.encode_text(ckpt.out("CLIP"), prompt, "Inversion prompt (empty)")
     load = wf.node("LoadImage", image=image, title="Content image")
     wf.column = 1
-    encode = wf.node("VAEEncode")
-    wf.connect(load.out("IMAGE"), encode, "pixels")
-    wf.connect(ckpt.out("VAE"), encode, "vae")
+    encode = wf.encode_image(load.out("IMAGE"), ckpt.out("VAE"))
     return ckpt, text, encode
 
 
@@ -52,8 +49,7 @@ def invert_reconstruct(classes) -> Workflow:
     wf.column = 3
     wf.decode_and_save(back.out(0), ckpt.out("VAE"), "magic_portrait/reconstruction")
     wf.group("Load and encode", [0, 1])
-    wf.group("Invert, then sample back", [2])
-    wf.group("Decode and save", [3])
+    wf.group_columns("Invert, then sample back", "Decode and save", start=2)
     return wf
 
 
@@ -83,9 +79,7 @@ def invert_with_core_sampler_custom(classes) -> Workflow:
     wf.column = 4
     wf.decode_and_save(back.out(0), ckpt.out("VAE"), "magic_portrait/reconstruction_sampler_custom")
     wf.group("Load and encode", [0, 1])
-    wf.group("Schedule and samplers", [2])
-    wf.group("Invert, then sample back (SamplerCustom)", [3])
-    wf.group("Decode and save", [4])
+    wf.group_columns("Schedule and samplers", "Invert, then sample back (SamplerCustom)", "Decode and save", start=2)
     return wf
 
 

@@ -35,10 +35,8 @@ def _faces_to_control(wf: Workflow, detect, ckpt, controlnet, positive_text: str
     show = wf.node("PreviewImage", title="Condition image")
     wf.connect(draw.out(0), show, "images")
     wf.column = columns[1]
-    positive = wf.node("CLIPTextEncode", text=positive_text, title="Positive prompt")
-    wf.connect(ckpt.out("CLIP"), positive, "clip")
-    negative = wf.node("CLIPTextEncode", text="blurry, deformed face, low quality", title="Negative prompt")
-    wf.connect(ckpt.out("CLIP"), negative, "clip")
+    positive = wf.encode_text(ckpt.out("CLIP"), positive_text, "Positive prompt")
+    negative = wf.encode_text(ckpt.out("CLIP"), "blurry, deformed face, low quality", "Negative prompt")
     apply = wf.node("MagicPortrait_ApplyLandmarkControlNet", strength=0.8, start_percent=0.0, end_percent=0.8)
     wf.connect(positive.out(0), apply, "positive")
     wf.connect(negative.out(0), apply, "negative")
@@ -87,7 +85,6 @@ def _sample(wf: Workflow, model, apply, ckpt, width: int, height: int, prefix: s
 
 def landmark_controlnet(classes) -> Workflow:
     wf = Workflow(classes)
-    wf.column = 0
     wf.note("Landmark ControlNet on the faces of a portrait (Magic Portrait, MagicID).\n\nDetect Faces finds the faces "
             "(offline dlib back-end: no download; switch the loader to insightface for antelopev2/buffalo_l) and "
             "shows them numbered left to right. Draw Face Condition draws OpenPose face points where the landmarks "
@@ -106,18 +103,13 @@ def landmark_controlnet(classes) -> Workflow:
     apply = _faces_to_control(wf, detect, ckpt, controlnet, "a portrait photo of a woman in a garden, soft light",
                               512, 512, (2, 3))
     _sample(wf, ckpt.out("MODEL"), apply, ckpt, 512, 512, "magic_portrait/landmark_controlnet", (4, 5))
-    wf.group("Model, portrait and ControlNet", [0])
-    wf.group("Find the faces", [1])
-    wf.group("Face masks and condition image", [2])
-    wf.group("Prompt and landmark control", [3])
-    wf.group("Sample", [4])
-    wf.group("Decode and save", [5])
+    wf.group_columns("Model, portrait and ControlNet", "Find the faces", "Face masks and condition image",
+                     "Prompt and landmark control", "Sample", "Decode and save")
     return wf
 
 
 def group_photo(classes) -> Workflow:
     wf = Workflow(classes)
-    wf.column = 0
     wf.note("A group photo with one identity per person (Magic Portrait, MagicID: MGMICA).\n\nEach person's reference "
             "portrait gives ID tokens through the IP-Adapter (ID Embeds, using the detected face). Add Identity puts "
             "each person in a region - here a box: the left and the right half of the picture - and Multi-ID "
@@ -151,22 +143,14 @@ def group_photo(classes) -> Workflow:
     apply = _faces_to_control(wf, layout_faces, ckpt, controlnet,
                               "a photo of two friends side by side, outdoors, natural light", 768, 512, (6, 7))
     _sample(wf, mgmica.out(0), apply, ckpt, 768, 512, "magic_portrait/group_photo", (8, 9))
-    wf.group("Models", [0])
-    wf.group("References and face back-end", [1])
-    wf.group("Find each person's face", [2])
-    wf.group("ID tokens", [3])
-    wf.group("Identities in regions (MGMICA)", [4])
-    wf.group("Layout faces", [5])
-    wf.group("Face masks and condition image", [6])
-    wf.group("Prompt and landmark control", [7])
-    wf.group("Sample", [8])
-    wf.group("Decode and save", [9])
+    wf.group_columns("Models", "References and face back-end", "Find each person's face", "ID tokens",
+                     "Identities in regions (MGMICA)", "Layout faces", "Face masks and condition image",
+                     "Prompt and landmark control", "Sample", "Decode and save")
     return wf
 
 
 def face_restore(classes) -> Workflow:
     wf = Workflow(classes)
-    wf.column = 0
     wf.note("DIIR face restoration (Magic Portrait, MagicID).\n\nDIIR Face Restore takes every face Detect Faces "
             "found, crops it with a margin, brings it to the model's native size, DDIM-inverts it part of the way "
             "(strength) and denoises it again with that person's identity (IP-Adapter tokens through Multi-ID "
@@ -193,10 +177,8 @@ def face_restore(classes) -> Workflow:
         emb = _id_embeds(wf, ipadapter, clip_vision, ref, detect, i + 1)
         previous = _add_identity(wf, emb, previous, i + 1)
     wf.column = 5
-    positive = wf.node("CLIPTextEncode", text="a photo of a face, natural skin, sharp focus", title="Positive prompt")
-    wf.connect(ckpt.out("CLIP"), positive, "clip")
-    negative = wf.node("CLIPTextEncode", text="blurry, deformed, low quality", title="Negative prompt")
-    wf.connect(ckpt.out("CLIP"), negative, "clip")
+    positive = wf.encode_text(ckpt.out("CLIP"), "a photo of a face, natural skin, sharp focus", "Positive prompt")
+    negative = wf.encode_text(ckpt.out("CLIP"), "blurry, deformed, low quality", "Negative prompt")
     wf.column = 6
     restore = wf.node("MagicPortrait_DIIRFaceRestore")
     for source, name in ((target.out("IMAGE"), "image"), (target_faces.out("faces"), "faces"),
@@ -213,14 +195,8 @@ def face_restore(classes) -> Workflow:
     wf.connect(restore.out("paste_masks"), masks, "mask")
     show_masks = wf.node("PreviewImage", title="Paste masks")
     wf.connect(masks.out(0), show_masks, "images")
-    wf.group("Models", [0])
-    wf.group("The image and its faces", [1])
-    wf.group("One reference per person", [2])
-    wf.group("Their faces", [3])
-    wf.group("Identities, left to right", [4])
-    wf.group("Prompt", [5])
-    wf.group("DIIR", [6])
-    wf.group("Result", [7])
+    wf.group_columns("Models", "The image and its faces", "One reference per person", "Their faces",
+                     "Identities, left to right", "Prompt", "DIIR", "Result")
     return wf
 
 

@@ -24,7 +24,6 @@ DATASET = "magic_portrait_magicid_dataset"
 
 def magicid_dataset(classes) -> Workflow:
     wf = Workflow(classes)
-    wf.column = 0
     wf.note("Build a MagicID dataset (Magic Portrait).\n\nRuns as opened: Build MagicID Dataset reads "
             f"ComfyUI/input/{PHOTOS}/ (six photos with an OpenPose skeleton JSON beside each, which Magic Portrait "
             "copies into ComfyUI's input folder when ComfyUI starts) and writes the dataset into "
@@ -46,15 +45,12 @@ def magicid_dataset(classes) -> Workflow:
     save = wf.node("SaveImage", filename_prefix="magic_portrait/magicid_dataset", title="Samples: photo | skeleton | "
                    "landmarks | face mask")
     wf.connect(build.out("preview"), save, "images")
-    wf.group("Face back-end", [0])
-    wf.group("Photos in, MagicID dataset out", [1])
-    wf.group("Contact sheet", [2])
+    wf.group_columns("Face back-end", "Photos in, MagicID dataset out", "Contact sheet")
     return wf
 
 
 def magicid_mmf_train(classes) -> Workflow:
     wf = Workflow(classes)
-    wf.column = 0
     wf.note("MagicID training: Multi-Mode Fusion and Clone Face Tuning (Magic Portrait).\n\nRuns as opened. Build "
             f"MagicID Dataset turns ComfyUI/input/{PHOTOS}/ (six photos with their skeleton JSON, copied there by "
             f"Magic Portrait when ComfyUI starts) into ComfyUI/input/{DATASET}/ (only new photos are processed on a "
@@ -73,10 +69,8 @@ def magicid_mmf_train(classes) -> Workflow:
             "DWPose/OpenPose preprocessor's POSE_KEYPOINT instead for your own pictures).", column=0)
     analysis = wf.node("MagicPortrait_FaceAnalysisLoader", backend=OFFLINE)
     ckpt = wf.node("CheckpointLoaderSimple", ckpt_name=CHECKPOINT)
-    prompt = wf.node("CLIPTextEncode", text="a photo of people", title="Prompt")
-    wf.connect(ckpt.out("CLIP"), prompt, "clip")
-    negative = wf.node("CLIPTextEncode", text="blurry, deformed face, low quality", title="Negative prompt")
-    wf.connect(ckpt.out("CLIP"), negative, "clip")
+    prompt = wf.encode_text(ckpt.out("CLIP"), "a photo of people", "Prompt")
+    negative = wf.encode_text(ckpt.out("CLIP"), "blurry, deformed face, low quality", "Negative prompt")
     wf.column = 1
     build = wf.node("MagicPortrait_BuildMagicIDDataset", photos_folder=PHOTOS, dataset_folder=DATASET)
     wf.connect(analysis.out(0), build, "face_analysis")
@@ -113,12 +107,9 @@ def magicid_mmf_train(classes) -> Workflow:
                         sampler_name="euler", scheduler="normal", denoise=1.0)
     wf.column = 5
     wf.decode_and_save(sampler.out(0), ckpt.out("VAE"), "magic_portrait/magicid_mmf")
-    wf.group("Face back-end, model, prompts", [0])
-    wf.group("Photos in, MagicID dataset out", [1])
-    wf.group("Train: MMF alternate + Clone Face Tuning", [2])
-    wf.group("Draw a merged condition", [3])
-    wf.group("Apply the trained control and sample", [4])
-    wf.group("Decode and save", [5])
+    wf.group_columns("Face back-end, model, prompts", "Photos in, MagicID dataset out",
+                     "Train: MMF alternate + Clone Face Tuning", "Draw a merged condition",
+                     "Apply the trained control and sample", "Decode and save")
     return wf
 
 

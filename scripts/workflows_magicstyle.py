@@ -20,10 +20,7 @@ def _style_image(wf: Workflow, ckpt=None, encode: bool = True):
     load = wf.node("LoadImage", image=STYLE_IMAGE, title="Style image")
     if not encode:
         return load
-    vae_encode = wf.node("VAEEncode", title="Encode style")
-    wf.connect(load.out("IMAGE"), vae_encode, "pixels")
-    wf.connect(ckpt.out("VAE"), vae_encode, "vae")
-    return vae_encode
+    return wf.encode_image(load.out("IMAGE"), ckpt.out("VAE"), "Encode style")
 
 
 def magicstyle_portrait(classes) -> Workflow:
@@ -66,23 +63,19 @@ def magicstyle_portrait(classes) -> Workflow:
     wf.column = 4
     wf.decode_and_save(sample.out(0), ckpt.out("VAE"), "magic_portrait/magicstyle")
     wf.group("Content and style images", [0, 1])
-    wf.group("DDIM inversion with a KV Feature Store", [2])
-    wf.group("Feature fusion sampling", [3])
-    wf.group("Decode and save", [4])
+    wf.group_columns("DDIM inversion with a KV Feature Store", "Feature fusion sampling", "Decode and save", start=2)
     return wf
 
 
 def magicstyle_portrait_single_node(classes) -> Workflow:
     wf = Workflow(classes)
-    wf.column = 0
     wf.note("MagicStyle in one node (Magic Portrait).\n\nMagicStyle Portrait encodes the portrait and the style "
             "image, inverts both keeping their self-attention features, fuses them while sampling back and decodes. "
             "Its widgets are the same as the separate nodes' (see magicstyle_portrait). The style image keeps its "
             "own aspect (scaled down only when larger than the portrait); its text reports how many calls each fused "
             "layer fused.\n\nNeeds an SD1.5 checkpoint in models/checkpoints.")
     ckpt = wf.node("CheckpointLoaderSimple", ckpt_name=CHECKPOINT)
-    text = wf.node("CLIPTextEncode", text="", title="Prompt (empty)")
-    wf.connect(ckpt.out("CLIP"), text, "clip")
+    text = wf.encode_text(ckpt.out("CLIP"), "", "Prompt (empty)")
     content = wf.node("LoadImage", image=CONTENT_IMAGE, title="Content image")
     wf.column = 1
     style = _style_image(wf, encode=False)
@@ -96,10 +89,7 @@ def magicstyle_portrait_single_node(classes) -> Workflow:
     wf.column = 3
     save = wf.node("SaveImage", filename_prefix="magic_portrait/magicstyle_single")
     wf.connect(portrait.out("image"), save, "images")
-    wf.group("Model, prompt and portrait", [0])
-    wf.group("Style image", [1])
-    wf.group("MagicStyle", [2])
-    wf.group("Save", [3])
+    wf.group_columns("Model, prompt and portrait", "Style image", "MagicStyle", "Save")
     return wf
 
 

@@ -24,7 +24,6 @@ def _sample_512(wf: Workflow, model, positive, negative):
 
 def repcontrolnet_apply(classes) -> Workflow:
     wf = Workflow(classes)
-    wf.column = 0
     wf.note("RepControlNet (Magic Portrait).\n\nApply RepControlNet merges the control file's modal weights into a "
             "clone of the model (reversible) and adds its condition adapter once per run, so control costs what the "
             "base model costs. The condition image here is Canny edges of a portrait.\n\nNeeds an SD1.5 checkpoint "
@@ -38,10 +37,8 @@ def repcontrolnet_apply(classes) -> Workflow:
     wf.connect(ckpt.out("MODEL"), apply, "model")
     wf.connect(rcn.out(0), apply, "repcontrolnet")
     wf.connect(cond.out("IMAGE"), apply, "image")
-    positive = wf.node("CLIPTextEncode", text="a portrait photo of a person, studio light", title="Positive prompt")
-    wf.connect(ckpt.out("CLIP"), positive, "clip")
-    negative = wf.node("CLIPTextEncode", text="blurry, low quality", title="Negative prompt")
-    wf.connect(ckpt.out("CLIP"), negative, "clip")
+    positive = wf.encode_text(ckpt.out("CLIP"), "a portrait photo of a person, studio light", "Positive prompt")
+    negative = wf.encode_text(ckpt.out("CLIP"), "blurry, low quality", "Negative prompt")
     wf.column = 2
     sampler = _sample_512(wf, apply, positive, negative)
     wf.column = 3
@@ -52,10 +49,7 @@ def repcontrolnet_apply(classes) -> Workflow:
     wf.connect(ckpt.out("CLIP"), merged, "clip")
     wf.connect(ckpt.out("VAE"), merged, "vae")
     merged.data["mode"] = MODE_BYPASS
-    wf.group("Model, control file and condition", [0])
-    wf.group("Merge and prompts", [1])
-    wf.group("Sample", [2])
-    wf.group("Decode and save", [3])
+    wf.group_columns("Model, control file and condition", "Merge and prompts", "Sample", "Decode and save")
     return wf
 
 
@@ -66,7 +60,6 @@ def repcontrolnet_train(classes) -> Workflow:
     """Train a RepControlNet on the bundled Canny-edge pairs (which the pack copies to
     ComfyUI/input/magic_portrait_repcontrolnet_dataset/ when ComfyUI starts), plot the loss, then use the result."""
     wf = Workflow(classes)
-    wf.column = 0
     wf.note("Train a RepControlNet (Magic Portrait).\n\nRuns as opened: it trains on "
             f"ComfyUI/input/{BUNDLED_DATASET}/, six small image + Canny-edge pairs (crops of scikit-image's sample "
             "photos) that Magic Portrait copies into ComfyUI's input folder when ComfyUI starts (it never "
@@ -78,8 +71,7 @@ def repcontrolnet_train(classes) -> Workflow:
             "(resumable), and plots the loss. The trained file is applied right away to sample a picture from the "
             "astronaut's edges.")
     ckpt = wf.node("CheckpointLoaderSimple", ckpt_name=CHECKPOINT)
-    prompt = wf.node("CLIPTextEncode", text="a portrait photo of a person", title="Training prompt")
-    wf.connect(ckpt.out("CLIP"), prompt, "clip")
+    prompt = wf.encode_text(ckpt.out("CLIP"), "a portrait photo of a person", "Training prompt")
     wf.column = 1
     train = wf.node("MagicPortrait_TrainRepControlNet", dataset_folder=BUNDLED_DATASET, name=TRAINED_NAME, steps=1000,
                     resolution=BUNDLED_SIZE, condition_type="canny", checkpoint_every=100)
@@ -98,11 +90,7 @@ def repcontrolnet_train(classes) -> Workflow:
     sampler = _sample_512(wf, apply, prompt, prompt)
     wf.column = 4
     wf.decode_and_save(sampler.out(0), ckpt.out("VAE"), "magic_portrait/repcontrolnet_trained")
-    wf.group("Model and prompt", [0])
-    wf.group("Train", [1])
-    wf.group("Loss and use the result", [2])
-    wf.group("Sample", [3])
-    wf.group("Decode and save", [4])
+    wf.group_columns("Model and prompt", "Train", "Loss and use the result", "Sample", "Decode and save")
     return wf
 
 

@@ -1,6 +1,7 @@
 """Core tier: what the Comfy Registry needs beyond `comfy node validate` (which scripts/test.sh runs): an icon at the
 URL pyproject names, shipped in the published archive, and the publishing workflow the registry documents."""
 
+import ast
 import fnmatch
 import re
 from pathlib import Path
@@ -54,6 +55,49 @@ def test_comfyignore_keeps_tests_and_ci_out_of_the_published_archive():
     for path in ("__init__.py", "nodes/faces.py", "magic_core/fusion.py", "example_workflows/ddim_invert_reconstruct.json",
                  "pyproject.toml", "requirements.txt", "LICENSE"):
         assert not _comfyignored(path), path
+
+
+def _imported_files(path: Path) -> set[Path]:
+    """This repository's files that `path` imports, relative or by package name (magic_core, magic_portrait, nodes),
+    at the top or inside functions."""
+    found = set()
+    for statement in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(statement, ast.ImportFrom):
+            base = REPO if statement.level == 0 else path.parents[statement.level - 1]
+            stem = base / (statement.module or "").replace(".", "/")
+            candidates = [stem / alias.name for alias in statement.names] + [stem]
+        elif isinstance(statement, ast.Import):
+            candidates = [REPO / alias.name.replace(".", "/") for alias in statement.names]
+        else:
+            continue
+        for candidate in candidates:
+            for file in (candidate.with_suffix(".py"), candidate / "__init__.py"):
+                if file.is_file() and REPO in file.parents:
+                    found.add(file)
+    return found
+
+
+def _reachable_files(*entry_points: Path) -> set[Path]:
+    seen, todo = set(), list(entry_points)
+    while todo:
+        file = todo.pop()
+        if file not in seen:
+            seen.add(file)
+            todo.extend(_imported_files(file))
+    return seen
+
+
+def test_the_archive_keeps_what_the_pack_and_its_command_line_import_and_leaves_dev_helpers_out():
+    """What ComfyUI loads (__init__.py) and what `python -m magic_portrait` runs (run with --make-tiny-checkpoint,
+    train, make-tiny-checkpoint) must all ship; the modules only tests, bench/ and scripts/ use stay out."""
+    needed = {file.relative_to(REPO).as_posix()
+              for file in _reachable_files(REPO / "__init__.py", REPO / "magic_portrait" / "__main__.py")}
+    assert {"magic_portrait/runner.py", "magic_portrait/tiny.py", "magic_portrait/tiny_insightface.py",
+            "magic_portrait/tiny_ipadapter.py", "magic_portrait/train_cli.py", "nodes/faces.py"} <= needed
+    assert not [path for path in needed if _comfyignored(path)]
+    for path in ("magic_portrait/analytic_model.py", "magic_portrait/group_photos.py",
+                 "magic_portrait/workflow_builder.py", "scripts/make_workflows.py"):
+        assert path not in needed and _comfyignored(path), path
 
 
 def test_publish_workflow_runs_the_registry_action_when_pyproject_changes():

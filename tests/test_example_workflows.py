@@ -22,7 +22,7 @@ def models_dir(comfy, tmp_path_factory, tiny_checkpoint, tiny_controlnet_file):
     """A models folder holding a tiny checkpoint under each name the examples use, and the runner's tiny stand-ins
     for every other model file they name (RepControlNet, ControlNet, CLIP vision, IP-Adapter)."""
     import nodes
-    from magic_portrait import comfy_env, runner
+    from magic_portrait import comfy_env, model_files
     from magic_portrait.workflow import ui_to_api
 
     root = tmp_path_factory.mktemp("models")
@@ -31,7 +31,7 @@ def models_dir(comfy, tmp_path_factory, tiny_checkpoint, tiny_controlnet_file):
     for path in EXAMPLES:
         prompt = ui_to_api(json.loads(path.read_text()), nodes.NODE_CLASS_MAPPINGS)
         for node in prompt.values():
-            for (class_type, input_name), folder in runner.KNOWN_MODEL_INPUTS.items():
+            for (class_type, input_name), folder in model_files.KNOWN_MODEL_INPUTS.items():
                 value = node["inputs"].get(input_name)
                 if node["class_type"] == class_type and isinstance(value, str):
                     wanted[(folder, value)] = None
@@ -44,7 +44,7 @@ def models_dir(comfy, tmp_path_factory, tiny_checkpoint, tiny_controlnet_file):
         if folder == "controlnet":
             tiny_controlnet_file(root / folder / name)
         elif folder != "checkpoints":
-            assert runner._write_tiny_stand_in(folder, root / folder / name, first, comfy), (folder, name)
+            assert model_files.write_tiny_stand_in(folder, root / folder / name, first, comfy), (folder, name)
     return root
 
 

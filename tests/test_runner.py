@@ -12,15 +12,10 @@ from pathlib import Path
 import pytest
 
 from magic_portrait import workflow as wf
-from magic_portrait.runner import (
-    UnsafePathError,
-    UsageError,
-    apply_sets,
-    coerce_value,
-    contained_path,
-    model_folder_for,
-    parse_set,
-)
+from magic_portrait.input_staging import contained_path
+from magic_portrait.model_files import model_folder_for
+from magic_portrait.run_errors import UnsafePathError, UsageError
+from magic_portrait.workflow_loading import apply_sets, coerce_value, parse_set
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -555,7 +550,8 @@ def test_core_node_workflow_converts_validates_and_runs(comfy, tmp_path):
 def test_missing_checkpoint_error_names_the_file_and_every_folder(comfy, tmp_path):
     import folder_paths
 
-    from magic_portrait.runner import MissingFileError, run_workflow
+    from magic_portrait.run_errors import MissingFileError
+    from magic_portrait.runner import run_workflow
 
     graph = ui([node(4, "CheckpointLoaderSimple", ["no_such_model.safetensors"],
                      outputs=[out("MODEL", "MODEL"), out("CLIP", "CLIP"), out("VAE", "VAE")])], [])

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from comfy_server import PACK_FOLDER, REPO, ServerError, definitions_from_object_info, start_server
 
-from magic_portrait import comfy_env, runner
+from magic_portrait import comfy_env, model_files
 from magic_portrait.workflow import ui_to_api
 
 EXAMPLES = sorted(p.stem for p in (REPO / "example_workflows").glob("*.json"))
@@ -90,6 +90,16 @@ def execution_error(entry: dict) -> str:
     return json.dumps(entry["status"], indent=1)[:3000]
 
 
+def named_model_files(prompt: dict) -> list[dict]:
+    """Every model file the prompt's loaders name, there or not, as find_missing_files describes one (what
+    write_tiny_models takes): the runner only ever asks for the missing ones, this server needs them all."""
+    return [{"node": node_id, "class_type": node["class_type"], "input": input_name,
+             "value": node["inputs"][input_name], "kind": "model", "folder": folder}
+            for node_id, node in prompt.items()
+            for (class_type, input_name), folder in model_files.KNOWN_MODEL_INPUTS.items()
+            if node["class_type"] == class_type and isinstance(node["inputs"].get(input_name), str)]
+
+
 def write_stand_in_models(comfy, models_dir: Path) -> list[Path]:
     """Tiny stand-ins, written once, for every model file the example workflows load (what a user downloads for
     them), by the code behind `python -m magic_portrait run ... --make-tiny-checkpoint`."""
@@ -97,10 +107,10 @@ def write_stand_in_models(comfy, models_dir: Path) -> list[Path]:
 
     prompts = [ui_to_api(json.loads((REPO / "example_workflows" / f"{name}.json").read_text()),
                          nodes.NODE_CLASS_MAPPINGS) for name in EXAMPLES]
-    named = [entry for prompt in prompts for entry in runner.named_model_files(prompt, nodes.NODE_CLASS_MAPPINGS)]
-    packs = [pack for prompt in prompts for pack in runner.named_insightface_packs(prompt, comfy)]
+    named = [entry for prompt in prompts for entry in named_model_files(prompt)]
+    packs = [pack for prompt in prompts for pack in model_files.named_insightface_packs(prompt, comfy)]
     log = io.StringIO()
-    written = runner.write_tiny_models(models_dir, named, insightface_packs=packs, runtime=comfy, log=log)
+    written = model_files.write_tiny_models(models_dir, named, insightface_packs=packs, runtime=comfy, log=log)
     assert written, log.getvalue()
     return written
 
