@@ -43,20 +43,20 @@ def main() -> None:
     from magic_portrait.tiny_ipadapter import write_tiny_ipadapter
 
     pack = runtime.pack
-    magicid, common, mgmica_patch = pack.nodes.magicid, pack.nodes.common, pack.nodes.mgmica_patch
+    runs, mgmica_patch, unet_layers = pack.nodes.inversion_sampling, pack.nodes.mgmica_patch, pack.nodes.unet_layers
     diir_node = pack.nodes.diir.DIIRFaceRestore
     torch.set_grad_enabled(False)
 
     model, channel_mult, n_params = harness.build_unet(args)
     vae = tiny.build_sd_vae(seed=0)
-    layers = mgmica_patch.cross_attention_layers(model)
+    layers = unet_layers.cross_attention_layers(model)
     with tempfile.TemporaryDirectory() as folder:
         path = write_tiny_ipadapter(Path(folder) / "bench-faceid_sd15.safetensors", variant="faceid", family="sd15",
                                     layer_inner_dims=[layer.inner_dim for layer in layers], seed=0)
         adapter = pack.magic_core.ipadapter.load_ipadapter_file(path)
     g = torch.Generator().manual_seed(0)
-    embeds = magicid.IDEmbeds(adapter, torch.randn(1, 4, 768, generator=g), torch.randn(1, 4, 768, generator=g), "id")
-    identity = magicid.Identity(embeds, pack.magic_core.regions.Box(0.0, 0.0, 1.0, 1.0), 1.0, 0.0, 1.0, "person")
+    embeds = mgmica_patch.IDEmbeds(adapter, torch.randn(1, 4, 768, generator=g), torch.randn(1, 4, 768, generator=g), "id")
+    identity = mgmica_patch.Identity(embeds, pack.magic_core.regions.Box(0.0, 0.0, 1.0, 1.0), 1.0, 0.0, 1.0, "person")
     image = torch.from_numpy(np.array(data.astronaut())).float()[None] / 255.0
     analyzer = pack.magic_core.face_backends.DlibAnalyzer("hog")
     faces = pack.nodes.faces.DetectFaces.execute(face_analysis=analyzer, image=image, det_size=640,
@@ -68,7 +68,7 @@ def main() -> None:
     sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", args.steps).cpu()
 
     def plain():
-        common.guided_run(model, positive, negative, args.cfg, x * sigmas[0], comfy.samplers.sampler_object("euler"),
+        runs.guided_run(model, positive, negative, args.cfg, x * sigmas[0], comfy.samplers.sampler_object("euler"),
                           sigmas)
 
     def restore():
@@ -86,7 +86,7 @@ def main() -> None:
     with torch.inference_mode():
         times = harness.time_rounds(variants, args.repeats)
     best = harness.best_times(times)
-    covered = len(pack.magic_core.inversion.inversion_sigmas(common.schedule(model, "normal", args.steps,
+    covered = len(pack.magic_core.inversion.inversion_sigmas(runs.schedule(model, "normal", args.steps,
                                                                            args.strength))) - 1
     print(f"DIIR bench: SD1.5 UNet structure, model_channels {args.width}, channel_mult {channel_mult}, {args.heads} "
           f"heads ({n_params / 1e6:.0f} M parameters), random SD1.5 KL VAE; crop {args.crop} px, {args.steps} steps, "

@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 
-from magic_core import diir  # noqa: E402
+from magic_core import diir, face_crop  # noqa: E402
 from magic_core import face_backends as fb  # noqa: E402
 from magic_core import face_masks as fm  # noqa: E402
 from magic_core import faces as F  # noqa: E402
@@ -110,14 +110,14 @@ def paste_coverage() -> list[tuple]:
         old = np.zeros((h, w), np.float32)
         new = np.zeros((h, w), np.float32)
         for face in faces:
-            box = diir.crop_box(face, 0.6)
+            box = face_crop.face_square(face, 0.6)
             hull = "hull" if face.landmarks is not None else "ellipse"
             gaussian = fm.face_mask(face, h, w, shape=hull, grow=0.1 * face.size, feather=0.06 * face.size)
             inside = np.zeros_like(gaussian)
             inside[max(0, box.top):max(0, min(h, box.bottom)), max(0, box.left):max(0, min(w, box.right))] = 1
             old = np.maximum(old, gaussian * inside)
             grow, band = 0.1 * face.size, 0.12 * face.size
-            new_box = diir.crop_box(face, 0.6, contain=diir.paste_extent(face, grow, band))
+            new_box = face_crop.face_square(face, 0.6, contain=diir.paste_extent(face, grow, band))
             new = np.maximum(new, diir.paste_mask(face, new_box, h, w, grow, band))
         rows.append((f"{w}x{h}", len(faces), 100 * float((old > 0).mean()), 100 * float((old >= 1 / 255).mean()),
                      100 * float((new > 0).mean())))

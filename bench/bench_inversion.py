@@ -207,8 +207,8 @@ def stability_table(ctx) -> None:
 
     inv = runtime.pack.magic_core.inversion
     inversion_nodes = runtime.pack.nodes.inversion
-    guided_run = runtime.pack.nodes.common.guided_run
-    schedule = runtime.pack.nodes.common.schedule
+    guided_run = runtime.pack.nodes.inversion_sampling.guided_run
+    schedule = runtime.pack.nodes.inversion_sampling.schedule
     base, prior, lat, analytic_model = analytic_setup(ctx, seed=3)
     cond = ctx["tiny"].sd15_cond(3)
     samples = lat["samples"]

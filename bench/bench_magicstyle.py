@@ -69,7 +69,7 @@ def main() -> None:
     pack = runtime.pack
     ff, inv, kvs = pack.magic_core.fusion, pack.magic_core.inversion, pack.magic_core.kv_store
     cap, ms = pack.nodes.magicstyle_capture, pack.nodes.magicstyle_patch
-    common, inversion_nodes = pack.nodes.common, pack.nodes.inversion
+    runs, unet_layers = pack.nodes.inversion_sampling, pack.nodes.unet_layers
     torch.set_grad_enabled(False)
 
     model, channel_mult, n_params = harness.build_unet(args)
@@ -77,7 +77,7 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     z_c = torch.randn(1, 4, args.size, args.size, generator=g) * 4
     z_s = torch.randn(1, 4, args.size, args.size, generator=g) * 4
-    sigmas = common.schedule(model, "normal", args.steps, 1.0)
+    sigmas = runs.schedule(model, "normal", args.steps, 1.0)
 
     # ---- stores, all filled by one inversion per image: the decoder layers in fp16 (the KV Feature Store's default
     # before issue 13), and the magicstyle preset's plan (its default now) in fp32, fp16, int8 and fp8_e4m3
@@ -90,7 +90,7 @@ def main() -> None:
             capturing, stores[image] = model, {}
             for name, spec in specs.items():
                 capturing, stores[image][name] = spec.begin(model=capturing, samples=z, sigmas=sigmas, node="bench")
-            latent, *_ = inversion_nodes.run_inversion(capturing, cond, None, 1.0, z, sigmas, "ddim", 0, 0.93)
+            latent, *_ = runs.run_inversion(capturing, cond, None, 1.0, z, sigmas, "ddim", 0, 0.93)
             for name, spec in specs.items():
                 spec.finish(stores[image][name], node="bench")
             if image == "content":
@@ -99,14 +99,14 @@ def main() -> None:
     steps_kept = len(content.step_indices)
     per_step_n = content.nbytes / steps_kept
     per_step_qkv = content.qkv_equivalent_nbytes() / steps_kept
-    layers = cap.unet_attention_layers(model)
+    layers = unet_layers.unet_attention_layers(model)
 
     def planned50(store) -> int:
         tokens_channels = {}
         for k in store.layers:
             gh, gw = cap.token_grid(args.size, args.size, layers[k].level)
             tokens_channels[k] = (gh * gw, layers[k].channels)
-        plan = kvs.KVStore(store.model_id, store.latent_shape, common.schedule(model, "normal", 50, 1.0),
+        plan = kvs.KVStore(store.model_id, store.latent_shape, runs.schedule(model, "normal", 50, 1.0),
                            store.family, store.layers, dtype=store.dtype, start_percent=store.start_percent,
                            end_percent=store.end_percent)
         return plan.planned_nbytes(1, tokens_channels)
@@ -139,7 +139,7 @@ def main() -> None:
     replace_route = model.clone()
     for key, patch in patches.items():
         replace_route.set_model_attn1_replace(
-            ms.FusionAttn1(key, patch.attn1, params, content, style, None, patch.steps, "bench"), *key)
+            ms.LayerFusion(key, patch.attn1, params, content, style, None, patch.steps, "bench"), *key)
 
     # another pack's replace set on the fused layers after Feature Fusion Attention (SAG does this at middle 0): at
     # sampling start the fusion is put inside it; this one just computes ComfyUI's attention on what it gets
@@ -158,10 +158,10 @@ def main() -> None:
     descending = inv.inversion_sigmas(sigmas).flip(0)
 
     def run(m, x, out=None):
-        sampler = comfy.samplers.KSAMPLER(inversion_nodes.reverse_sampler_function("ddim", 0.93))
+        sampler = comfy.samplers.KSAMPLER(runs.reverse_sampler_function("ddim", 0.93))
         start = time.perf_counter()
         with torch.inference_mode():
-            result = common.guided_run(m, cond, None, 1.0, x, sampler, descending)
+            result = runs.guided_run(m, cond, None, 1.0, x, sampler, descending)
         if out is not None:
             out.append(result)
         return time.perf_counter() - start

@@ -59,7 +59,7 @@ def main() -> None:
     from magic_portrait.tiny_ipadapter import write_tiny_ipadapter
 
     pack = runtime.pack
-    magicid, patch_mod, common = pack.nodes.magicid, pack.nodes.mgmica_patch, pack.nodes.common
+    patch_mod, runs = pack.nodes.mgmica_patch, pack.nodes.inversion_sampling
     ip, mg, reg = pack.magic_core.ipadapter, pack.magic_core.mgmica, pack.magic_core.regions
     torch.set_grad_enabled(False)
 
@@ -70,16 +70,16 @@ def main() -> None:
                                     family="sd15", layer_inner_dims=[layer.inner_dim for layer in layers], seed=0)
         adapter = ip.load_ipadapter_file(path)
     g = torch.Generator().manual_seed(0)
-    embeds = [magicid.IDEmbeds(adapter, torch.randn(1, TOKENS, 768, generator=g), torch.randn(1, TOKENS, 768,
+    embeds = [patch_mod.IDEmbeds(adapter, torch.randn(1, TOKENS, 768, generator=g), torch.randn(1, TOKENS, 768,
                                                                                              generator=g), f"id{i}")
               for i in range(4)]
-    identities = tuple(magicid.Identity(e, reg.Box(*box), 1.0, 0.0, 1.0, f"person {i}")
+    identities = tuple(patch_mod.Identity(e, reg.Box(*box), 1.0, 0.0, 1.0, f"person {i}")
                        for i, (e, box) in enumerate(zip(embeds, FACES, strict=True)))
 
     def with_ids(ids):
-        return magicid.apply_mgmica(model, ids, 1.0, "exclusive", "negative tokens", "all = 1", "bench")
+        return patch_mod.apply_mgmica(model, ids, 1.0, "exclusive", "negative tokens", "all = 1", "bench")
 
-    whole = (magicid.Identity(embeds[0], reg.Box(0.0, 0.0, 1.0, 1.0), 1.0, 0.0, 1.0, "whole picture"),)
+    whole = (patch_mod.Identity(embeds[0], reg.Box(0.0, 0.0, 1.0, 1.0), 1.0, 0.0, 1.0, "whole picture"),)
 
     # ---- 4 chained masked single-identity attentions (IPAdapter_plus's way), one attn2 replace per layer
     order = ip.map_layers(adapter, [layer.key for layer in layers])
@@ -119,7 +119,7 @@ def main() -> None:
     def run(m):
         start = time.perf_counter()
         with torch.inference_mode():
-            common.guided_run(m, cond, None, 1.0, x * sigmas[0], comfy.samplers.sampler_object("euler"), sigmas)
+            runs.guided_run(m, cond, None, 1.0, x * sigmas[0], comfy.samplers.sampler_object("euler"), sigmas)
         return time.perf_counter() - start
 
     patches = {n: with_ids(identities[:n]) for n in (1, 2, 4)}

@@ -19,7 +19,7 @@ def test_core_classes_that_must_stay_shared_are_shared_on_copy():
         importlib.import_module(f"magic_core.{info.name}")
     names = {c.__name__ for c in _subclasses(SharedOnCopy)}
     # The stores and run records that ComfyUI's per-run deep copies of model_options carry.
-    assert {"KVStore", "CaptureGate", "RunNotes", "BoundaryLog", "InversionRecord", "IPAdapterFile"} <= names
+    assert {"KVStore", "CaptureGate", "BoundaryLog", "IPAdapterFile"} <= names
 
 
 def test_copies_return_the_object_and_a_dict_of_them_keeps_identity():

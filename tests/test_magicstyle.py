@@ -76,7 +76,7 @@ def self_pass(nodes, pack, sd15, tiny):
     end = (STEPS - 1) / STEPS
     spec = store_spec(nodes, layers="all", dtype="fp32", end=end)
     capturing, store = spec.begin(model=sd15, samples=record.latent, sigmas=sigmas, node="test")
-    gate = capturing.model_options["transformer_options"][pack.magic_core.inversion.CAPTURE_GATES_KEY][-1]
+    gate = capturing.model_options["transformer_options"][pack.nodes.inversion_sampling.CAPTURE_GATES_KEY][-1]
     gate.open = True
     with torch.inference_mode():
         plain = sample(nodes, capturing, record)
@@ -172,7 +172,7 @@ def test_recomputed_qkv_equal_stored_qkv_and_bytes_are_exact(nodes, pack, sd15, 
     layer's to_q/to_k/to_v gives the same tensors. The store's byte count is the bytes of its tensors, computed
     independently from the model's layer widths and token grids, and q/k/v would take exactly 3x."""
     captured = {}
-    gates_key = pack.magic_core.inversion.CAPTURE_GATES_KEY
+    gates_key = pack.nodes.inversion_sampling.CAPTURE_GATES_KEY
     from comfy.ldm.modules import attention as comfy_attention
 
     def recorder(q, k, v, extra):
