@@ -114,7 +114,7 @@ def uint8(image: torch.Tensor) -> np.ndarray:
 def aligned_crop(core, image: torch.Tensor, face, size: int) -> torch.Tensor:
     """The FaceID-Plus crop: the pack's align_face, which matches insightface's own norm_crop to one 8-bit level
     (test_aligned_crops_match_insightface_norm_crop)."""
-    return torch.from_numpy(core.ipadapter.align_face(uint8(image), face.kps, size)).float()[None] / 255.0
+    return torch.from_numpy(core.face_align.align_face(uint8(image), face.kps, size)).float()[None] / 255.0
 
 
 def expected_tokens(adapter, clip_vision, reference: torch.Tensor | None, face, negative: str,
@@ -237,5 +237,5 @@ def test_aligned_crops_match_insightface_norm_crop(pack, astronaut, astronaut_fa
     face_align = pytest.importorskip("insightface.utils.face_align")
     face = astronaut_faces.faces[0][0]
     theirs = face_align.norm_crop(uint8(astronaut), landmark=face.kps, image_size=size).astype(int)
-    ours = pack.magic_core.ipadapter.align_face(uint8(astronaut), face.kps, size).astype(int)
+    ours = pack.magic_core.face_align.align_face(uint8(astronaut), face.kps, size).astype(int)
     assert np.abs(ours - theirs).max() <= 1 and (ours != theirs).mean() < 1e-3
