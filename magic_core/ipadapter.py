@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import families
 from .ipadapter_models import ARCFACE_DIM, PROJECTION_MODULES, RESAMPLER_DIM_HEAD
 from .sharing import SharedOnCopy
 
@@ -54,16 +55,6 @@ _VARIANT_ALIASES = {
     "portrait-unnorm": "faceid-portrait-unnorm",
     "instant-id": "instantid",
 }
-
-FAMILY_BY_CROSS_DIM = {768: "sd15", 1024: "sd2x", 2048: "sdxl"}
-FAMILY_LAYERS = {"sd15": 16, "sd2x": 16, "sdxl": 70, "kolors": 70}
-FAMILY_LABELS = {"sd15": "SD1.5", "sd2x": "SD2.x", "sdxl": "SDXL", "kolors": "Kolors", "unknown": "an unknown family"}
-_FAMILY_ALIASES = {
-    "sd15": "sd15", "sd1.5": "sd15", "sd1": "sd15", "sd1x": "sd15", "sd_15": "sd15", "sd15_v": "sd15",
-    "sd2": "sd2x", "sd2x": "sd2x", "sd2.x": "sd2x", "sd20": "sd2x", "sd21": "sd2x", "sd2.1": "sd2x", "sd2.0": "sd2x",
-    "sdxl": "sdxl", "sd_xl": "sdxl", "xl": "sdxl", "kolors": "kolors",
-}
-_LAYER_COUNT_LABELS = {16: "SD1.5", 70: "SDXL"}
 
 # CLIP vision towers by the width they give: image_embeds (projection dim) and hidden size differ for the same tower.
 CLIP_EMBED_NAMES = {512: "ViT-B", 768: "ViT-L", 1024: "ViT-H", 1280: "ViT-bigG"}
@@ -137,7 +128,7 @@ class IPAdapterFile(SharedOnCopy):
 
     @property
     def family_label(self) -> str:
-        return FAMILY_LABELS.get(self.family, self.family)
+        return families.label(self.family)
 
     @property
     def default_shortcut(self) -> bool:
@@ -233,13 +224,13 @@ def from_state_dict(sd, name: str = "<state dict>", *, variant: str | None = Non
     if kind == "faceid_mlp" and not lora and chosen == "faceid":
         notes.append("no LoRA keys and 4 tokens: read as faceid (a FaceID file without its LoRA part)")
 
-    family = FAMILY_BY_CROSS_DIM.get(cross_dim, "unknown")
-    if family == "sdxl" and kind == "resampler" and config["dim"] == 2048:
-        family = "kolors"
+    family = families.FAMILY_BY_CROSS_DIM.get(cross_dim, families.UNKNOWN)
+    if family == families.SDXL and kind == "resampler" and config["dim"] == 2048:
+        family = families.KOLORS
         notes.append("Resampler of width 2048 on a 2048-d model: a Kolors IP-Adapter (IPAdapter_plus's rule)")
-    expected = FAMILY_LAYERS.get(family)
+    expected = families.CROSS_ATTENTION_LAYERS.get(family)
     if expected is not None and expected != len(layers):
-        notes.append(f"{len(layers)} ip layers where {FAMILY_LABELS[family]} has {expected} (a pruned or test model?)")
+        notes.append(f"{len(layers)} ip layers where {families.label(family)} has {expected} (a pruned or test model?)")
 
     face_kinds = ("faceid_mlp", "faceid_plus", "resampler_face")
     return IPAdapterFile(
@@ -576,7 +567,7 @@ def map_layers(adapter: IPAdapterFile, model_layers, inner_dims=None) -> dict[La
     keys = [_layer_key(k) for k in given]
     ordered = ip_layer_order(keys)
     if len(ordered) != adapter.n_layers:
-        model_label = _LAYER_COUNT_LABELS.get(len(ordered))
+        model_label = families.LABEL_BY_LAYER_COUNT.get(len(ordered))
         raise IPAdapterModelMismatchError(
             f"this IP-Adapter has {adapter.n_layers} layers ({adapter.family_label}) but the MODEL has "
             f"{len(ordered)} cross-attention layers" + (f" ({model_label})" if model_label else "")
@@ -604,27 +595,28 @@ def map_layers(adapter: IPAdapterFile, model_layers, inner_dims=None) -> dict[La
 
 
 def normalize_family(family) -> str:
-    key = str(family).strip().lower().replace(" ", "").replace("-", "")
-    if key in _FAMILY_ALIASES:
-        return _FAMILY_ALIASES[key]
-    if key in FAMILY_LABELS:
-        return key
-    raise IPAdapterError(f"unknown model family {family!r}; known: sd15, sd2x, sdxl, kolors")
+    """A MODEL's family as ``families`` names it, ``unknown`` included."""
+    canonical = families.normalize(family)
+    if canonical is not None:
+        return canonical
+    if families.spelling_key(family) == families.UNKNOWN:
+        return families.UNKNOWN
+    raise IPAdapterError(f"unknown model family {family!r}; known: {', '.join(families.FAMILIES)}")
 
 
 def check_family(adapter: IPAdapterFile, model_family=None, cross_dim: int | None = None) -> None:
     """Refuse an IP-Adapter made for another model: ``cross_dim`` (the MODEL's text-context width) is decisive when
     given; else the families are compared (an adapter of unknown family passes)."""
     model = normalize_family(model_family) if model_family is not None else None
-    model_label = FAMILY_LABELS.get(model, "") if model else ""
+    model_label = families.LABELS.get(model, "") if model else ""
     if cross_dim is not None and int(cross_dim) != adapter.cross_dim:
-        guess = model_label or FAMILY_LABELS.get(FAMILY_BY_CROSS_DIM.get(int(cross_dim), "unknown"))
+        guess = model_label or families.label(families.FAMILY_BY_CROSS_DIM.get(int(cross_dim), families.UNKNOWN))
         raise IPAdapterModelMismatchError(
             f"this IP-Adapter is for {adapter.family_label} (cross-attention dim {adapter.cross_dim}, "
             f"{adapter.n_layers} layers) but the MODEL is {guess} (context dim {int(cross_dim)}): use an IP-Adapter "
             f"made for {guess}"
         )
-    if model and adapter.family != "unknown" and model != adapter.family:
+    if model and adapter.family != families.UNKNOWN and model != adapter.family:
         raise IPAdapterModelMismatchError(
             f"this IP-Adapter is for {adapter.family_label} (cross-attention dim {adapter.cross_dim}, "
             f"{adapter.n_layers} layers) but the MODEL is {model_label}: use an IP-Adapter made for {model_label}"

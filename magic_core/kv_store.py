@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import families
 from .batch_rows import BatchRows
 from .layers import LayerKey, format_layers, layer_info, normalize_family, tokens_at
 from .sharing import SharedOnCopy
@@ -291,7 +292,7 @@ class KVStore(SharedOnCopy):
             raise ValueError(f"latent_shape must be (C, H, W) or (B, C, H, W), got {tuple(latent_shape)}")
         self.latent_shape: tuple[int, int, int] = shape
         self.sigmas: tuple[float, ...] = clean_schedule(sigmas)
-        self.family = family if family in ("sd15", "sdxl") else _maybe_family(family)
+        self.family = _maybe_family(family)
         self.layers: tuple[LayerKey, ...] = tuple(dict.fromkeys(_norm_key(k) for k in layers))
         if not self.layers:
             raise ValueError("a KV store needs at least one layer")
@@ -570,7 +571,7 @@ class KVStore(SharedOnCopy):
             if tokens_channels is not None and key in tokens_channels:
                 tokens, channels = tokens_channels[key]
             else:
-                if self.family not in ("sd15", "sdxl"):
+                if self.family not in families.LAYER_TABLE_FAMILIES:
                     raise ValueError(f"no layer table for family {self.family!r}: pass tokens_channels")
                 gh, gw = tokens_at(self.family, key[0], key[1], h, w)
                 tokens, channels = gh * gw, layer_info(self.family, key[0], key[1]).channels

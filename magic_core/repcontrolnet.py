@@ -56,12 +56,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import families
+
 FORMAT_TAG = "magic_portrait.repcontrolnet"
 FORMAT_VERSION = "1"
 LATENT_DOWNSCALE = 8
 UNET_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
-KNOWN_FAMILIES = ("sd15", "sdxl")
-_UNKNOWN_FAMILIES = ("", "unknown", "any")
 
 _ADAPTER = "adapter."
 _MODAL = "modal."
@@ -525,7 +525,9 @@ def from_tensors_and_metadata(
 
 
 def _family(name: str | None) -> str:
-    return (name or "").strip().lower()
+    """The canonical family when the spelling is one ``families`` knows, else the name as written (lower case)."""
+    written = (name or "").strip().lower()
+    return families.normalize(written) or written
 
 
 def validate_against_unet(
@@ -540,7 +542,7 @@ def validate_against_unet(
     A family of ``""``/``"unknown"`` on either side skips the family check (the shapes are still checked).
     """
     file_family, unet_family = _family(weights.model_family), _family(model_family)
-    if file_family not in _UNKNOWN_FAMILIES and unet_family not in _UNKNOWN_FAMILIES and file_family != unet_family:
+    if not families.is_unknown(file_family) and not families.is_unknown(unet_family) and file_family != unet_family:
         raise ValueError(
             f"RepControlNet '{file_name}' was made for {file_family} but the MODEL is {unet_family}: "
             f"load a RepControlNet trained for {unet_family}, or use a {file_family} checkpoint"
@@ -570,7 +572,7 @@ def validate_against_unet(
             f"its adapter outputs {weights.model_channels} channels but the MODEL's first block has {conv_in[0]} (model_channels)"
         )
     if problems:
-        fam = f" ({file_family})" if file_family not in _UNKNOWN_FAMILIES else ""
+        fam = "" if families.is_unknown(file_family) else f" ({file_family})"
         raise ValueError(
             f"RepControlNet '{file_name}'{fam} does not fit this MODEL: "
             + "; ".join(problems)
