@@ -346,10 +346,6 @@ class KVStore(SharedOnCopy):
     def n_steps(self) -> int:
         return len(self.sigmas)
 
-    @property
-    def kept_sigmas(self) -> tuple[float, ...]:
-        return tuple(self.sigmas[i] for i in self.step_indices)
-
     def step_index(self, sigma) -> int | None:
         """Index of `sigma` in the store's schedule (relative tolerance 1e-4), or None."""
         return find_sigma_index(sigma, self.sigmas)
@@ -477,10 +473,6 @@ class KVStore(SharedOnCopy):
         return True
 
     # ----------------------------------------------------------------- lookup
-    def has(self, layer_key, sigma) -> bool:
-        idx = self.step_index(sigma)
-        return idx is not None and (_norm_key(layer_key), idx) in self._data
-
     def get(self, layer_key, sigma, device=None, dtype=None, *, batch: int | None = None,
             cond_or_uncond: Sequence[int] | None = None) -> torch.Tensor:
         """The stored `n` for this layer and sigma, on `device` in `dtype` (8-bit stores: dequantised, by default
@@ -530,9 +522,6 @@ class KVStore(SharedOnCopy):
     def missing(self) -> list[tuple[LayerKey, int]]:
         """Selected (layer, step) pairs not recorded (an inversion that never hit a layer leaves them empty)."""
         return [(k, i) for k in self.layers for i in self.step_indices if (k, i) not in self._data]
-
-    def is_complete(self) -> bool:
-        return not self.missing()
 
     # ----------------------------------------------------------------- memory
     def _entry_nbytes(self, entry: tuple[LayerKey, int]) -> int:

@@ -15,11 +15,12 @@ import pytest
 import tolerances as tol
 import torch
 import torch.nn.functional as F
+from oracles import merged_state
 from safetensors.torch import load_file, save
 from torch import nn
 
 from magic_core import train_data
-from magic_core.repcontrolnet import add_features, init_weights_from_base, merged_state
+from magic_core.repcontrolnet import add_features, init_weights_from_base
 from magic_core.repcontrolnet_train import (
     LOSS_LOG,
     PREVIOUS_RUN,
