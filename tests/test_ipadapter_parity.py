@@ -63,7 +63,7 @@ def astronaut():
 def astronaut_faces(pack, astronaut):
     """The astronaut's face as dlib finds it, carrying a 512-d ArcFace-kind embedding (what insightface gives)."""
     core = pack.magic_core
-    found = core.face_backends.find_faces(core.face_backends.DlibAnalyzer("hog"), core.faces.to_rgb_uint8(astronaut[0]))
+    found = core.face_search.find_faces(core.face_backends.DlibAnalyzer("hog"), core.faces.to_rgb_uint8(astronaut[0]))
     face = found.faces[0]
     embedding = np.random.default_rng(3).normal(size=512)
     arcface = core.faces.Face(bbox=face.bbox, kps=face.kps, score=face.score, embedding=embedding,
