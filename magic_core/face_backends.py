@@ -89,7 +89,8 @@ class FaceAnalyzer:
 
     def analyze(self, rgb, det_size: int = 640, score_threshold: float = 0.5) -> list[F.Face]:
         """Every face found with the picture's long side scaled to `det_size`, described, in no particular order
-        (boxes not clipped: `face_search.find_faces` adds the scale choice, tiles, retries, merging, clipping and order)."""
+        (boxes not clipped: `face_search.find_faces` adds the scale choice, tiles, retries, merging, clipping and
+        order)."""
         rgb = rgb_array(rgb)
         scale = check_det_size(det_size) / max(rgb.shape[:2])
         return [self.describe(rgb, d) for d in self.detect(rgb, scale, score_threshold)]
@@ -229,9 +230,9 @@ def _dlib_model(key: str):
 
 class DlibAnalyzer(FaceAnalyzer):
     """dlib's HOG (default; fast on CPU) or CNN/MMOD (slower, finds more poses) detector, 68 landmarks and a 128-d
-    embedding. Detection runs on the picture resized by the scale `face_search.find_faces` chooses (up when small faces are
-    wanted: HOG's finest level boxes faces of `HOG_SMALLEST_FACE` px); dlib's own image pyramid then covers every
-    larger face, so one pass suffices. Landmarks and the embedding are computed on the picture itself. Scores:
+    embedding. Detection runs on the picture resized by the scale `face_search.find_faces` chooses (up when small
+    faces are wanted: HOG's finest level boxes faces of `HOG_SMALLEST_FACE` px); dlib's own image pyramid then covers
+    every larger face, so one pass suffices. Landmarks and the embedding are computed on the picture itself. Scores:
     `dlib_score` of the detector's margin (CNN: confidence; it only reports margins > 0)."""
 
     embedding_kind = F.DLIB_128
