@@ -407,6 +407,17 @@ def _perceiver_config(sd, prefix, name, heads):
             "heads": int(heads), "dim_head": inner // int(heads), "ff_inner": ff_inner}
 
 
+def _face_mlp_config(sd, name) -> dict:
+    """The FaceID MLP's constructor arguments (FaceID and FaceID-Plus share it: ``proj.0``, ``proj.2``, ``norm``)."""
+    id_dim = _shape(sd, "proj.0.weight", name, 2)[1]
+    hidden = _shape(sd, "proj.0.weight", name, 2)[0]
+    cross = _shape(sd, "norm.weight", name, 1)[0]
+    out = _shape(sd, "proj.2.weight", name, 2)[0]
+    if out % cross:
+        raise IPAdapterFormatError(f"'{name}': image_proj.proj.2 makes {out} features, not a multiple of {cross}")
+    return {"id_dim": id_dim, "hidden": hidden, "cross_dim": cross, "tokens": out // cross}
+
+
 def _inspect_image_proj(sd: dict, name: str, heads: int | None):
     """(kind, constructor config, tokens per image, token width), keys checked against the module's state dict."""
     if "latents" in sd:
@@ -419,35 +430,24 @@ def _inspect_image_proj(sd: dict, name: str, heads: int | None):
         tokens, out_dim = latents[1], config["output_dim"]
     elif "perceiver_resampler.proj_in.weight" in sd:
         p = _perceiver_config(sd, "perceiver_resampler.", name, heads)
-        id_dim = _shape(sd, "proj.0.weight", name, 2)[1]
-        hidden = _shape(sd, "proj.0.weight", name, 2)[0]
-        cross = _shape(sd, "norm.weight", name, 1)[0]
-        out = _shape(sd, "proj.2.weight", name, 2)[0]
-        if out % cross:
-            raise IPAdapterFormatError(f"'{name}': image_proj.proj.2 makes {out} features, not a multiple of {cross}")
+        mlp = _face_mlp_config(sd, name)
+        cross = mlp["cross_dim"]
         if p["dim"] != cross or p["output_dim"] != cross:
             raise IPAdapterFormatError(
                 f"'{name}': FaceID-Plus perceiver width {p['dim']} / output {p['output_dim']} should equal the token "
                 f"width {cross}"
             )
-        config = {"id_dim": id_dim, "hidden": hidden, "cross_dim": cross, "tokens": out // cross,
-                  "clip_hidden_dim": p["embedding_dim"], "depth": p["depth"], "heads": p["heads"],
+        config = {**mlp, "clip_hidden_dim": p["embedding_dim"], "depth": p["depth"], "heads": p["heads"],
                   "dim_head": p["dim_head"], "ff_inner": p["ff_inner"]}
-        kind, tokens, out_dim = "faceid_plus", out // cross, cross
+        kind, tokens, out_dim = "faceid_plus", mlp["tokens"], cross
     elif "proj.3.weight" in sd:
         d_in = _shape(sd, "proj.0.weight", name, 2)
         cross = _shape(sd, "proj.2.weight", name, 2)[0]
         config = {"clip_hidden_dim": d_in[1], "cross_dim": cross, "hidden": d_in[0]}
         kind, tokens, out_dim = "mlp", CLIP_TOKENS_224, cross
     elif "proj.0.weight" in sd and "proj.2.weight" in sd and "norm.weight" in sd:
-        id_dim = _shape(sd, "proj.0.weight", name, 2)[1]
-        hidden = _shape(sd, "proj.0.weight", name, 2)[0]
-        cross = _shape(sd, "norm.weight", name, 1)[0]
-        out = _shape(sd, "proj.2.weight", name, 2)[0]
-        if out % cross:
-            raise IPAdapterFormatError(f"'{name}': image_proj.proj.2 makes {out} features, not a multiple of {cross}")
-        config = {"id_dim": id_dim, "hidden": hidden, "cross_dim": cross, "tokens": out // cross}
-        kind, tokens, out_dim = "faceid_mlp", out // cross, cross
+        config = _face_mlp_config(sd, name)
+        kind, tokens, out_dim = "faceid_mlp", config["tokens"], config["cross_dim"]
     elif "proj.weight" in sd and "norm.weight" in sd:
         proj = _shape(sd, "proj.weight", name, 2)
         cross = _shape(sd, "norm.weight", name, 1)[0]

@@ -49,39 +49,40 @@ def _vector_rows(x: torch.Tensor) -> torch.Tensor:
     return x[None] if x.ndim == 1 else x
 
 
-def check_clip_embeds(adapter: IPAdapterFile, clip_embeds) -> torch.Tensor:
-    """CLIP vision ``image_embeds`` as [B, D] (accepts [D] and [B, 1, D]), D checked against the adapter."""
-    x = _vector_rows(_tensor(clip_embeds, "clip_embeds"))
-    if x.ndim != 2:
+def _check_clip_output(adapter: IPAdapterFile, x: torch.Tensor, *, what: str, layout: str, ndim: int,
+                       width_what: str, width: int, names: dict, mistaken: tuple[int, str]) -> torch.Tensor:
+    """``x`` has ``ndim`` axes (``layout`` says which) and ``width`` features on its last axis; the messages name the
+    CLIP tower each width belongs to, and what a tensor of ``mistaken[0]`` axes probably is."""
+    if x.ndim != ndim:
         raise IPAdapterInputError(
-            f"this {adapter.variant} IP-Adapter needs CLIP vision image_embeds [B, {adapter.clip_embed_dim}], got a "
-            f"tensor of shape {list(x.shape)}" + (" (hidden states?)" if x.ndim == 3 else "")
+            f"this {adapter.variant} IP-Adapter needs {what} {layout}, got a tensor of shape {list(x.shape)}"
+            + (f" ({mistaken[1]}?)" if x.ndim == mistaken[0] else "")
         )
-    if x.shape[1] != adapter.clip_embed_dim:
+    if x.shape[-1] != width:
         raise IPAdapterInputError(
-            f"this {adapter.variant} IP-Adapter expects CLIP vision image_embeds of size "
-            f"{dim_name(adapter.clip_embed_dim, CLIP_EMBED_NAMES)} but the CLIP_VISION gives "
-            f"{dim_name(int(x.shape[1]), CLIP_EMBED_NAMES)}"
+            f"this {adapter.variant} IP-Adapter expects {width_what} {dim_name(width, names)} but the CLIP_VISION "
+            f"gives {dim_name(int(x.shape[-1]), names)}"
         )
     return x
+
+
+def check_clip_embeds(adapter: IPAdapterFile, clip_embeds) -> torch.Tensor:
+    """CLIP vision ``image_embeds`` as [B, D] (accepts [D] and [B, 1, D]), D checked against the adapter."""
+    return _check_clip_output(
+        adapter, _vector_rows(_tensor(clip_embeds, "clip_embeds")), what="CLIP vision image_embeds",
+        layout=f"[B, {adapter.clip_embed_dim}]", ndim=2, width_what="CLIP vision image_embeds of size",
+        width=adapter.clip_embed_dim, names=CLIP_EMBED_NAMES, mistaken=(3, "hidden states"),
+    )
 
 
 def check_clip_hidden(adapter: IPAdapterFile, clip_hidden) -> torch.Tensor:
     """CLIP vision penultimate hidden states [B, N, D], D checked against the adapter."""
-    x = _tensor(clip_hidden, "clip_hidden")
-    if x.ndim != 3:
-        raise IPAdapterInputError(
-            f"this {adapter.variant} IP-Adapter needs the CLIP vision penultimate hidden states "
-            f"[B, {CLIP_TOKENS_224}, {adapter.clip_hidden_dim}], got a tensor of shape {list(x.shape)}"
-            + (" (image_embeds?)" if x.ndim == 2 else "")
-        )
-    if x.shape[2] != adapter.clip_hidden_dim:
-        raise IPAdapterInputError(
-            f"this {adapter.variant} IP-Adapter expects CLIP vision hidden size "
-            f"{dim_name(adapter.clip_hidden_dim, CLIP_HIDDEN_NAMES)} but the CLIP_VISION gives "
-            f"{dim_name(int(x.shape[2]), CLIP_HIDDEN_NAMES)}"
-        )
-    return x
+    return _check_clip_output(
+        adapter, _tensor(clip_hidden, "clip_hidden"), what="the CLIP vision penultimate hidden states",
+        layout=f"[B, {CLIP_TOKENS_224}, {adapter.clip_hidden_dim}]", ndim=3,
+        width_what="CLIP vision hidden size", width=adapter.clip_hidden_dim, names=CLIP_HIDDEN_NAMES,
+        mistaken=(2, "image_embeds"),
+    )
 
 
 def check_face_embedding(adapter: IPAdapterFile, face_embedding) -> torch.Tensor:
@@ -160,9 +161,9 @@ def id_tokens(adapter: IPAdapterFile, *, clip_embeds=None, clip_hidden=None, fac
     Give what ``adapter.needs_*`` says: ``clip_embeds`` (base), ``clip_hidden`` (plus, plus-face, full-face,
     faceid-plus(v2): for the latter, of the crop ``align_face`` made), ``face_embedding`` (FaceID variants). Inputs
     the variant does not use are ignored. ``shortcut`` (FaceID-Plus; None = True for V2, False for V1) and
-    ``shortcut_scale`` follow IP-Adapter's ``ProjModelFaceIdPlus``. ``normalize_face`` (None = per variant, see the
-    docs/ipadapter_format.md). ``module`` (from ``build_image_proj``) sets where and in which dtype the projection runs; by default
-    a cached float32 CPU copy. Returns tensors on the module's device and dtype."""
+    ``shortcut_scale`` follow IP-Adapter's ``ProjModelFaceIdPlus``. ``normalize_face`` (None = per variant, see
+    docs/ipadapter_format.md). ``module`` (from ``build_image_proj``) sets where and in which dtype the projection
+    runs; by default a cached float32 CPU copy. Returns tensors on the module's device and dtype."""
     return _project(adapter, module, clip_embeds=clip_embeds, clip_hidden=clip_hidden, face=face_embedding,
                     shortcut=shortcut, shortcut_scale=shortcut_scale, normalize_face=normalize_face, negative=False)
 
@@ -170,8 +171,8 @@ def id_tokens(adapter: IPAdapterFile, *, clip_embeds=None, clip_hidden=None, fac
 def uncond_tokens(adapter: IPAdapterFile, *, clip_embeds=None, clip_hidden=None, face_embedding=None,
                   batch: int | None = None, shortcut: bool | None = None, shortcut_scale: float = 1.0,
                   module: nn.Module | None = None) -> torch.Tensor:
-    """The negative-branch tokens IP-Adapter uses (docs/ipadapter_format.md): zero ``clip_embeds`` / zero face embedding through the
-    projection; for plus, plus-face, full-face and faceid-plus(v2) ``clip_hidden`` must be the CLIP vision hidden
+    """The negative-branch tokens IP-Adapter uses (docs/ipadapter_format.md): zero ``clip_embeds`` / zero face
+    embedding through the projection; for plus, plus-face, full-face and faceid-plus(v2) ``clip_hidden`` must be the CLIP vision hidden
     states of a zero image (``uncond_reference_image()``), which the caller encodes. ``clip_embeds`` /
     ``face_embedding`` only give the shape; without them ``batch`` (default 1) rows are made."""
     n = 1 if batch is None else int(batch)
