@@ -17,8 +17,8 @@ ARCFACE_TEMPLATE_112 = np.array(
 
 
 def arcface_template(size: int = 112) -> np.ndarray:
-    """insightface's 5-point ArcFace template for a ``size`` x ``size`` crop (the scaling rule: docs/ipadapter_format.md,
-    "Face alignment")."""
+    """insightface's 5-point ArcFace template for a ``size`` x ``size`` crop (the scaling rule:
+    docs/ipadapter_format.md, "Face alignment")."""
     size = int(size)
     if size < 1:
         raise IPAdapterError(f"crop size must be positive, got {size}")

@@ -173,8 +173,8 @@ def uncond_tokens(adapter: IPAdapterFile, *, clip_embeds=None, clip_hidden=None,
                   module: nn.Module | None = None) -> torch.Tensor:
     """The negative-branch tokens IP-Adapter uses (docs/ipadapter_format.md): zero ``clip_embeds`` / zero face
     embedding through the projection; for plus, plus-face, full-face and faceid-plus(v2) ``clip_hidden`` must be the
-    CLIP vision hidden states of a zero image (``uncond_reference_image()``), which the caller encodes. ``clip_embeds`` /
-    ``face_embedding`` only give the shape; without them ``batch`` (default 1) rows are made."""
+    CLIP vision hidden states of a zero image (``uncond_reference_image()``), which the caller encodes.
+    ``clip_embeds`` / ``face_embedding`` only give the shape; without them ``batch`` (default 1) rows are made."""
     n = 1 if batch is None else int(batch)
     if adapter.kind == "image_proj" and clip_embeds is None:
         clip_embeds = torch.zeros(n, adapter.clip_embed_dim)
