@@ -30,6 +30,7 @@ import numpy as np  # noqa: E402
 from magic_core import diir, face_crop  # noqa: E402
 from magic_core import face_backends as fb  # noqa: E402
 from magic_core import face_masks as fm  # noqa: E402
+from magic_core import face_search as fs  # noqa: E402
 from magic_core import faces as F  # noqa: E402
 from magic_portrait import group_photos as gp  # noqa: E402
 
@@ -58,7 +59,7 @@ def old_default(analyzer: fb.FaceAnalyzer, rgb: np.ndarray) -> tuple[list[F.Face
 
 def found_placed(faces, photo: gp.GroupPhoto, width: int, height: int) -> int:
     boxes = [f.bbox for f in faces]
-    return sum(any(fb.same_face(p.clipped(width, height), b) for b in boxes) for p in photo.faces)
+    return sum(any(fs.same_face(p.clipped(width, height), b) for b in boxes) for p in photo.faces)
 
 
 def bench_backend(name: str, analyzer: fb.FaceAnalyzer, people: str, repeats: int) -> list[tuple]:
@@ -71,7 +72,7 @@ def bench_backend(name: str, analyzer: fb.FaceAnalyzer, people: str, repeats: in
             old_faces, detect = old_default(analyzer, photo.rgb)
             old_t.append(time.perf_counter() - start)
             old_d.append(detect)
-            search = fb.find_faces(analyzer, photo.rgb)
+            search = fs.find_faces(analyzer, photo.rgb)
             new_t.append(search.total_seconds)
             new_d.append(search.detect_seconds)
         first = search.passes[0]
@@ -92,7 +93,7 @@ def min_face_tradeoff(analyzer: fb.FaceAnalyzer, repeats: int) -> list[tuple]:
         old_d, new_d, new_t = [], [], []
         for _ in range(repeats):
             old_d.append(old_default(analyzer, photo.rgb)[1])
-            search = fb.find_faces(analyzer, photo.rgb, min_face=min_face)
+            search = fs.find_faces(analyzer, photo.rgb, min_face=min_face)
             new_d.append(search.detect_seconds)
             new_t.append(search.total_seconds)
         rows.append((min_face, search.scale, found_placed(search.faces, photo, w, h), len(photo.faces), min(new_d),
@@ -106,7 +107,7 @@ def paste_coverage() -> list[tuple]:
     for w, h, sizes, seed in ((701, 451, [110, 60, 90, 140], 3), (1024, 1024, [100, 60, 70, 90, 120, 160, 220, 300],
                                                                    1024)):
         photo = gp.group_photo(w, h, sizes, seed=seed)
-        faces = fb.find_faces(analyzer, photo.rgb).faces
+        faces = fs.find_faces(analyzer, photo.rgb).faces
         old = np.zeros((h, w), np.float32)
         new = np.zeros((h, w), np.float32)
         for face in faces:

@@ -69,9 +69,3 @@ class GaussianPrior:
         var = std * std
         gain = torch.sqrt((var + float(sigma_to) ** 2) / (var + float(sigma_from) ** 2))
         return (mean + (x.double() - mean) * gain).to(x.dtype)
-
-    def growth(self, sigma_low: float, sigma_high: float) -> float:
-        """The largest factor by which the ODE stretches a deviation between the two sigmas (the flow's gain at the
-        smallest std). Bounds how much an error made at one end can grow or shrink by the other."""
-        var = float(self.std.min()) ** 2
-        return ((var + float(sigma_high) ** 2) / (var + float(sigma_low) ** 2)) ** 0.5

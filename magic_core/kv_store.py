@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import families
 from .batch_rows import BatchRows
 from .layers import LayerKey, format_layers, layer_info, normalize_family, tokens_at
 from .sharing import SharedOnCopy
@@ -291,7 +292,7 @@ class KVStore(SharedOnCopy):
             raise ValueError(f"latent_shape must be (C, H, W) or (B, C, H, W), got {tuple(latent_shape)}")
         self.latent_shape: tuple[int, int, int] = shape
         self.sigmas: tuple[float, ...] = clean_schedule(sigmas)
-        self.family = family if family in ("sd15", "sdxl") else _maybe_family(family)
+        self.family = _maybe_family(family)
         self.layers: tuple[LayerKey, ...] = tuple(dict.fromkeys(_norm_key(k) for k in layers))
         if not self.layers:
             raise ValueError("a KV store needs at least one layer")
@@ -344,10 +345,6 @@ class KVStore(SharedOnCopy):
     @property
     def n_steps(self) -> int:
         return len(self.sigmas)
-
-    @property
-    def kept_sigmas(self) -> tuple[float, ...]:
-        return tuple(self.sigmas[i] for i in self.step_indices)
 
     def step_index(self, sigma) -> int | None:
         """Index of `sigma` in the store's schedule (relative tolerance 1e-4), or None."""
@@ -476,10 +473,6 @@ class KVStore(SharedOnCopy):
         return True
 
     # ----------------------------------------------------------------- lookup
-    def has(self, layer_key, sigma) -> bool:
-        idx = self.step_index(sigma)
-        return idx is not None and (_norm_key(layer_key), idx) in self._data
-
     def get(self, layer_key, sigma, device=None, dtype=None, *, batch: int | None = None,
             cond_or_uncond: Sequence[int] | None = None) -> torch.Tensor:
         """The stored `n` for this layer and sigma, on `device` in `dtype` (8-bit stores: dequantised, by default
@@ -530,9 +523,6 @@ class KVStore(SharedOnCopy):
         """Selected (layer, step) pairs not recorded (an inversion that never hit a layer leaves them empty)."""
         return [(k, i) for k in self.layers for i in self.step_indices if (k, i) not in self._data]
 
-    def is_complete(self) -> bool:
-        return not self.missing()
-
     # ----------------------------------------------------------------- memory
     def _entry_nbytes(self, entry: tuple[LayerKey, int]) -> int:
         values, scale = self._data.get(entry), self._scales.get(entry)
@@ -570,7 +560,7 @@ class KVStore(SharedOnCopy):
             if tokens_channels is not None and key in tokens_channels:
                 tokens, channels = tokens_channels[key]
             else:
-                if self.family not in ("sd15", "sdxl"):
+                if self.family not in families.LAYER_TABLE_FAMILIES:
                     raise ValueError(f"no layer table for family {self.family!r}: pass tokens_channels")
                 gh, gw = tokens_at(self.family, key[0], key[1], h, w)
                 tokens, channels = gh * gw, layer_info(self.family, key[0], key[1]).channels

@@ -44,9 +44,11 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from . import families
+
 LayerKey = tuple[str, int, int]
 BLOCKS = ("input", "middle", "output")
-FAMILIES = ("sd15", "sdxl")
+FAMILIES = families.LAYER_TABLE_FAMILIES
 
 _BLOCK_ALIASES = {
     "input": "input",
@@ -55,16 +57,6 @@ _BLOCK_ALIASES = {
     "mid": "middle",
     "output": "output",
     "out": "output",
-}
-_FAMILY_ALIASES = {
-    "sd15": "sd15",
-    "sd1.5": "sd15",
-    "sd1": "sd15",
-    "sd1x": "sd15",
-    "sd_15": "sd15",
-    "sdxl": "sdxl",
-    "sd_xl": "sdxl",
-    "xl": "sdxl",
 }
 
 
@@ -116,9 +108,10 @@ class LayerSpecError(ValueError):
 
 
 def normalize_family(family: str) -> str:
-    key = str(family).strip().lower().replace(" ", "").replace("-", "")
-    if key in _FAMILY_ALIASES:
-        return _FAMILY_ALIASES[key]
+    """The family's layer-table name; SD2.x and Kolors have no table here and are refused."""
+    canonical = families.normalize(family)
+    if canonical in FAMILIES:
+        return canonical
     raise LayerSpecError(f"unknown model family {family!r}; supported: {', '.join(FAMILIES)}")
 
 

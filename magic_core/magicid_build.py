@@ -39,6 +39,7 @@ import numpy as np
 
 from . import face_backends as fb
 from . import face_draw as fd
+from . import face_search as fs
 from . import magicid_dataset as md
 from .faces import to_rgb_uint8
 
@@ -295,9 +296,9 @@ class BuildReport:
 
 @dataclass(frozen=True)
 class DetectOptions:
-    """Face search settings, as Detect Faces takes them (`face_backends.find_faces`)."""
+    """Face search settings, as Detect Faces takes them (`face_search.find_faces`)."""
 
-    min_face: float = fb.DEFAULT_MIN_FACE
+    min_face: float = fs.DEFAULT_MIN_FACE
     det_size: int = 640
     score_threshold: float = 0.5
     min_size: float = 0
@@ -339,7 +340,7 @@ def make_sample(photo: Photo, analyzer: fb.FaceAnalyzer, settings: md.BuildSetti
         if missing_skeleton != KEEP_LANDMARK_ONLY:
             raise problem
         pose = None
-    search = fb.find_faces(analyzer, rgb, min_face=detect.min_face, det_size=detect.det_size,
+    search = fs.find_faces(analyzer, rgb, min_face=detect.min_face, det_size=detect.det_size,
                            score_threshold=detect.score_threshold, min_size=detect.min_size,
                            max_faces=detect.max_faces, retry=detect.retry)
     faces = list(search.faces)

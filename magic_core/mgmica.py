@@ -140,36 +140,6 @@ def planned_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: T
     return out.to(q.dtype)
 
 
-@dataclass(frozen=True)
-class IdentityTerm:
-    """One identity at one layer: its keys/values [1 or rows, T, inner], its mask on the grid [1 or rows, L] (already
-    overlap-resolved) and its weight (identity weight x layer weight)."""
-
-    k: torch.Tensor
-    v: torch.Tensor
-    mask: torch.Tensor
-    weight: float
-
-
-def identity_attention(q: torch.Tensor, terms: Sequence[IdentityTerm], heads: int, upcast: bool = False
-                       ) -> torch.Tensor | None:
-    """sum_i w_i * M_i * Attn(q, K_i, V_i) [rows, L, inner] for full queries q [rows, L, inner], through the same
-    plan and single attention call the MGMICA patch uses; None when no identity touches a token."""
-    rows, length, inner = q.shape
-    terms = [t for t in terms if t.weight != 0]
-    if not terms:
-        return None
-    masks = torch.stack([t.mask.float().expand(rows, length) for t in terms])
-    plan = plan_tokens(masks, [t.weight for t in terms])
-    if plan is None:
-        return None
-    keys = torch.cat([t.k.expand(rows, -1, -1) for t in terms], dim=1)
-    values = torch.cat([t.v.expand(rows, -1, -1) for t in terms], dim=1)
-    z = planned_attention(q.index_select(1, plan.union), keys, values, plan, plan.scale,
-                          key_segments([t.k.shape[1] for t in terms]), heads, upcast)
-    return torch.zeros_like(q).index_add_(1, plan.union, z)
-
-
 # How the unconditional rows of a cfg batch get identity attention: through each identity's negative tokens (what
 # IP-Adapter does), not at all, or through the positive tokens like the conditional rows.
 UNCOND_MODES = ("negative tokens", "none", "positive tokens")

@@ -44,24 +44,23 @@ takes a ``scale``). ``merge_increment(W, term, s)`` is ``W(s) - W``; ``merge_int
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import families
+
 FORMAT_TAG = "magic_portrait.repcontrolnet"
 FORMAT_VERSION = "1"
 LATENT_DOWNSCALE = 8
 UNET_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
-KNOWN_FAMILIES = ("sd15", "sdxl")
-_UNKNOWN_FAMILIES = ("", "unknown", "any")
 
 _ADAPTER = "adapter."
 _MODAL = "modal."
@@ -525,7 +524,9 @@ def from_tensors_and_metadata(
 
 
 def _family(name: str | None) -> str:
-    return (name or "").strip().lower()
+    """The canonical family when the spelling is one ``families`` knows, else the name as written (lower case)."""
+    written = (name or "").strip().lower()
+    return families.normalize(written) or written
 
 
 def validate_against_unet(
@@ -540,7 +541,7 @@ def validate_against_unet(
     A family of ``""``/``"unknown"`` on either side skips the family check (the shapes are still checked).
     """
     file_family, unet_family = _family(weights.model_family), _family(model_family)
-    if file_family not in _UNKNOWN_FAMILIES and unet_family not in _UNKNOWN_FAMILIES and file_family != unet_family:
+    if not families.is_unknown(file_family) and not families.is_unknown(unet_family) and file_family != unet_family:
         raise ValueError(
             f"RepControlNet '{file_name}' was made for {file_family} but the MODEL is {unet_family}: "
             f"load a RepControlNet trained for {unet_family}, or use a {file_family} checkpoint"
@@ -570,7 +571,7 @@ def validate_against_unet(
             f"its adapter outputs {weights.model_channels} channels but the MODEL's first block has {conv_in[0]} (model_channels)"
         )
     if problems:
-        fam = f" ({file_family})" if file_family not in _UNKNOWN_FAMILIES else ""
+        fam = "" if families.is_unknown(file_family) else f" ({file_family})"
         raise ValueError(
             f"RepControlNet '{file_name}'{fam} does not fit this MODEL: "
             + "; ".join(problems)
@@ -643,26 +644,6 @@ def default_layer_keys(
 # ---------------------------------------------------------------------------------------------------------- merging
 
 
-def _base_lookup(base_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {strip_unet_prefix(k): v for k, v in base_state.items()}
-
-
-def _check_base(weights: RepControlNetWeights, base: Mapping[str, torch.Tensor]) -> None:
-    missing = [k for k in weights.modal if k not in base]
-    wrong = [
-        f"{k} {tuple(base[k].shape)} vs modal {tuple(v.shape)}"
-        for k, v in weights.modal.items()
-        if k in base and base[k].shape != v.shape
-    ]
-    if missing or wrong:
-        msg = []
-        if missing:
-            msg.append(_list_problem(f"{len(missing)} modal key(s) missing from the base weights", missing))
-        if wrong:
-            msg.append(_list_problem(f"{len(wrong)} shape mismatch(es)", wrong))
-        raise ValueError("cannot merge RepControlNet: " + "; ".join(msg))
-
-
 @dataclass(frozen=True)
 class MergeTerm:
     """One RepControlNet's share of one merged tensor at strength 1: the merge adds
@@ -713,79 +694,6 @@ def merge_into_(weight: torch.Tensor, term: MergeTerm, strength: float = 1.0) ->
     return weight.add_(modal, alpha=strength * term.modal_scale)
 
 
-def merged_state(
-    weights: RepControlNetWeights,
-    base_state: Mapping[str, torch.Tensor],
-    strength: float = 1.0,
-    *,
-    dtype: torch.dtype | None = None,
-) -> dict[str, torch.Tensor]:
-    """Merged tensors ``alpha_s * W + beta_s * W_m`` for the modal keys only (update a copy of the base with them).
-
-    Computed in float32, returned in ``dtype`` (default: the base tensor's dtype) on the base tensor's device."""
-    base = _base_lookup(base_state)
-    _check_base(weights, base)
-    out = {}
-    for key, wm in weights.modal.items():
-        a, b = weights.coefficients(key.rsplit(".", 1)[0], strength)
-        w = base[key]
-        merged = a * w.detach().to(torch.float32) + b * wm.to(device=w.device, dtype=torch.float32)
-        out[key] = merged.to(dtype or w.dtype)
-    return out
-
-
 def merge_tensor(w: torch.Tensor, wm: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
     """Differentiable ``alpha * w + beta * wm`` in float32 (gradients flow into ``wm``); used by training."""
     return alpha * w.to(device=wm.device, dtype=torch.float32) + beta * wm.to(torch.float32)
-
-
-def _resolve_modules(module: nn.Module, layers: Sequence[str], prefix: str) -> dict[str, nn.Module]:
-    named = dict(module.named_modules())
-    found, missing, unsupported = {}, [], []
-    for layer in layers:
-        m = named.get(prefix + layer)
-        if m is None:
-            missing.append(prefix + layer)
-        elif not isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            unsupported.append(f"{prefix + layer} ({type(m).__name__})")
-        else:
-            found[layer] = m
-    if missing:
-        raise ValueError(_list_problem(f"{len(missing)} RepControlNet layer(s) not found in the module", missing))
-    if unsupported:
-        raise ValueError(_list_problem("RepControlNet layers must be nn.Linear or nn.Conv1d/2d/3d", unsupported))
-    return found
-
-
-@contextlib.contextmanager
-def unmerged_forward(
-    unet: nn.Module, weights: RepControlNetWeights, strength: float = 1.0, *, prefix: str = ""
-) -> Iterator[None]:
-    """Run ``unet`` unmerged while the context is open: each listed layer returns
-    ``alpha_s * layer(x) + beta_s * layer_op(x, W_m, b_m)`` (forward hooks; the module is not modified and the hooks
-    are removed on exit). ``prefix`` locates the UNet inside ``unet`` (e.g. ``"diffusion_model."``). The adapter is
-    not applied here: add its features to the output of the UNet's first block yourself (``add_features``)."""
-    modules = _resolve_modules(unet, weights.layers, prefix)
-    handles = []
-
-    def make_hook(layer: str, mod: nn.Module):
-        a, b = weights.coefficients(layer, strength)
-        wm = weights.modal[layer + ".weight"]
-        bm = weights.modal.get(layer + ".bias")
-
-        def hook(_mod, args, kwargs, output):
-            x = args[0] if args else next(iter(kwargs.values()))
-            w = wm.to(device=x.device, dtype=x.dtype)
-            bias = None if bm is None else bm.to(device=x.device, dtype=x.dtype)
-            extra = F.linear(x, w, bias) if isinstance(mod, nn.Linear) else mod._conv_forward(x, w, bias)
-            return a * output + b * extra
-
-        return hook
-
-    try:
-        for layer, mod in modules.items():
-            handles.append(mod.register_forward_hook(make_hook(layer, mod), with_kwargs=True))
-        yield
-    finally:
-        for h in handles:
-            h.remove()

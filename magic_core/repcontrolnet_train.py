@@ -72,7 +72,7 @@ from typing import Any
 
 import torch
 
-from . import train_data
+from . import train_data, train_streams
 from .repcontrolnet import (
     ConditionAdapter,
     RepControlNetWeights,
@@ -689,7 +689,7 @@ def _data_resume(state: Mapping, source, layout: train_data.BatchLayout, ctx: Di
         ranks = data["ranks"]
         if int(data["world_size"]) == layout.world_size and bool(state.get("shuffle", True)) == shuffle:
             return {"stream": ranks[layout.rank]}
-        dealt = train_data.redistribute_streams(ranks, num_shards=len(source), seed=seed,
+        dealt = train_streams.redistribute_streams(ranks, num_shards=len(source), seed=seed,
                                                 old_world=int(data["world_size"]), new_world=layout.world_size,
                                                 shuffle=shuffle)
         if ctx.is_main:

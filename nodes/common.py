@@ -10,6 +10,7 @@ import folder_paths
 import torch
 
 from ..magic_core import faces as fc
+from ..magic_core import families
 
 PREFIX = "MagicPortrait_"
 CATEGORY = "Magic Portrait"
@@ -70,22 +71,22 @@ def register_model_folder(name: str, extensions) -> None:
 
 
 def model_family(model) -> str:
+    """The MODEL's family in ``magic_core.families`` terms; other architectures by their ComfyUI class name."""
     base = model.model
     if isinstance(base, (comfy.model_base.SDXL, comfy.model_base.SDXLRefiner)):
-        return "sdxl"
+        return families.SDXL
     if type(base) is comfy.model_base.BaseModel:
         context_dim = getattr(base.model_config, "unet_config", {}).get("context_dim")
-        return "sd15" if context_dim in (768, None) else "sd2x"
+        return families.SD15 if context_dim in (768, None) else families.SD2X
     return type(base).__name__.lower()
 
 
 def layer_family(model, node: str, input_name: str = "model") -> str:
     """The layer-table family of a UNet model: sd15 (SD1.x and SD2.x share block positions) or sdxl."""
     family = model_family(model)
-    if family in ("sd15", "sdxl"):
-        return family
-    if family == "sd2x":
-        return "sd15"  # same block positions as SD1.5
+    table = families.layer_table_family(family)
+    if table is not None:
+        return table
     raise NodeInputError(node, input_name, f"this node supports SD1.5/SD2.x/SDXL UNets, not {family}")
 
 

@@ -17,6 +17,7 @@ from comfy_api.v0_0_2 import io, ui
 from ..magic_core import face_backends as fb
 from ..magic_core import face_draw as fd
 from ..magic_core import face_masks as fm
+from ..magic_core import face_search as fs
 from ..magic_core import faces as fc
 from .common import CATEGORY, PREFIX, NodeInputError, parse_face_indices, register_model_folder
 from .types import FaceAnalysisType, FacesType, PoseKeypointType
@@ -126,7 +127,7 @@ class DetectFaces(io.ComfyNode):
                                  "finer detection scales when faces are expected, coarser ones (close-ups), then, "
                                  "with expected_faces set, the best detections down to half score_threshold."),
                 io.Combo.Input("if_no_face", options=["error", "empty result"], default="error"),
-                io.Int.Input("min_face", default=fb.DEFAULT_MIN_FACE, min=0, max=4096, optional=True,
+                io.Int.Input("min_face", default=fs.DEFAULT_MIN_FACE, min=0, max=4096, optional=True,
                              tooltip="The smallest face to find (px, the detector's box): the detection resolution "
                              "is raised until such a face is above the detector's floor (dlib HOG 73 px, CNN 80 px, "
                              "insightface SCRFD 16 px), up to 4x. Smaller values cost time with dlib (HOG time grows "
@@ -141,7 +142,7 @@ class DetectFaces(io.ComfyNode):
 
     @classmethod
     def execute(cls, face_analysis, image, det_size, score_threshold, min_size, max_faces, retry_smaller,
-                if_no_face, min_face=fb.DEFAULT_MIN_FACE, expected_faces=0) -> io.NodeOutput:
+                if_no_face, min_face=fs.DEFAULT_MIN_FACE, expected_faces=0) -> io.NodeOutput:
         node = cls.define_schema().node_id
         if not isinstance(face_analysis, fb.FaceAnalyzer):
             raise NodeInputError(node, "face_analysis", "expected MAGIC_FACE_ANALYSIS from Face Analysis Loader")
@@ -151,7 +152,7 @@ class DetectFaces(io.ComfyNode):
         progress = comfy.utils.ProgressBar(image.shape[0])
         for i in range(image.shape[0]):
             rgb = fc.to_rgb_uint8(image[i])
-            search = fb.find_faces(face_analysis, rgb, min_face=min_face, det_size=det_size,
+            search = fs.find_faces(face_analysis, rgb, min_face=min_face, det_size=det_size,
                                    score_threshold=score_threshold, expected_faces=expected_faces,
                                    min_size=min_size, max_faces=max_faces, retry=retry_smaller)
             if not search.faces and if_no_face == "error":

@@ -5,7 +5,7 @@ rounding, normalisation), and the negative image of either reference implementat
 - Whole references go to ``ClipVisionModel.encode_image(image, crop=True)`` as they are.
 - Face crops (plus-face, base or plus on the face) are cut out of the float IMAGE at its own resolution (zero outside
   the picture) and left to that same preprocessing: never resized beforehand without antialiasing.
-- FaceID-Plus crops are aligned to insightface's ArcFace template (``ipadapter.align_face``, insightface's
+- FaceID-Plus crops are aligned to insightface's ArcFace template (``face_align.align_face``, insightface's
   ``norm_crop``) at 224 px, what IP-Adapter trained and runs with, or at 256 px for SDXL as IPAdapter_plus does
   (ComfyUI's preprocessing then resizes it to 224).
 - The negative image: ``clip mean`` is the original IP-Adapter's ``torch.zeros_like(clip_image)``: zero *after*
@@ -21,9 +21,9 @@ import comfy.clip_model
 import comfy.model_management
 import torch
 
+from ..magic_core import face_align
 from ..magic_core import face_crop as crop
 from ..magic_core import faces as fc
-from ..magic_core import ipadapter as ip
 
 NEGATIVE_CLIP_MEAN = "clip mean (IP-Adapter)"
 NEGATIVE_BLACK = "black (IPAdapter_plus)"
@@ -47,7 +47,7 @@ def align_size(choice: str, family: str) -> int:
 
 def aligned_face(image: torch.Tensor, face: fc.Face, size: int) -> torch.Tensor:
     """[1, size, size, 3]: the face aligned to the ArcFace template (insightface's norm_crop on the 8-bit picture)."""
-    crop = ip.align_face(fc.to_rgb_uint8(image), face.kps, size)
+    crop = face_align.align_face(fc.to_rgb_uint8(image), face.kps, size)
     return torch.from_numpy(crop).float().div(255.0)[None]
 
 

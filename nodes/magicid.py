@@ -15,6 +15,7 @@ from comfy_api.v0_0_2 import io, ui
 
 from ..magic_core import faces as fc
 from ..magic_core import ipadapter as ip
+from ..magic_core import ipadapter_tokens as ip_tokens
 from ..magic_core import mgmica
 from ..magic_core import regions as reg
 from . import id_references as refs
@@ -148,7 +149,7 @@ class IDEmbedsNode(io.ComfyNode):
         face_emb = None
         if adapter.needs_face_embedding:
             if chosen[0].embedding_kind != fc.ARCFACE_512 or chosen[0].embedding is None:
-                raise NodeInputError(node, "faces", ip.DLIB_EMBEDDING_MESSAGE if chosen[0].embedding_kind == fc.DLIB_128
+                raise NodeInputError(node, "faces", ip_tokens.DLIB_EMBEDDING_MESSAGE if chosen[0].embedding_kind == fc.DLIB_128
                                      else f"the faces carry no ArcFace embedding ({chosen[0].backend}); "
                                      "FaceID IP-Adapters need insightface's 512-d ArcFace embedding")
             raw = adapter.variant in ("faceid-portrait-unnorm", "instantid")
@@ -217,15 +218,15 @@ def _chosen_faces(node, adapter, faces, refs, face_index, image_crop):
 def _tokens(adapter, combine, refs, embeds, hidden, hidden_neg, face_emb, shortcut_scale):
     """(positive, negative) ID tokens [1, T, C]; 'stack' repeats the negative set so both have T tokens."""
     if combine == "average" and refs > 1:
-        embeds = None if embeds is None else ip.combine_embeddings(embeds, "average")
-        hidden = None if hidden is None else ip.combine_embeddings(hidden, "average")
-        face_emb = None if face_emb is None else ip.combine_embeddings(face_emb, "average")
+        embeds = None if embeds is None else ip_tokens.combine_embeddings(embeds, "average")
+        hidden = None if hidden is None else ip_tokens.combine_embeddings(hidden, "average")
+        face_emb = None if face_emb is None else ip_tokens.combine_embeddings(face_emb, "average")
     kwargs = {"shortcut_scale": float(shortcut_scale)}
-    positive = ip.id_tokens(adapter, clip_embeds=embeds, clip_hidden=hidden, face_embedding=face_emb, **kwargs)
-    negative = ip.uncond_tokens(adapter, clip_embeds=None if embeds is None else embeds[:1], clip_hidden=hidden_neg,
+    positive = ip_tokens.id_tokens(adapter, clip_embeds=embeds, clip_hidden=hidden, face_embedding=face_emb, **kwargs)
+    negative = ip_tokens.uncond_tokens(adapter, clip_embeds=None if embeds is None else embeds[:1], clip_hidden=hidden_neg,
                                 batch=1, **kwargs)
     if positive.shape[0] > 1:  # stack
-        positive = ip.combine_tokens(positive, "stack")
+        positive = ip_tokens.combine_tokens(positive, "stack")
         negative = negative.repeat(1, refs, 1)
     return positive, negative
 

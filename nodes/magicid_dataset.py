@@ -16,6 +16,7 @@ from comfy_api.v0_0_2 import io, ui
 
 from ..magic_core import face_backends as fb
 from ..magic_core import face_masks as fm
+from ..magic_core import face_search as fs
 from ..magic_core import magicid_build as mb
 from ..magic_core import magicid_dataset as md
 from .common import CATEGORY, PREFIX, NodeInputError
@@ -98,7 +99,7 @@ class BuildMagicIDDataset(io.ComfyNode):
                                tooltip="Soft edge of the face mask (Gaussian sigma, px)."),
                 io.Int.Input("max_side", default=1024, min=0, max=8192, step=8,
                              tooltip="Photos longer than this are scaled down first (0: keep every size)."),
-                io.Int.Input("min_face", default=int(fb.DEFAULT_MIN_FACE), min=8, max=4096,
+                io.Int.Input("min_face", default=int(fs.DEFAULT_MIN_FACE), min=8, max=4096,
                              tooltip="Smallest face to find, px of the (scaled) photo: the detection scale keeps it "
                              "above the back-end's floor (as Detect Faces)."),
                 io.Int.Input("det_size", default=640, min=64, max=2048, step=32,

@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from magic_core import face_backends as fb  # noqa: E402
+from magic_core import face_search as fs  # noqa: E402
 from magic_core.faces import IBUG68_LEFT_EYE, IBUG68_RIGHT_EYE  # noqa: E402
 
 OUT = REPO / "example_workflows" / "magic_portrait_magicid_photos"
@@ -158,7 +159,7 @@ def frame(people_points: list[dict], height: int, width: int) -> dict:
 
 
 def faces_of(rgb: np.ndarray, expected: int, name: str):
-    search = fb.find_faces(fb.DlibAnalyzer("hog"), rgb, det_size=max(rgb.shape[:2]))
+    search = fs.find_faces(fb.DlibAnalyzer("hog"), rgb, det_size=max(rgb.shape[:2]))
     if len(search.faces) != expected:
         raise SystemExit(f"{name}: dlib found {len(search.faces)} face(s), expected {expected} ({search.notes})")
     return list(search.faces)  # left to right

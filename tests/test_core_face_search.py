@@ -1,4 +1,4 @@
-"""Core tier: how Detect Faces searches a picture (magic_core.face_backends.find_faces) on group pictures made of
+"""Core tier: how Detect Faces searches a picture (magic_core.face_search.find_faces) on group pictures made of
 real faces (magic_portrait.group_photos: LFW people and the astronaut), without ComfyUI: the detection scale chosen
 from the picture and min_face, tiles and merged duplicates, retries when fewer faces than expected are found,
 boxes clipped to the picture; and the geometry helpers behind it (Face.clipped / mapped, the band feather)."""
@@ -14,6 +14,7 @@ import pytest
 
 from magic_core import face_backends as fb
 from magic_core import face_masks as fm
+from magic_core import face_search as fs
 from magic_core import faces as F
 from magic_portrait import group_photos as gp
 from magic_portrait import tiny_insightface as tiny
@@ -42,20 +43,20 @@ def narrow(analyzer, limit):
 
 
 def matched(box, boxes) -> int:
-    return sum(fb.same_face(box, b) for b in boxes)
+    return sum(fs.same_face(box, b) for b in boxes)
 
 
 # ----------------------------------------------------------------------------------------------- scale and plan
 def test_detection_scale_keeps_min_face_above_the_floor(dlib_hog, tiny_if):
     assert dlib_hog.smallest_face == fb.HOG_SMALLEST_FACE == 73 and tiny_if.smallest_face == 32  # stated in the file
     # the larger of det_size / long side and floor / min_face
-    assert fb.detection_scale(dlib_hog, 1024, 768, min_face=48, det_size=640) == pytest.approx(73 / 48)
-    assert fb.detection_scale(dlib_hog, 1024, 768, min_face=200, det_size=640) == pytest.approx(640 / 1024)
-    assert fb.detection_scale(tiny_if, 2048, 2048, min_face=48, det_size=640) == pytest.approx(32 / 48)
-    assert fb.detection_scale(dlib_hog, 300, 500, min_face=0, det_size=0) == 1.0
-    assert fb.detection_scale(dlib_hog, 300, 500, min_face=5) == fb.MAX_UPSCALE
+    assert fs.detection_scale(dlib_hog, 1024, 768, min_face=48, det_size=640) == pytest.approx(73 / 48)
+    assert fs.detection_scale(dlib_hog, 1024, 768, min_face=200, det_size=640) == pytest.approx(640 / 1024)
+    assert fs.detection_scale(tiny_if, 2048, 2048, min_face=48, det_size=640) == pytest.approx(32 / 48)
+    assert fs.detection_scale(dlib_hog, 300, 500, min_face=0, det_size=0) == 1.0
+    assert fs.detection_scale(dlib_hog, 300, 500, min_face=5) == fs.MAX_UPSCALE
     with pytest.raises(ValueError, match="min_face"):
-        fb.detection_scale(dlib_hog, 300, 500, min_face=-1)
+        fs.detection_scale(dlib_hog, 300, 500, min_face=-1)
 
 
 @pytest.mark.parametrize(("height", "width", "scale", "limit", "floor"), [
@@ -65,7 +66,7 @@ def test_tiles_see_every_face_they_keep_whole_and_coarser_passes_take_the_rest(h
     class Spec(fb.FaceAnalyzer):
         smallest_face, max_detection_side = floor, limit
 
-    passes = fb.plan_detection(Spec(), height, width, scale)
+    passes = fs.plan_detection(Spec(), height, width, scale)
     assert passes[-1].regions == ((0, 0, width, height),) and passes[-1].keep_up_to is None
     assert max(height, width) * passes[-1].scale <= limit
     for i, p in enumerate(passes):
@@ -93,9 +94,9 @@ def test_merge_keeps_the_best_box_of_each_face():
         ((0, 0, 100, 100), 0.8), ((5, 3, 104, 101), 0.9),  # one face, two tiles
         ((20, 20, 60, 60), 0.7),  # a part of it, inside: the same face
         ((150, 0, 250, 100), 0.6), ((240, 0, 300, 60), 0.95)]]  # two faces side by side
-    kept = fb.merge_detections(d)
+    kept = fs.merge_detections(d)
     assert sorted(k.score for k in kept) == [0.6, 0.9, 0.95]
-    assert fb.box_overlap((0, 0, 10, 10), (5, 0, 15, 10)) == pytest.approx((1 / 3, 0.5))
+    assert fs.box_overlap((0, 0, 10, 10), (5, 0, 15, 10)) == pytest.approx((1 / 3, 0.5))
 
 
 # ---------------------------------------------------------------------------------------------- group pictures
@@ -114,14 +115,14 @@ def group(request):
 
 def test_dlib_finds_every_face_at_defaults_tiled_or_not(dlib_hog, group):
     h, w = group.rgb.shape[:2]
-    search = fb.find_faces(dlib_hog, group.rgb)
+    search = fs.find_faces(dlib_hog, group.rgb)
     assert len(search.passes) == 1 and search.scale == pytest.approx(73 / 48)
     boxes = [f.bbox for f in search.faces]
     for placed in group.faces:  # every composed face, once
         assert matched(placed.clipped(w, h), boxes) == 1, placed
     assert len(boxes) == len(group.faces)
     # a tile limit a quarter of the detection image: the same faces, none twice
-    tiled = fb.find_faces(narrow(dlib_hog, 512), group.rgb)
+    tiled = fs.find_faces(narrow(dlib_hog, 512), group.rgb)
     assert tiled.passes[0].tiles > 1
     assert len(tiled.faces) == len(search.faces)
     for f in search.faces:
@@ -130,7 +131,7 @@ def test_dlib_finds_every_face_at_defaults_tiled_or_not(dlib_hog, group):
 
 def test_boxes_are_clipped_to_the_picture_and_the_whole_face_is_kept(dlib_hog, group):
     h, w = group.rgb.shape[:2]
-    faces = fb.find_faces(dlib_hog, group.rgb).faces
+    faces = fs.find_faces(dlib_hog, group.rgb).faces
     for f in faces:
         assert 0 <= f.bbox[0] < f.bbox[2] <= w and 0 <= f.bbox[1] < f.bbox[3] <= h
     border = [f for f in faces if f.unclipped_bbox is not None]
@@ -143,42 +144,42 @@ def test_boxes_are_clipped_to_the_picture_and_the_whole_face_is_kept(dlib_hog, g
 
 def test_tiny_insightface_finds_every_face_at_defaults(tiny_if):
     photo = gp.group_photo(1216, 832, [90, 56, 64, 110, 150, 200], seed=1, people="astronaut")
-    search = fb.find_faces(tiny_if, photo.rgb)
+    search = fs.find_faces(tiny_if, photo.rgb)
     assert search.scale == pytest.approx(max(640 / 1216, 32 / 48))
     boxes = [f.bbox for f in search.faces]
     for placed in photo.faces:
         assert matched(placed.clipped(1216, 832), boxes) == 1, placed
-    tiled = fb.find_faces(narrow(tiny_if, 320), photo.rgb)
+    tiled = fs.find_faces(narrow(tiny_if, 320), photo.rgb)
     assert tiled.passes[0].tiles > 1 and len(tiled.faces) == len(search.faces)
 
 
 def test_fewer_faces_than_expected_retry_finer(dlib_hog):
     photo = gp.group_photo(900, 600, [60, 64, 150, 180], seed=4, border_cut=0)
     # min_face 100: the two small faces are below HOG's floor at the first scale
-    first = fb.find_faces(dlib_hog, photo.rgb, min_face=100, det_size=0)
+    first = fs.find_faces(dlib_hog, photo.rgb, min_face=100, det_size=0)
     assert len(first.faces) == 2 and len(first.passes) == 1  # at least one face found: no retry without a count
-    search = fb.find_faces(dlib_hog, photo.rgb, min_face=100, det_size=0, expected_faces=4)
+    search = fs.find_faces(dlib_hog, photo.rgb, min_face=100, det_size=0, expected_faces=4)
     assert len(search.faces) == 4
     for placed in photo.faces:
         assert matched(placed.box, [f.bbox for f in search.faces]) == 1
     reasons = [p.reason for p in search.passes]
     assert reasons[0] == "detection" and set(reasons[1:]) == {"retry finer"} and len(reasons) > 1
     scales = [p.scale for p in search.passes]
-    assert scales == pytest.approx([0.73 * f for f in (1.0, *fb.RETRY_FINER[:len(scales) - 1])])
+    assert scales == pytest.approx([0.73 * f for f in (1.0, *fs.RETRY_FINER[:len(scales) - 1])])
     assert search.notes == ("4 of 4 face(s) after retrying at x" + ", x".join(f"{s:.2f}" for s in scales[1:]),)
     # retries off: what the first scale found, and a note that some are missing
-    none = fb.find_faces(dlib_hog, photo.rgb, min_face=100, det_size=0, expected_faces=4, retry=False)
+    none = fs.find_faces(dlib_hog, photo.rgb, min_face=100, det_size=0, expected_faces=4, retry=False)
     assert len(none.faces) == 2 and none.notes == ("found 2 of the 4 expected face(s)",)
 
 
 def test_expected_faces_fill_with_the_best_weaker_detections(dlib_hog):
     photo = gp.group_photo(700, 500, [90, 110, 130], seed=5, border_cut=0)
-    scores = sorted((f.score for f in fb.find_faces(dlib_hog, photo.rgb).faces), reverse=True)
+    scores = sorted((f.score for f in fs.find_faces(dlib_hog, photo.rgb).faces), reverse=True)
     assert len(scores) == 3
     strict = (scores[0] + scores[1]) / 2  # only the best face passes
-    assert len(fb.find_faces(dlib_hog, photo.rgb, score_threshold=strict).faces) == 1
-    assert scores[2] >= fb.WEAK_SCORE_FACTOR * strict  # the others are weak, not absent
-    search = fb.find_faces(dlib_hog, photo.rgb, score_threshold=strict, expected_faces=3)
+    assert len(fs.find_faces(dlib_hog, photo.rgb, score_threshold=strict).faces) == 1
+    assert scores[2] >= fs.WEAK_SCORE_FACTOR * strict  # the others are weak, not absent
+    search = fs.find_faces(dlib_hog, photo.rgb, score_threshold=strict, expected_faces=3)
     assert len(search.faces) == 3
     assert any(n.startswith("added 2 face(s) scoring below score_threshold") for n in search.notes)
 

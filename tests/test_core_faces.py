@@ -20,6 +20,7 @@ import tolerances as tol
 import torch
 
 from magic_core import face_backends as fb
+from magic_core import face_search as fs
 from magic_core import faces as F
 from magic_portrait import tiny_insightface as tiny
 
@@ -159,7 +160,7 @@ def faces_of_two_sizes(kind, astronaut):
 
 
 def one_face(analyzer, image, **kw):
-    faces = fb.find_faces(analyzer, image, **kw).faces
+    faces = fs.find_faces(analyzer, image, **kw).faces
     assert len(faces) == 1, f"{analyzer.name}: expected one face, got {len(faces)}"
     return faces[0]
 
@@ -169,7 +170,7 @@ def one_face(analyzer, image, **kw):
 
 def test_astronaut_gives_one_complete_face(analyzer, astronaut):
     kind, an = analyzer
-    search = fb.find_faces(an, astronaut)
+    search = fs.find_faces(an, astronaut)
     faces = search.faces
     assert len(faces) == 1 and len(search.passes) == 1 and search.notes == ()
     f = faces[0]
@@ -204,7 +205,7 @@ def test_analysis_is_deterministic(analyzer, astronaut):
 def test_three_people_left_to_right_with_their_own_identities(analyzer, astronaut):
     kind, an = analyzer
     canvas, spans, standalone = three_people(kind, astronaut)
-    search = fb.find_faces(an, canvas)
+    search = fs.find_faces(an, canvas)
     faces = search.faces
     assert len(faces) == 3 and len(search.passes) == 1
     for f, (x0, x1) in zip(faces, spans, strict=True):  # index i is the i-th tile from the left
@@ -227,12 +228,12 @@ def test_no_face(analyzer, name):
              "grey": np.full((257, 311, 3), 128, np.uint8),
              "camera_ground": skimage_data.camera()[330:, :, None]}[name]  # tripod legs and grass
     retry = name == "black"  # every retry scale once; the other images at one scale (real packs are slow on CPU)
-    search = fb.find_faces(an, image, retry=retry)
+    search = fs.find_faces(an, image, retry=retry)
     assert search.faces == ()
-    first = fb.detection_scale(an, *image.shape[:2])
+    first = fs.detection_scale(an, *image.shape[:2])
     tried = [p.scale for p in search.passes]
     if retry and not an.pyramid:  # coarser scales for close-ups; dlib's pyramid already covers them
-        assert tried == pytest.approx([first] + [first * f for f in fb.RETRY_COARSER])
+        assert tried == pytest.approx([first] + [first * f for f in fs.RETRY_COARSER])
         assert search.notes[0].startswith("0 of at least 1 face(s) after retrying at x")
     else:
         assert tried == [pytest.approx(first)] and search.notes == ()
@@ -251,7 +252,7 @@ def test_image_formats_give_the_same_face(analyzer, astronaut):
     }
     grey = cv2.cvtColor(astronaut, cv2.COLOR_RGB2GRAY)[..., None]
     if kind == "tiny":  # the stand-in detector only fires on skin tones (documented): nothing on grey images
-        assert fb.find_faces(an, grey).faces == ()
+        assert fs.find_faces(an, grey).faces == ()
     else:
         variants["grey (H, W, 1)"] = grey
     for name, image in variants.items():
@@ -263,19 +264,19 @@ def test_image_formats_give_the_same_face(analyzer, astronaut):
 def test_min_size_and_max_faces(analyzer, astronaut):
     kind, an = analyzer
     canvas = faces_of_two_sizes(kind, astronaut)
-    faces = fb.find_faces(an, canvas).faces
+    faces = fs.find_faces(an, canvas).faces
     sizes = sorted(f.size for f in faces)
     assert len(sizes) == 3 and sizes[0] < 0.8 * sizes[1]
     cut = (sizes[0] + sizes[1]) / 2
-    kept = fb.find_faces(an, canvas, min_size=cut)
+    kept = fs.find_faces(an, canvas, min_size=cut)
     assert len(kept.faces) == 2 and all(f.size >= cut for f in kept.faces)
     assert any("smaller than min_size" in n for n in kept.notes)
-    big = fb.find_faces(an, canvas, max_faces=2).faces
+    big = fs.find_faces(an, canvas, max_faces=2).faces
     area = [float(np.prod(f.bbox[2:] - f.bbox[:2])) for f in faces]
     expected = [faces[i] for i in sorted(np.argsort(area)[-2:])]
     assert [f.center for f in big] == [f.center for f in expected]  # the two largest, still left to right
-    assert len(fb.find_faces(an, canvas, max_faces=5).faces) == 3
-    nothing = fb.find_faces(an, canvas, min_size=10_000, retry=False)
+    assert len(fs.find_faces(an, canvas, max_faces=5).faces) == 3
+    nothing = fs.find_faces(an, canvas, min_size=10_000, retry=False)
     assert nothing.faces == () and any("smaller than min_size" in n for n in nothing.notes)
 
 
@@ -284,9 +285,9 @@ def test_min_size_and_max_faces(analyzer, astronaut):
 
 def test_retry_finds_a_close_up_at_a_coarser_scale(tiny_if, astronaut):
     image = close_up(astronaut)
-    missed = fb.find_faces(tiny_if, image, retry=False)
+    missed = fs.find_faces(tiny_if, image, retry=False)
     assert missed.faces == () and len(missed.passes) == 1 and missed.notes == ()
-    search = fb.find_faces(tiny_if, image)
+    search = fs.find_faces(tiny_if, image)
     first, last = search.passes[0], search.passes[-1]
     assert len(search.faces) == 1 and len(search.passes) > 1 and last.scale < first.scale
     assert last.reason == "retry coarser" and last.found == 1
@@ -535,11 +536,11 @@ def test_error_missing_insightface_or_onnxruntime(tiny_pack, monkeypatch):
 def test_det_size_contract(tiny_if, dlib_hog, astronaut):
     # SCRFD's input: each side times the scale, rounded up to a multiple of 32
     assert tiny_if.input_size(512, 512, 600 / 512) == (608, 608) and tiny_if.input_size(333, 517, 1.0) == (544, 352)
-    assert len(fb.find_faces(tiny_if, astronaut, det_size=600).faces) == 1
+    assert len(fs.find_faces(tiny_if, astronaut, det_size=600).faces) == 1
     with pytest.raises(ValueError, match="det_size"):
-        fb.find_faces(dlib_hog, astronaut, det_size=16)
+        fs.find_faces(dlib_hog, astronaut, det_size=16)
     with pytest.raises(ValueError, match="max_faces"):
-        fb.find_faces(dlib_hog, astronaut, max_faces=-1)
+        fs.find_faces(dlib_hog, astronaut, max_faces=-1)
 
 
 def test_concurrent_calls_agree(dlib_hog, tiny_if, astronaut):

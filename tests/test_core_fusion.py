@@ -7,6 +7,7 @@ import re
 
 import pytest
 import torch
+from oracles import store_has, store_is_complete
 from tolerances import attention_ops, float_tol, magnitude
 
 from magic_core import fusion as ff
@@ -435,7 +436,7 @@ def test_store_record_get_and_exact_nbytes():
     torch.testing.assert_close(got, n1.half().float())
     n1.add_(1.0)  # the store holds a copy
     torch.testing.assert_close(store.get(LAYERS[0], 14.6, dtype=torch.float32), before[0].half().float())
-    assert store.has(LAYERS[0], 14.6) and not store.has(LAYERS[0], 7.1)
+    assert store_has(store, LAYERS[0], 14.6) and not store_has(store, LAYERS[0], 7.1)
     with pytest.raises(KeyError, match="no features for output 6:0"):
         store.get(LAYERS[0], 7.1)
     for name, size in (("fp32", 4), ("bf16", 2), ("fp16", 2)):
@@ -459,7 +460,7 @@ def test_store_budget_checked_before_storing():
     msg = str(err.value)
     assert f"{3 * one:,} bytes" in msg and f"{2 * one:,} bytes" in msg
     assert "fewer layers" in msg and "fewer steps" in msg
-    assert store.nbytes == 2 * one and not store.has(LAYERS[0], 3.2)
+    assert store.nbytes == 2 * one and not store_has(store, LAYERS[0], 3.2)
     s32 = make_store(budget_bytes=100, dtype="fp32")
     with pytest.raises(StoreBudgetError, match="fp16"):
         s32.record(LAYERS[0], 14.6, n)
@@ -514,14 +515,14 @@ def test_sigma_lookup_tolerance_and_step_selection():
     assert store.step_indices == (0, 1, 2)
     n = rand(1, 64, 40, seed=15)
     assert store.record(LAYERS[0], torch.tensor([7.1], dtype=torch.float32), n)
-    assert store.has(LAYERS[0], 7.1 * (1 + 5e-5)) and not store.has(LAYERS[0], 7.1 * 1.01)
+    assert store_has(store, LAYERS[0], 7.1 * (1 + 5e-5)) and not store_has(store, LAYERS[0], 7.1 * 1.01)
     assert not store.record(LAYERS[0], 1.4, n)  # step 3 is outside the kept range
     picked = make_store(step_indices=[0, 2, 4], start_percent=0.2)
     assert picked.step_indices == (2, 4)
     with pytest.raises(ValueError, match="outside"):
         make_store(step_indices=[9])
     store.record(LAYERS[1], 14.6, n)
-    assert store.missing() and not store.is_complete()
+    assert store.missing() and not store_is_complete(store)
 
 
 def test_store_batch_mapping_for_cond_uncond_chunks():

@@ -5,6 +5,7 @@ import math
 import pytest
 import tolerances as tol
 import torch
+from oracles import prior_growth
 from tolerances import float_tol, unit_roundoff
 
 from magic_core import inversion as inv
@@ -143,7 +144,7 @@ def bdia_round_trip_tol(x0: torch.Tensor, sig: torch.Tensor, prior: GaussianPrio
     direction, on values up to the top state's size) carried by the parasitic mode, which grows by at most the ODE's
     gain over the schedule."""
     steps = len(sig) - 1
-    gain = prior.growth(float(sig[0]), float(sig[-1]))
+    gain = prior_growth(prior, float(sig[0]), float(sig[-1]))
     top = float(x0.abs().max()) * gain + 4 * float(sig[-1])  # |x_N| <= |x0| * gain + a few sigma_max of noise
     rms = float(x0.double().pow(2).mean().sqrt())
     return 2 * unit_roundoff(x0.dtype) + float_tol(torch.float64, 8 * steps, top) * gain / rms
@@ -176,7 +177,7 @@ def test_bdia_from_rounded_states_is_exact_up_to_the_rounding_grown_by_the_ode()
         sig = inv.inversion_sigmas(schedule(steps))
         out = inv.invert(PRIOR, x0, sig, mode="bdia")
         back = inv.sample_back(PRIOR, out.latent, sig, mode="bdia", partner=out.partner)
-        gain = PRIOR.growth(float(sig[0]), float(sig[-1]))
+        gain = prior_growth(PRIOR, float(sig[0]), float(sig[-1]))
         bound = float_tol(torch.float32, steps, gain) * gain
         ddim = inv.sample_back(PRIOR, inv.invert(PRIOR, x0, sig).latent, sig)
         assert inv.relative_error(back, x0) <= bound < inv.relative_error(ddim, x0) / 10

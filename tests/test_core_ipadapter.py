@@ -17,7 +17,9 @@ import torch.nn.functional as F
 from ipadapter_reference import _t, ref_face_mlp, ref_ln, ref_tokens
 from safetensors.torch import load_file, save_file
 
+from magic_core import face_align
 from magic_core import ipadapter as ipa
+from magic_core import ipadapter_tokens as ipt
 from magic_core import layers as L
 from magic_portrait.tiny_ipadapter import tiny_ipadapter_state, write_tiny_ipadapter
 
@@ -127,13 +129,13 @@ def test_every_variant_family_format_is_detected_and_projects(tmp_path, variant,
         module = ipa.build_image_proj(a)  # strict load inside; check it again explicitly
         module.load_state_dict(a.image_proj, strict=True)
         kw = inputs(a)
-        tok = ipa.id_tokens(a, **kw)
+        tok = ipt.id_tokens(a, **kw)
         assert tok.shape == (2, tokens, CROSS[family]) and tok.dtype == torch.float32
         assert tok.std() > 0.5 and tol.differs(tok[0], tok[1])  # not constant, depends on the input
         if fmt == "safetensors":  # the .bin tokens are compared with these below
             ref = ref_tokens(a, kw, shortcut=a.default_shortcut)
             torch.testing.assert_close(tok.to(D64), ref, atol=TOL, rtol=0)
-        unc = ipa.uncond_tokens(a, clip_hidden=kw.get("clip_hidden"), batch=2)
+        unc = ipt.uncond_tokens(a, clip_hidden=kw.get("clip_hidden"), batch=2)
         assert unc.shape == tok.shape
         results[fmt] = tok
     assert torch.equal(results["safetensors"], results["bin"])
@@ -372,41 +374,41 @@ def test_dlib_128d_embedding_is_refused_with_what_to_do(tmp_path, variant):
     kw = inputs(a)
     kw["face_embedding"] = rand(1, 128)
     with pytest.raises(ipa.IPAdapterInputError) as err:
-        ipa.id_tokens(a, **kw)
+        ipt.id_tokens(a, **kw)
     assert str(err.value) == (
         "FaceID IP-Adapters were trained on insightface's 512-d ArcFace embedding; this one is 128-d from the dlib "
         "back-end: use the insightface back-end with antelopev2 or buffalo_l in models/insightface/models/, or an "
         "image-based IP-Adapter (base/plus/plus-face) with the offline back-end")
     kw["face_embedding"] = rand(1, 256)
     with pytest.raises(ipa.IPAdapterInputError, match="expects a 512-d face embedding .* but got 256-d"):
-        ipa.id_tokens(a, **kw)
+        ipt.id_tokens(a, **kw)
 
 
 def test_clip_dims_that_do_not_match_name_both(tmp_path):
     plus = ipa.load_ipadapter_file(write(tmp_path, "plus", clip_hidden_dim=1280))
     with pytest.raises(ipa.IPAdapterInputError) as err:
-        ipa.id_tokens(plus, clip_hidden=rand(1, 257, 1664))
+        ipt.id_tokens(plus, clip_hidden=rand(1, 257, 1664))
     assert str(err.value) == ("this plus IP-Adapter expects CLIP vision hidden size 1280 (ViT-H) but the CLIP_VISION "
                               "gives 1664 (ViT-bigG)")
     with pytest.raises(ipa.IPAdapterInputError, match=r"penultimate hidden states .* shape \[1, 1280\] \(image_embeds"):
-        ipa.id_tokens(plus, clip_hidden=rand(1, 1280))
+        ipt.id_tokens(plus, clip_hidden=rand(1, 1280))
     with pytest.raises(ipa.IPAdapterInputError, match="needs clip_hidden"):
-        ipa.id_tokens(plus, clip_embeds=rand(1, 1280))
+        ipt.id_tokens(plus, clip_embeds=rand(1, 1280))
     base = ipa.load_ipadapter_file(write(tmp_path, "base", clip_embed_dim=1024))
     with pytest.raises(ipa.IPAdapterInputError, match=r"image_embeds of size 1024 \(ViT-H\) but the CLIP_VISION "
                                                       r"gives 1280 \(ViT-bigG\)"):
-        ipa.id_tokens(base, clip_embeds=rand(1, 1280))
+        ipt.id_tokens(base, clip_embeds=rand(1, 1280))
     with pytest.raises(ipa.IPAdapterInputError, match="non-finite"):
-        ipa.id_tokens(base, clip_embeds=torch.full((1, 1024), float("nan")))
+        ipt.id_tokens(base, clip_embeds=torch.full((1, 1024), float("nan")))
     fplus = ipa.load_ipadapter_file(write(tmp_path, "faceid-plusv2", clip_hidden_dim=1280))
     with pytest.raises(ipa.IPAdapterInputError, match="aligned face crop"):
-        ipa.id_tokens(fplus, face_embedding=rand(1, 512))
+        ipt.id_tokens(fplus, face_embedding=rand(1, 512))
     with pytest.raises(ipa.IPAdapterInputError, match="batch sizes 2 and 3 differ"):
-        ipa.id_tokens(fplus, face_embedding=rand(2, 512), clip_hidden=rand(3, 257, 1280))
+        ipt.id_tokens(fplus, face_embedding=rand(2, 512), clip_hidden=rand(3, 257, 1280))
     # accepted shapes: [D], [B, 1, D]; a single face broadcast over several crops
-    assert ipa.id_tokens(base, clip_embeds=rand(1024)).shape == (1, 4, 768)
-    assert ipa.id_tokens(base, clip_embeds=rand(3, 1, 1024)).shape == (3, 4, 768)
-    assert ipa.id_tokens(fplus, face_embedding=rand(512), clip_hidden=rand(3, 257, 1280)).shape == (3, 4, 768)
+    assert ipt.id_tokens(base, clip_embeds=rand(1024)).shape == (1, 4, 768)
+    assert ipt.id_tokens(base, clip_embeds=rand(3, 1, 1024)).shape == (3, 4, 768)
+    assert ipt.id_tokens(fplus, face_embedding=rand(512), clip_hidden=rand(3, 257, 1280)).shape == (3, 4, 768)
 
 
 # ---------------------------------------------------------------------------------------------- family and layers
@@ -485,16 +487,16 @@ def test_faceid_plus_shortcut_and_scale_follow_the_reference_formula(tmp_path):
     v2 = ipa.load_ipadapter_file(write(tmp_path, "faceid-plusv2"))
     v1 = ipa.load_ipadapter_file(write(tmp_path, "faceid-plus"))  # same seed: identical weights
     kw = inputs(v2)
-    t_v1 = ipa.id_tokens(v1, **kw)
-    t_v2 = ipa.id_tokens(v2, **kw)
-    x = ipa.id_tokens(v2, **kw, shortcut_scale=0.0)  # V2 with scale 0: the FaceID MLP tokens alone
+    t_v1 = ipt.id_tokens(v1, **kw)
+    t_v2 = ipt.id_tokens(v2, **kw)
+    x = ipt.id_tokens(v2, **kw, shortcut_scale=0.0)  # V2 with scale 0: the FaceID MLP tokens alone
     ref_x = ref_face_mlp(v2.image_proj, F.normalize(kw["face_embedding"].to(D64), dim=-1), 4, 768)
     torch.testing.assert_close(x.to(D64), ref_x, atol=TOL, rtol=0)
     assert tol.differs(t_v2, t_v1)
     torch.testing.assert_close(t_v2, x + t_v1, atol=TOL, rtol=0)  # out = x + 1 * perceiver
-    torch.testing.assert_close(ipa.id_tokens(v2, **kw, shortcut_scale=2.5), x + 2.5 * t_v1, atol=TOL, rtol=0)
-    torch.testing.assert_close(ipa.id_tokens(v1, **kw, shortcut=True), t_v2, atol=0, rtol=0)
-    torch.testing.assert_close(ipa.id_tokens(v2, **kw, shortcut=False), t_v1, atol=0, rtol=0)
+    torch.testing.assert_close(ipt.id_tokens(v2, **kw, shortcut_scale=2.5), x + 2.5 * t_v1, atol=TOL, rtol=0)
+    torch.testing.assert_close(ipt.id_tokens(v1, **kw, shortcut=True), t_v2, atol=0, rtol=0)
+    torch.testing.assert_close(ipt.id_tokens(v2, **kw, shortcut=False), t_v1, atol=0, rtol=0)
     torch.testing.assert_close(t_v2.to(D64), ref_tokens(v2, kw, shortcut=True), atol=TOL, rtol=0)
 
 
@@ -502,46 +504,46 @@ def test_face_embeddings_are_normalised_only_for_normed_variants(tmp_path):
     e = rand(1, 512)
     for variant, normed in (("faceid", True), ("faceid-portrait", True), ("faceid-portrait-unnorm", False)):
         a = ipa.load_ipadapter_file(write(tmp_path, variant))
-        same = torch.allclose(ipa.id_tokens(a, face_embedding=e), ipa.id_tokens(a, face_embedding=20 * e), atol=TOL)
+        same = torch.allclose(ipt.id_tokens(a, face_embedding=e), ipt.id_tokens(a, face_embedding=20 * e), atol=TOL)
         assert same is normed and a.face_normed is normed
     a = ipa.load_ipadapter_file(write(tmp_path, "faceid"))
-    assert tol.differs(ipa.id_tokens(a, face_embedding=20 * e, normalize_face=False), ipa.id_tokens(a, face_embedding=e))
+    assert tol.differs(ipt.id_tokens(a, face_embedding=20 * e, normalize_face=False), ipt.id_tokens(a, face_embedding=e))
 
 
 def test_uncond_tokens_are_what_ip_adapter_feeds_the_negative_branch(tmp_path):
     base = ipa.load_ipadapter_file(write(tmp_path, "base"))
     sd = base.image_proj
     zero_ref = ref_ln(_t(sd, "proj.bias").reshape(1, 4, 768), sd, "norm")  # proj(0) = bias
-    torch.testing.assert_close(ipa.uncond_tokens(base).to(D64), zero_ref, atol=TOL, rtol=0)
-    assert ipa.uncond_tokens(base, clip_embeds=rand(3, 32)).shape == (3, 4, 768)
+    torch.testing.assert_close(ipt.uncond_tokens(base).to(D64), zero_ref, atol=TOL, rtol=0)
+    assert ipt.uncond_tokens(base, clip_embeds=rand(3, 32)).shape == (3, 4, 768)
     fid = ipa.load_ipadapter_file(write(tmp_path, "faceid"))
-    torch.testing.assert_close(ipa.uncond_tokens(fid, batch=2).to(D64),
+    torch.testing.assert_close(ipt.uncond_tokens(fid, batch=2).to(D64),
                                ref_face_mlp(fid.image_proj, torch.zeros(2, 512, dtype=D64), 4, 768), atol=TOL, rtol=0)
     plus = ipa.load_ipadapter_file(write(tmp_path, "plus"))
     with pytest.raises(ipa.IPAdapterInputError, match="CLIP vision hidden states of a zero image"):
-        ipa.uncond_tokens(plus)
+        ipt.uncond_tokens(plus)
     zero_hidden = rand(1, 257, 48, seed=9)
-    torch.testing.assert_close(ipa.uncond_tokens(plus, clip_hidden=zero_hidden),
-                               ipa.id_tokens(plus, clip_hidden=zero_hidden), atol=0, rtol=0)
+    torch.testing.assert_close(ipt.uncond_tokens(plus, clip_hidden=zero_hidden),
+                               ipt.id_tokens(plus, clip_hidden=zero_hidden), atol=0, rtol=0)
     fplus = ipa.load_ipadapter_file(write(tmp_path, "faceid-plusv2"))
-    unc = ipa.uncond_tokens(fplus, clip_hidden=zero_hidden.expand(2, -1, -1))
+    unc = ipt.uncond_tokens(fplus, clip_hidden=zero_hidden.expand(2, -1, -1))
     ref = ref_tokens(fplus, {"face_embedding": torch.zeros(2, 512), "clip_hidden": zero_hidden.expand(2, -1, -1)},
                      shortcut=True)
     assert unc.shape == (2, 4, 768)
     torch.testing.assert_close(unc.to(D64), ref, atol=TOL, rtol=0)
-    img = ipa.uncond_reference_image(224)
-    mean = torch.tensor(ipa.CLIP_MEAN)
+    img = ipt.uncond_reference_image(224)
+    mean = torch.tensor(ipt.CLIP_MEAN)
     assert img.shape == (1, 224, 224, 3) and torch.allclose((img - mean), torch.zeros(()))
-    assert torch.equal(ipa.uncond_reference_image(8, "black"), torch.zeros(1, 8, 8, 3))
+    assert torch.equal(ipt.uncond_reference_image(8, "black"), torch.zeros(1, 8, 8, 3))
 
 
 def test_other_dtype_and_module_and_deepcopy(tmp_path):
     a = ipa.load_ipadapter_file(write(tmp_path, "plus", fmt="bin", dtype=torch.float16))
     assert a.dtype == torch.float16 and a.image_proj["latents"].dtype == torch.float16
     kw = inputs(a)
-    t32 = ipa.id_tokens(a, **kw)
+    t32 = ipt.id_tokens(a, **kw)
     m64 = ipa.build_image_proj(a, dtype=torch.float64)
-    t64 = ipa.id_tokens(a, **kw, module=m64)
+    t64 = ipt.id_tokens(a, **kw, module=m64)
     assert t64.dtype == torch.float64
     torch.testing.assert_close(t32.to(D64), t64, atol=TOL, rtol=0)
     assert not any(p.requires_grad for p in m64.parameters()) and not m64.training
@@ -555,27 +557,27 @@ def test_other_dtype_and_module_and_deepcopy(tmp_path):
 def test_average_and_stack(tmp_path):
     a = ipa.load_ipadapter_file(write(tmp_path, "base"))
     embeds = rand(3, 32)
-    toks = ipa.id_tokens(a, clip_embeds=embeds)
-    avg = ipa.combine_tokens(toks, "average")
-    stack = ipa.combine_tokens(toks, "stack")
+    toks = ipt.id_tokens(a, clip_embeds=embeds)
+    avg = ipt.combine_tokens(toks, "average")
+    stack = ipt.combine_tokens(toks, "stack")
     assert avg.shape == (1, 4, 768) and stack.shape == (1, 12, 768)
     torch.testing.assert_close(avg[0], toks.mean(0))
     for i in range(3):
         assert torch.equal(stack[0, 4 * i:4 * (i + 1)], toks[i])
-    assert torch.equal(ipa.combine_tokens([toks[0], toks[1:2], toks[2]], "stack"), stack)
+    assert torch.equal(ipt.combine_tokens([toks[0], toks[1:2], toks[2]], "stack"), stack)
     # averaging the inputs before the projection (IPAdapter_plus "average") differs from averaging tokens
-    pre = ipa.id_tokens(a, clip_embeds=ipa.combine_embeddings(embeds))
-    torch.testing.assert_close(pre, ipa.id_tokens(a, clip_embeds=embeds.mean(0, keepdim=True)), atol=0, rtol=0)
+    pre = ipt.id_tokens(a, clip_embeds=ipt.combine_embeddings(embeds))
+    torch.testing.assert_close(pre, ipt.id_tokens(a, clip_embeds=embeds.mean(0, keepdim=True)), atol=0, rtol=0)
     assert tol.differs(avg, pre)
-    assert torch.equal(ipa.combine_embeddings([embeds[0], embeds[1:]]), embeds.mean(0, keepdim=True))
-    normed = ipa.combine_embeddings(embeds, "norm_average")
+    assert torch.equal(ipt.combine_embeddings([embeds[0], embeds[1:]]), embeds.mean(0, keepdim=True))
+    normed = ipt.combine_embeddings(embeds, "norm_average")
     torch.testing.assert_close(normed, F.normalize(embeds, dim=-1).mean(0, keepdim=True))
     hidden = rand(2, 257, 48)
-    assert ipa.combine_embeddings(hidden).shape == (1, 257, 48)
+    assert ipt.combine_embeddings(hidden).shape == (1, 257, 48)
     with pytest.raises(ipa.IPAdapterError, match="'average' or 'stack'"):
-        ipa.combine_tokens(toks, "concat")
+        ipt.combine_tokens(toks, "concat")
     with pytest.raises(ipa.IPAdapterInputError, match="different shapes"):
-        ipa.combine_tokens([toks[0], toks[0, :2]], "average")
+        ipt.combine_tokens([toks[0], toks[0, :2]], "average")
 
 
 # ---------------------------------------------------------------------------------------------------- face alignment
@@ -600,13 +602,13 @@ def _similarity(points, angle, scale, shift):
 
 def test_align_face_maps_the_keypoints_onto_the_arcface_template():
     size = 224
-    template = ipa.arcface_template(size)
-    np.testing.assert_allclose(template, ipa.ARCFACE_TEMPLATE_112 * 2.0)
+    template = face_align.arcface_template(size)
+    np.testing.assert_allclose(template, face_align.ARCFACE_TEMPLATE_112 * 2.0)
     kps = _similarity(template, 0.35, 1.6, (60.0, 35.0))
     img = np.zeros((460, 420, 3), np.uint8)
     for x, y in kps:  # anti-aliased discs with sub-pixel centres
         cv2.circle(img, (round(x * 16), round(y * 16)), 6 * 16, (255, 255, 255), -1, cv2.LINE_AA, shift=4)
-    crop, matrix = ipa.align_face(img, kps, size, return_matrix=True)
+    crop, matrix = face_align.align_face(img, kps, size, return_matrix=True)
     assert crop.shape == (size, size, 3) and crop.dtype == np.uint8
     np.testing.assert_allclose(np.c_[kps, np.ones(5)] @ matrix.T, template, atol=_lstsq_tol(kps, size, noisy=False))
     grey = crop[..., 0].astype(np.float64)
@@ -620,12 +622,12 @@ def test_align_face_maps_the_keypoints_onto_the_arcface_template():
 
 
 def test_align_face_template_scaling_and_least_squares():
-    t256 = ipa.arcface_template(256)  # insightface: 256 % 112 != 0 -> ratio 256/128, x shifted by 8 * ratio
-    np.testing.assert_allclose(t256, ipa.ARCFACE_TEMPLATE_112 * 2.0 + np.array([16.0, 0.0]))
-    np.testing.assert_allclose(ipa.arcface_template(336), ipa.ARCFACE_TEMPLATE_112 * 3.0)
+    t256 = face_align.arcface_template(256)  # insightface: 256 % 112 != 0 -> ratio 256/128, x shifted by 8 * ratio
+    np.testing.assert_allclose(t256, face_align.ARCFACE_TEMPLATE_112 * 2.0 + np.array([16.0, 0.0]))
+    np.testing.assert_allclose(face_align.arcface_template(336), face_align.ARCFACE_TEMPLATE_112 * 3.0)
     rng = np.random.default_rng(3)
-    kps = _similarity(ipa.ARCFACE_TEMPLATE_112, -0.2, 2.2, (100.0, 80.0)) + rng.normal(0, 2.0, (5, 2))
-    m = ipa.similarity_transform(kps, t256)
+    kps = _similarity(face_align.ARCFACE_TEMPLATE_112, -0.2, 2.2, (100.0, 80.0)) + rng.normal(0, 2.0, (5, 2))
+    m = face_align.similarity_transform(kps, t256)
     # least squares over similarities: the residual is stationary in each of the 4 parameters
     a, b = m[0, 0], m[1, 0]
     assert m[0, 1] == -b and m[1, 1] == a  # built from the same two numbers
@@ -647,10 +649,10 @@ def test_align_face_template_scaling_and_least_squares():
 def test_align_face_rejects_bad_input():
     img = np.zeros((64, 64, 3), np.uint8)
     with pytest.raises(ipa.IPAdapterInputError, match="5 finite"):
-        ipa.align_face(img, np.zeros((4, 2)))
+        face_align.align_face(img, np.zeros((4, 2)))
     with pytest.raises(ipa.IPAdapterInputError, match="degenerate"):
-        ipa.align_face(img, np.full((5, 2), 10.0))
+        face_align.align_face(img, np.full((5, 2), 10.0))
     with pytest.raises(ipa.IPAdapterInputError, match="H x W x 3"):
-        ipa.align_face(np.zeros((64, 64)), ipa.ARCFACE_TEMPLATE_112)
-    out = ipa.align_face(np.full((112, 112, 3), 0.5, np.float32), ipa.ARCFACE_TEMPLATE_112, 112)
+        face_align.align_face(np.zeros((64, 64)), face_align.ARCFACE_TEMPLATE_112)
+    out = face_align.align_face(np.full((112, 112, 3), 0.5, np.float32), face_align.ARCFACE_TEMPLATE_112, 112)
     assert out.dtype == np.uint8 and out[56, 56, 0] == 128  # float input in [0, 1]; identity warp

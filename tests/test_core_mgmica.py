@@ -1,6 +1,7 @@
 """Core tier: MGMICA's per-layer maths (magic_core.mgmica) and regions on token grids (magic_core.regions)."""
 
 import math
+from dataclasses import dataclass
 
 import pytest
 import tolerances as tol
@@ -27,13 +28,41 @@ def _reference(q, terms, heads):
     return out
 
 
+@dataclass(frozen=True)
+class _Term:
+    """One identity at one layer: keys/values [1 or rows, T, inner], its mask [1 or rows, L], its weight."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    mask: torch.Tensor
+    weight: float
+
+
+def _planned(q, terms, heads, upcast=False):
+    """The MGMICA patch's route for full queries q [rows, L, inner]: plan_tokens, one planned_attention call over the
+    identities' keys side by side, scattered back onto the grid; None when no identity touches a token."""
+    rows, length, _ = q.shape
+    terms = [t for t in terms if t.weight != 0]
+    if not terms:
+        return None
+    plan = mgmica.plan_tokens(torch.stack([t.mask.float().expand(rows, length) for t in terms]),
+                              [t.weight for t in terms])
+    if plan is None:
+        return None
+    keys = torch.cat([t.k.expand(rows, -1, -1) for t in terms], dim=1)
+    values = torch.cat([t.v.expand(rows, -1, -1) for t in terms], dim=1)
+    z = mgmica.planned_attention(q.index_select(1, plan.union), keys, values, plan, plan.scale,
+                                 mgmica.key_segments([t.k.shape[1] for t in terms]), heads, upcast)
+    return torch.zeros_like(q).index_add_(1, plan.union, z)
+
+
 def _terms(g, rows, length, inner, masks, weights, tokens=4):
-    return [mgmica.IdentityTerm(torch.randn(1, tokens, inner, generator=g), torch.randn(1, tokens, inner, generator=g),
+    return [_Term(torch.randn(1, tokens, inner, generator=g), torch.randn(1, tokens, inner, generator=g),
                                 m, w) for m, w in zip(masks, weights, strict=True)]
 
 
 @pytest.mark.parametrize("share", [0.1, 0.9])  # the gathered route and the dense route
-def test_identity_attention_matches_the_dense_formula(share):
+def test_planned_identity_attention_matches_the_dense_formula(share):
     g = torch.Generator().manual_seed(0)
     rows, length, inner, heads = 3, 50, 16, 2
     q = torch.randn(rows, length, inner, generator=g)
@@ -42,7 +71,7 @@ def test_identity_attention_matches_the_dense_formula(share):
         m = (torch.rand(1, length, generator=g) < share).float() * torch.rand(1, length, generator=g)
         masks.append(m)
     terms = _terms(g, rows, length, inner, masks, [1.0, 0.5, 2.0])
-    out = mgmica.identity_attention(q, terms, heads)
+    out = _planned(q, terms, heads)
     ref = _reference(q, terms, heads)
     scale = ref.abs().max().item()
     ops = tol.attention_ops(inner // heads, 4) + len(terms)  # each identity's attention, then their weighted sum
@@ -53,9 +82,9 @@ def test_no_mask_or_no_weight_adds_nothing():
     g = torch.Generator().manual_seed(1)
     q = torch.randn(2, 30, 8, generator=g)
     zero = _terms(g, 2, 30, 8, [torch.zeros(1, 30)], [1.0])
-    assert mgmica.identity_attention(q, zero, 2) is None
+    assert _planned(q, zero, 2) is None
     unweighted = _terms(g, 2, 30, 8, [torch.ones(1, 30)], [0.0])
-    assert mgmica.identity_attention(q, unweighted, 2) is None
+    assert _planned(q, unweighted, 2) is None
 
 
 def test_identity_changes_only_its_own_tokens():
@@ -65,8 +94,8 @@ def test_identity_changes_only_its_own_tokens():
     raw = torch.rand(2, 1, length, generator=g)
     masks = mgmica.resolve_overlaps(raw * (raw > 0.3), "exclusive")
     terms = _terms(g, rows, length, inner, list(masks), [1.0, 1.0])
-    changed = [terms[0], mgmica.IdentityTerm(terms[1].k * 3 + 1, terms[1].v - 2, terms[1].mask, 1.0)]
-    diff = (mgmica.identity_attention(q, terms, 2) - mgmica.identity_attention(q, changed, 2)).abs().amax(dim=(0, 2))
+    changed = [terms[0], _Term(terms[1].k * 3 + 1, terms[1].v - 2, terms[1].mask, 1.0)]
+    diff = (_planned(q, terms, 2) - _planned(q, changed, 2)).abs().amax(dim=(0, 2))
     inside = masks[1, 0] > 0
     assert diff[~inside].max() == 0  # bit-identical outside identity 1's tokens
     assert diff[inside].min() > 0
@@ -167,7 +196,7 @@ def test_cfg_batch_rows_get_their_chunks_tokens_and_none_masks_uncond(cond_or_un
         negative = chunk == 1 and uncond == "negative tokens"
         for i, w in enumerate(weights):
             k_i, v_i = (kv[i][2], kv[i][3]) if negative else (kv[i][0], kv[i][1])
-            term = mgmica.IdentityTerm(k_i, v_i, masks[i, picture][None], w)
+            term = _Term(k_i, v_i, masks[i, picture][None], w)
             expected[r] += _reference(q[r:r + 1], [term], heads)[0]
     ops = tol.attention_ops(inner // heads, tokens) + 2
     torch.testing.assert_close(out.double(), expected, rtol=0,

@@ -15,6 +15,7 @@ import pytest
 import tolerances as tol
 import torch
 import torch.nn.functional as F
+from oracles import merged_state
 from PIL import Image
 from test_core_training import ADAPTER, CH, LAT, LAYERS, SIGMAS, ToyUNet, toy_forward
 
@@ -24,7 +25,7 @@ from magic_core import face_draw as fd
 from magic_core import magicid_build as mb
 from magic_core import magicid_dataset as md
 from magic_core import mmf, train_data
-from magic_core.repcontrolnet import init_weights_from_base, merged_state
+from magic_core.repcontrolnet import init_weights_from_base
 from magic_core.repcontrolnet_train import LOSS_LOG, train_repcontrolnet
 
 REPO = Path(__file__).resolve().parent.parent

@@ -9,6 +9,7 @@ import pytest
 import tolerances as tol
 import torch
 import torch.nn.functional as F
+from oracles import merged_state, unmerged_forward
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -23,10 +24,8 @@ from magic_core.repcontrolnet import (
     merge_increment,
     merge_into_,
     merge_terms,
-    merged_state,
     save_repcontrolnet,
     to_tensors_and_metadata,
-    unmerged_forward,
     validate_against_unet,
 )
 

@@ -15,11 +15,12 @@ import pytest
 import tolerances as tol
 import torch
 import torch.nn.functional as F
+from oracles import merged_state
 from safetensors.torch import load_file, save
 from torch import nn
 
-from magic_core import train_data
-from magic_core.repcontrolnet import add_features, init_weights_from_base, merged_state
+from magic_core import train_data, train_streams
+from magic_core.repcontrolnet import add_features, init_weights_from_base
 from magic_core.repcontrolnet_train import (
     LOSS_LOG,
     PREVIOUS_RUN,
@@ -479,7 +480,7 @@ def stream_keys(source, world, rank, *, micro, batch=1, position=None, workers=0
 def test_tar_shards_stream_disjointly_per_rank_in_worker_processes_and_resume_on_another_world_size(tmp_path):
     keys = write_tars(tmp_path / "tars")
     source = train_data.open_dataset(str(tmp_path / "tars" / "shard-{0000..0002}.tar"), None)
-    assert isinstance(source, train_data.TarShards) and len(source) == 3
+    assert isinstance(source, train_streams.TarShards) and len(source) == 3
     # one epoch of 9 samples: rank 0 reads 2 shards (6 samples), rank 1 one shard (3), disjoint
     r0, _, _ = stream_keys(source, 2, 0, micro=6)
     r1, _, _ = stream_keys(source, 2, 1, micro=3)
@@ -498,7 +499,7 @@ def test_tar_shards_stream_disjointly_per_rank_in_worker_processes_and_resume_on
     read = set(stream_keys(source, 2, 0, micro=4)[0]) | set(stream_keys(source, 2, 1, micro=2)[0])
     # ... and 1 or 3 processes read exactly the rest of the epoch, then a new epoch
     for world in (1, 3):
-        dealt = train_data.redistribute_streams(states, num_shards=3, seed=5, old_world=2, new_world=world,
+        dealt = train_streams.redistribute_streams(states, num_shards=3, seed=5, old_world=2, new_world=world,
                                                 shuffle=True)
         rest = []
         for rank in range(world):
@@ -512,7 +513,7 @@ def test_tar_shards_stream_disjointly_per_rank_in_worker_processes_and_resume_on
 def test_training_on_tar_shards_resumes_bit_for_bit(tmp_path):
     write_tars(tmp_path / "tars", shards=2, per_shard=4)
     net = ToyUNet()
-    latent_only = train_data.TarShards(str(tmp_path / "tars"))
+    latent_only = train_streams.TarShards(str(tmp_path / "tars"))
 
     def prepare(batch, step):  # stands in for the VAE: pooled pixels as the latent
         if "image" in batch:

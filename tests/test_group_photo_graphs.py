@@ -66,9 +66,9 @@ def _detect_graph(image: str, backend: str) -> dict:
 
 def _reference(core, analyzer, rgb) -> list:
     """What the back-end itself finds on the whole picture at full resolution and upsampled twice, merged."""
-    fb = core.face_backends
+    fs = core.face_search
     hits = analyzer.detect(rgb, 1.0, 0.5) + analyzer.detect(rgb, 2.0, 0.5)
-    return fb.merge_detections(hits)
+    return fs.merge_detections(hits)
 
 
 # dlib gets the LFW people; the tiny insightface stand-in sees skin-toned blobs: it gets the astronaut pictures
@@ -87,18 +87,18 @@ def test_detect_faces_at_defaults_finds_every_face_the_back_end_can_see(comfy, p
     # every face the back-end sees at full resolution or upsampled twice (its hits on a placed face: the tiny
     # stand-in also fires on a shoulder at one scale), found once at the node's defaults
     reference = [r for r in _reference(core, analyzer, rgb)
-                 if any(core.face_backends.same_face(r.box, p) for p in placed)]
+                 if any(core.face_search.same_face(r.box, p) for p in placed)]
     assert len(reference) == len(placed), "the back-end sees every placed face at some resolution"
     for ref in reference:
-        assert sum(core.face_backends.same_face(ref.box, b) for b in boxes) == 1, (ref.box, ref.score)
+        assert sum(core.face_search.same_face(ref.box, b) for b in boxes) == 1, (ref.box, ref.score)
     for p in placed:  # and they are the people we placed, each once
-        assert sum(core.face_backends.same_face(p, b) for b in boxes) == 1, p
+        assert sum(core.face_search.same_face(p, b) for b in boxes) == 1, p
     for i, a in enumerate(boxes):  # no face twice, every box inside the picture
         assert 0 <= a[0] < a[2] <= w and 0 <= a[1] < a[3] <= h
-        assert not any(core.face_backends.same_face(a, b) for b in boxes[i + 1:])
+        assert not any(core.face_search.same_face(a, b) for b in boxes[i + 1:])
     assert count == len(faces) == len(sizes) and preview.shape == (1, h, w, 3)
     text = out["detect"]["text"][0]
-    scale = core.face_backends.detection_scale(analyzer, h, w)
+    scale = core.face_search.detection_scale(analyzer, h, w)
     size = f"{round(w * scale)}x{round(h * scale)}"
     assert re.search(rf"image 0: {len(faces)} face\(s\); detected at {size} \(x{scale:.2f}\).* s detecting, "
                      r"[\d.]+ s in all", text), text

@@ -65,7 +65,7 @@ def astronaut():
 def astronaut_faces(pack, astronaut):
     """The astronaut's face as dlib finds it, carrying a 512-d ArcFace-kind embedding (what insightface gives)."""
     core = pack.magic_core
-    found = core.face_backends.find_faces(core.face_backends.DlibAnalyzer("hog"), core.faces.to_rgb_uint8(astronaut[0]))
+    found = core.face_search.find_faces(core.face_backends.DlibAnalyzer("hog"), core.faces.to_rgb_uint8(astronaut[0]))
     face = found.faces[0]
     embedding = np.random.default_rng(3).normal(size=512)
     arcface = core.faces.Face(bbox=face.bbox, kps=face.kps, score=face.score, embedding=embedding,
@@ -117,7 +117,7 @@ def uint8(image: torch.Tensor) -> np.ndarray:
 def aligned_crop(core, image: torch.Tensor, face, size: int) -> torch.Tensor:
     """The FaceID-Plus crop: the pack's align_face, which matches insightface's own norm_crop to one 8-bit level
     (test_aligned_crops_match_insightface_norm_crop)."""
-    return torch.from_numpy(core.ipadapter.align_face(uint8(image), face.kps, size)).float()[None] / 255.0
+    return torch.from_numpy(core.face_align.align_face(uint8(image), face.kps, size)).float()[None] / 255.0
 
 
 def expected_tokens(adapter, clip_vision, reference: torch.Tensor | None, face, negative: str,
@@ -240,5 +240,5 @@ def test_aligned_crops_match_insightface_norm_crop(pack, astronaut, astronaut_fa
     face_align = pytest.importorskip("insightface.utils.face_align")
     face = astronaut_faces.faces[0][0]
     theirs = face_align.norm_crop(uint8(astronaut), landmark=face.kps, image_size=size).astype(int)
-    ours = pack.magic_core.ipadapter.align_face(uint8(astronaut), face.kps, size).astype(int)
+    ours = pack.magic_core.face_align.align_face(uint8(astronaut), face.kps, size).astype(int)
     assert np.abs(ours - theirs).max() <= 1 and (ours != theirs).mean() < 1e-3

@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import comfy_folders, latent, run_in_graph
+from oracles import kept_sigmas, store_is_complete
 from PIL import Image
 from skimage import data as skimage_data
 
@@ -69,7 +70,7 @@ def test_store_defaults_keep_exactly_the_fused_layers_and_steps(nodes, sd15, tin
     fused = fused_layers_and_steps(patched)
     assert fused and set(store.layers) == set(fused)
     assert all(steps == list(store.step_indices) for steps in fused.values())
-    assert store.is_complete() and len(store) == len(fused) * len(store.step_indices)
+    assert store_is_complete(store) and len(store) == len(fused) * len(store.step_indices)
     if preset == "masactrl":
         assert store.step_indices == (1, 2)  # from 8% of the steps: step 0 is never fused, so never kept
     assert preset in store.origin and "KV Feature Store" in store.selected_by
@@ -197,7 +198,7 @@ def _store_error(store, reference) -> tuple[float, float]:
     same inversion."""
     err = ref = 0.0
     for key in reference.layers:
-        for sigma in reference.kept_sigmas:
+        for sigma in kept_sigmas(reference):
             exact = reference.get(key, sigma).double()
             err += float((store.get(key, sigma, dtype=torch.float32).double() - exact).pow(2).sum())
             ref += float(exact.pow(2).sum())

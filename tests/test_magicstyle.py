@@ -17,6 +17,7 @@ from helpers import (
     object_node,
     run_in_graph,
 )
+from oracles import store_is_complete
 
 from magic_portrait.comfy_env import WorkflowError
 
@@ -81,7 +82,7 @@ def self_pass(nodes, pack, sd15, tiny):
     with torch.inference_mode():
         plain = sample(nodes, capturing, record)
     gate.open = False
-    assert store.is_complete() and len(store.step_indices) == STEPS - 1
+    assert store_is_complete(store) and len(store.step_indices) == STEPS - 1
     return {"cond": cond, "record": record, "store": store, "plain": plain, "end": end}
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import comfy_folders, saved_latent
+from oracles import merged_state
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -202,7 +203,7 @@ def test_mmf_training_through_the_executor_lowers_the_loss_of_both_modalities(co
             with torch.no_grad():
                 latents = latent_format.process_in(vae.encode(batch["image"].permute(0, 2, 3, 1)).float())
                 context = context_from(model, positive, latents.shape[0], tuple(latents.shape[-2:]), "cpu")
-                params, adapter = rcn.merged_state(weights, unet), weights.build_adapter()
+                params, adapter = merged_state(weights, unet), weights.build_adapter()
                 features = adapter(batch["condition"], latent_hw=tuple(latents.shape[-2:]))
                 g, total = torch.Generator().manual_seed(99), 0.0
                 for sigma in (0.5, 2.0, 6.0):

@@ -18,6 +18,7 @@ import pytest
 import tolerances as tol
 import torch
 from helpers import assert_same_snapshot, model_snapshot, run_in_graph, run_node
+from oracles import merged_state, unmerged_forward
 
 from magic_portrait.comfy_env import WorkflowError
 
@@ -113,7 +114,7 @@ def test_merged_equals_unmerged(nodes, R, P, core, sd15, tiny, tiny_rcn):
         # unmerged reference: the unpatched UNet with forward hooks, the same adapter features
         features = P.AdapterFeatures(tiny_rcn.weights, R.condition_tensor("t", image), strength, "t")
         restore(sd15)
-        with core.unmerged_forward(sd15.model.diffusion_model, tiny_rcn.weights, strength):
+        with unmerged_forward(sd15.model.diffusion_model, tiny_rcn.weights, strength):
             unmerged = forward(sd15, x, sigma, cond, {"patches": {"input_block_patch": [features]}})
         base = forward(sd15, x, sigma, cond)
         assert tol.differs(merged, base), "the RepControlNet must change the output"
@@ -212,7 +213,7 @@ def test_loras_and_merges_before_or_after_apply_compose_like_added_differences(n
     lora_keys = [k for k in keys if k.endswith(".weight")][:3] + ["output_blocks.3.0.in_layers.2.weight"]
     lora = _lora(sd15, lora_keys, seed=6)
     lora_only = loaded_unet(_with_lora(sd15, lora))
-    increment = {k: v - base[k] for k, v in core.merged_state(tiny_rcn.weights, base, 0.8).items()}
+    increment = {k: v - base[k] for k, v in merged_state(tiny_rcn.weights, base, 0.8).items()}
     expected = dict(lora_only)
     for key, inc in increment.items():
         expected[key] = lora_only[key] + inc
@@ -229,7 +230,7 @@ def test_loras_and_merges_before_or_after_apply_compose_like_added_differences(n
     # two RepControlNets on one model: their increments add up, each from the unpatched weight
     other = R.LoadedRepControlNet(tiny.make_tiny_repcontrolnet(sd15, seed=7), "other")
     both = apply(nodes, apply(nodes, _with_lora(sd15, lora), tiny_rcn, hint(6), 0.8), other, hint(7), 0.5)
-    second = {k: v - base[k] for k, v in core.merged_state(other.weights, base, 0.5).items()}
+    second = {k: v - base[k] for k, v in merged_state(other.weights, base, 0.5).items()}
     expected_both = {k: expected[k] + second.get(k, 0.0) for k in expected}
     assert_weights_close(loaded_unet(both), expected_both, ops + MERGE_OPS, keys=keys)
 
@@ -484,7 +485,7 @@ def test_training_lowers_the_loss_saves_and_resumes(nodes, R, core, pack, tiny, 
 
         def eval_loss(weights):
             adapter = weights.build_adapter()
-            params = core.merged_state(weights, unet)
+            params = merged_state(weights, unet)
             g = torch.Generator().manual_seed(99)
             total = 0.0
             with torch.no_grad():
@@ -630,7 +631,7 @@ def test_example_workflow_runs_and_merged_checkpoint_round_trips(comfy, nodes, R
                                                          output_clip=False)[0]
     weights = core.load_repcontrolnet(tiny_files["rcn"])
     base_state = base_model.model.diffusion_model.state_dict()
-    expected = core.merged_state(weights, base_state)
+    expected = merged_state(weights, base_state)
     saved = merged_model.model.diffusion_model.state_dict()
     for key, value in expected.items():
         # the checkpoint holds the merge rounded once to fp16 (below fp16's normal range: absolute spacing)
