@@ -31,7 +31,7 @@ from magic_core import diir, face_crop  # noqa: E402
 from magic_core import face_backends as fb  # noqa: E402
 from magic_core import face_masks as fm  # noqa: E402
 from magic_core import face_search as fs  # noqa: E402
-from magic_core import faces as F  # noqa: E402
+from magic_core import faces as fc  # noqa: E402
 from magic_portrait import group_photos as gp  # noqa: E402
 
 PICTURES = {  # long side: (width, height, face sizes px)
@@ -41,7 +41,7 @@ PICTURES = {  # long side: (width, height, face sizes px)
 }
 
 
-def old_default(analyzer: fb.FaceAnalyzer, rgb: np.ndarray) -> tuple[list[F.Face], float]:
+def old_default(analyzer: fb.FaceAnalyzer, rgb: np.ndarray) -> tuple[list[fc.Face], float]:
     """Detect Faces before issue #19, at its defaults: one detection with the long side at det_size 640 (insightface
     at a square 640 x 640 input), every hit described. (Its retries ran only when nothing was found: never here.)"""
     start = time.perf_counter()

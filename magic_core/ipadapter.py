@@ -18,9 +18,8 @@ from torch import nn
 
 from . import families
 from .ipadapter_models import ARCFACE_DIM, PROJECTION_MODULES, RESAMPLER_DIM_HEAD
+from .layers import LayerKey, format_layer
 from .sharing import SharedOnCopy
-
-LayerKey = tuple[str, int, int]
 
 VARIANTS = (
     "base",
@@ -551,10 +550,6 @@ def ip_layer_order(layers) -> list[LayerKey]:
     return sorted(keys, key=lambda k: (_IP_BLOCK_ORDER[k[0]], k[1], k[2]))
 
 
-def _fmt_layer(key: LayerKey) -> str:
-    return f"{key[0]} {key[1]}:{key[2]}"
-
-
 def map_layers(adapter: IPAdapterFile, model_layers, inner_dims=None) -> dict[LayerKey, int]:
     """{(block, number, index): position n in ``adapter.layer_weights()``} for the MODEL's cross-attention layers.
 
@@ -583,12 +578,12 @@ def map_layers(adapter: IPAdapterFile, model_layers, inner_dims=None) -> dict[La
             dims = dict(zip(keys, dims_list, strict=True))
         for n, key in enumerate(ordered):
             if key not in dims:
-                raise IPAdapterError(f"no inner dim given for layer {_fmt_layer(key)}")
+                raise IPAdapterError(f"no inner dim given for layer {format_layer(key)}")
             want = adapter.layer_inner_dims[n]
             if dims[key] != want:
                 raise IPAdapterModelMismatchError(
                     f"IP-Adapter layer {n} ('{2 * n + 1}.to_k_ip.weight') projects to {want} features but the "
-                    f"MODEL's cross-attention at {_fmt_layer(key)} has inner dim {dims[key]}: this IP-Adapter was "
+                    f"MODEL's cross-attention at {format_layer(key)} has inner dim {dims[key]}: this IP-Adapter was "
                     "made for another model"
                 )
     return {key: n for n, key in enumerate(ordered)}

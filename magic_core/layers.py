@@ -218,6 +218,11 @@ def _ranges(values: list[int]) -> str:
     return " ".join(parts)
 
 
+def format_layer(key: LayerKey) -> str:
+    """One layer, always with its transformer index (``"output 3:0"``), as messages about a single layer name it."""
+    return f"{key[0]} {key[1]}:{key[2]}"
+
+
 def format_layers(layers: Iterable[LayerKey], depths: Mapping[tuple[str, int], int] | None = None) -> str:
     """Compact text for a layer list that `parse_layer_spec` reads back, e.g. ``"output 6-11; middle 0:0-4"``.
 
