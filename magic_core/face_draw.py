@@ -368,18 +368,20 @@ def draw_landmark_contours(faces, height: int, width: int, thickness: int = 2, n
     return canvas
 
 
-FACE_STYLES = ("openpose_face", "instantid_kps", "landmark_contours")  # drawn from the faces alone
+FACE_CONDITION_STYLES = ("openpose_face", "instantid_kps", "landmark_contours")  # drawn from the faces alone
 
 
 def draw_face_condition(style: str, faces, height: int, width: int, thickness: int = 2) -> np.ndarray:
-    """One of FACE_STYLES drawn for `faces`: the one dispatch every node that draws a face condition uses."""
+    """One of FACE_CONDITION_STYLES drawn for `faces`: the one dispatch of every node that draws a face
+    condition."""
     if style == "openpose_face":
         return draw_openpose_face(faces, height, width)
     if style == "instantid_kps":
         return draw_instantid_kps(faces, height, width)
     if style == "landmark_contours":
         return draw_landmark_contours(faces, height, width, thickness=thickness)
-    raise ValueError(f"unknown face condition style {style!r}; choose one of {', '.join(FACE_STYLES)}")
+    raise ValueError(f"unknown face condition style {style!r}; choose one of "
+                     f"{', '.join(FACE_CONDITION_STYLES)}")
 
 
 # ------------------------------------------------------------------------------------------------------------

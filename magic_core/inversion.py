@@ -186,7 +186,6 @@ class BoundaryLog(SharedOnCopy):
         return len(self._entries)
 
 
-
 @dataclass
 class InversionOutcome:
     latent: torch.Tensor  # state at the top sigma

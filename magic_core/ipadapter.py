@@ -124,7 +124,6 @@ class IPAdapterFile(SharedOnCopy):
     notes: tuple[str, ...] = ()
     _cache: dict = field(default_factory=dict, init=False, repr=False)
 
-
     @property
     def family_label(self) -> str:
         return families.label(self.family)

@@ -29,7 +29,6 @@ DLIB_EMBEDDING_MESSAGE = (
 )
 
 
-
 def _tensor(x, what: str) -> torch.Tensor:
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(np.ascontiguousarray(x))

@@ -254,7 +254,6 @@ class CaptureGate(SharedOnCopy):
     def __bool__(self) -> bool:
         return self.open
 
-
     def __repr__(self) -> str:
         return f"CaptureGate(open={self.open})"
 
@@ -604,7 +603,6 @@ class KVStore(SharedOnCopy):
 
     def __len__(self) -> int:
         return len(self._data)
-
 
     def __repr__(self) -> str:
         return (f"KVStore(model_id={self.model_id!r}, family={self.family!r}, latent_shape={self.latent_shape}, "

@@ -74,7 +74,7 @@ class DIIRFaceRestore(io.ComfyNode):
                                tooltip="Which identity restores which face: the i-th identity the i-th chosen face "
                                "(left to right), or each face the identity whose reference face embedding is closest."),
                 io.Float.Input("identity_weight", default=1.0, min=0.0, max=5.0, step=0.05),
-                io.Combo.Input("condition_style", options=list(fd.FACE_STYLES), default="openpose_face"),
+                io.Combo.Input("condition_style", options=list(fd.FACE_CONDITION_STYLES), default="openpose_face"),
                 io.Float.Input("control_strength", default=0.6, min=0.0, max=5.0, step=0.05),
                 io.Combo.Input("if_no_face", options=["return unchanged", "error"], default="return unchanged"),
                 io.Conditioning.Input("negative", optional=True, tooltip="Needed when cfg is not 1."),

@@ -28,7 +28,7 @@ OFFLINE = "offline (dlib: no download)"
 INSIGHTFACE = "insightface"
 PACK_DEFAULTS = ("antelopev2", "buffalo_l")
 # the face styles, and MagicID's skeleton + landmarks, which also needs the body pose
-CONDITION_STYLES = (*fd.FACE_STYLES, "magicid_skeleton_landmarks")
+CONDITION_STYLES = (*fd.FACE_CONDITION_STYLES, "magicid_skeleton_landmarks")
 MASK_SHAPES = list(fm.SHAPES)
 
 
@@ -283,7 +283,7 @@ class DrawFaceCondition(io.ComfyNode):
         for i, source in enumerate(detections.image_sizes):
             target = source if width == 0 else (int(height), int(width))
             chosen = fd.rescale_faces(_select(node, detections, i, indices), source, target)
-            if style in fd.FACE_STYLES:
+            if style in fd.FACE_CONDITION_STYLES:
                 drawn = fd.draw_face_condition(style, chosen, *target, thickness=thickness)
             else:
                 frame = frames[i if len(frames) > 1 else 0]

@@ -53,6 +53,8 @@ GAMMA_TOOLTIP = (
     "paper's exact-inversion setting) never grows anything; below 1 the inversion divides by gamma every step, so "
     "errors grow like gamma^-steps: keep it near 1 for many steps (a diverging inversion is refused)."
 )
+
+
 class DDIMInvert(io.ComfyNode):
     @classmethod
     def define_schema(cls):

@@ -74,7 +74,6 @@ class RunNotes(SharedOnCopy):
         return sep.join(self.lines)
 
 
-
 @dataclass
 class InversionRecord(SharedOnCopy):
     """What an inversion produced and what it belongs to; later nodes check it before using it."""

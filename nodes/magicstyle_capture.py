@@ -64,7 +64,6 @@ class CapturePatch(SharedOnCopy):
         return n, context_attn1, value_attn1
 
 
-
 MATCH_FUSION = "match fusion preset"  # store layers: the layers of the fusion preset the store is for
 FROM_FUSION = FROM_PRESET  # store start/end percent: the fusion preset's
 
@@ -160,7 +159,6 @@ class KVStoreSpec(SharedOnCopy):
                 f"{steps[:12]}{'...' if len(steps) > 12 else ''}. The UNet never ran those self-attention layers on "
                 "the captured calls (another patch replacing the UNet or its blocks?), or the inversion's sampler "
                 "does not open the capture gate (use DDIM Invert).")
-
 
 
 def invert_recording(spec: KVStoreSpec | None, model, positive, samples: torch.Tensor, sigmas: torch.Tensor,

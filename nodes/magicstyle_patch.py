@@ -90,6 +90,7 @@ def _upcast(attn_precision, dtype) -> bool:
     asks for float32 attention at this dtype."""
     return comfy_attention.get_attn_precision(attn_precision, dtype) == torch.float32
 
+
 class LayerFusion(SharedOnCopy):
     """Feature Fusion Attention for one layer, on active steps; other steps and plain branches run unchanged.
 
@@ -254,7 +255,6 @@ class LayerFusion(SharedOnCopy):
                           plain, attend)
 
 
-
 class ChainedFusion(SharedOnCopy):
     """A fusion put into an attn1 slot that another function took after the fusion was set (found when sampling
     starts): ComfyUI calls this, which fuses inside that function (the fusion's q/k/v route with it as `previous`)."""
@@ -264,7 +264,6 @@ class ChainedFusion(SharedOnCopy):
 
     def __call__(self, q, k, v, extra):
         return self.fusion.qkv(q, k, v, extra, self.previous)
-
 
 
 def outer_function(fn):
@@ -347,7 +346,6 @@ class FusionStandIn(SharedOnCopy, torch.nn.Module):
         if out is None:  # fusion off at this step: the original module, with whatever a newer ComfyUI passes
             return self.original(x, context=context, value=value, transformer_options=transformer_options, **kwargs)
         return self.to_out(out)
-
 
 
 def original_attn1(attn1: torch.nn.Module) -> torch.nn.Module:
@@ -580,7 +578,6 @@ def patch_model(model, params: ff.FusionParams, layers_choice: str, custom_layer
     return clone, patches
 
 
-
 class EvaluatedSigmas(SharedOnCopy):
     """APPLY_MODEL wrapper: notes each sigma the model runs at for the run's report (a chained wrapper list, never
     a slot)."""
@@ -591,7 +588,6 @@ class EvaluatedSigmas(SharedOnCopy):
     def __call__(self, executor, x, t, *args, **kwargs):
         self.run.evaluated.update(float(v) for v in t.detach().flatten().unique().cpu())
         return executor(x, t, *args, **kwargs)
-
 
 
 def describe_fusion(params: ff.FusionParams, patches: dict, model, content_store, style_store) -> str:

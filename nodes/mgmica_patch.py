@@ -178,7 +178,6 @@ class MultiIDAttention(SharedOnCopy):
         return out
 
 
-
 def check_mask_aspect(mask: torch.Tensor, latent_hw: tuple[int, int], node: str, label: str) -> None:
     (mh, mw), (lh, lw) = mask.shape[-2:], latent_hw
     if not reg.aspects_match((mh, mw), (lh, lw)):  # a latent is the picture / 8 rounded: aspects_match allows that

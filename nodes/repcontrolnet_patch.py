@@ -48,7 +48,6 @@ class RepControlNetMerge(SharedOnCopy, comfy.weight_adapter.WeightAdapterBase):
         self.weights = []
         self._local = threading.local()  # increments captured earlier in a chain, per thread
 
-
     def _captured(self) -> dict[str, torch.Tensor | None]:
         pending = getattr(self._local, "increments", None)
         if pending is None:
@@ -91,7 +90,6 @@ class MergeCapture(SharedOnCopy, comfy.weight_adapter.WeightAdapterBase):
         self.loaded_keys = set()
         self.weights = []
 
-
     def calculate_weight(self, weight, key, strength, strength_model, offset, function,
                          intermediate_dtype=torch.float32, original_weight=None):
         self.merge.capture(weight, key)
@@ -127,7 +125,6 @@ class AdapterFeatures(SharedOnCopy):
         self.runs = 0  # adapter evaluations (tests check "once per run")
         self.lock = threading.Lock()
 
-
     def features(self, h: torch.Tensor) -> torch.Tensor:
         key = (tuple(h.shape[-2:]), str(h.device), h.dtype)
         with self.lock:
@@ -162,7 +159,6 @@ class RunScope(SharedOnCopy):
 
     def __init__(self, patch: AdapterFeatures):
         self.patch = patch
-
 
     def __call__(self, executor, *args, **kwargs):
         self.patch.clear()

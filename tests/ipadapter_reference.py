@@ -14,7 +14,6 @@ import torch.nn.functional as F
 D64 = torch.float64
 
 
-
 def _t(sd, key):
     return sd[key].to(D64)
 

@@ -103,3 +103,24 @@ def test_the_import_check_catches_a_schema_import_and_a_comfyui_key():
     flagged = [n for n in ast.walk(tree) if isinstance(n, ast.Constant) and n.value in COMFY_KEYS
                and id(n) not in _docstring_nodes(tree)]
     assert len(flagged) == 1
+
+
+def test_no_module_binds_a_top_level_name_twice():
+    """A second top-level binding of a name silently replaces the first (two FACE_STYLES once broke every MagicID
+    drawing): each name is bound once per module, type-annotated re-declarations and imports included."""
+    problems = []
+    for path in sorted([*CORE.glob("*.py"), *NODES.glob("*.py")]):
+        seen: dict[str, int] = {}
+        for node in _tree(path).body:
+            names = []
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names = [node.name]
+            elif isinstance(node, ast.Assign):
+                names = [t.id for t in node.targets if isinstance(t, ast.Name)]
+            elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                names = [node.target.id]
+            for name in names:
+                if name in seen:
+                    problems.append(f"{path.name}: {name} bound at lines {seen[name]} and {node.lineno}")
+                seen[name] = node.lineno
+    assert problems == [], problems

@@ -574,7 +574,6 @@ def test_example_workflow_runs_through_the_executor(comfy, checkpoint, name):
         texts
 
 
-
 def test_cfg_uncond_treatments(nodes, pack, sd15, tiny, stores):
     """With cfg 2 the batch holds cond and uncond chunks: each uncond treatment runs, they differ, and the stand-in
     modules (hidden-state route) give what the same fusion gives through attn1 replaces (q/k/v route)."""

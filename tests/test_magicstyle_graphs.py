@@ -234,14 +234,14 @@ def test_identity_survives_other_clones_patches_in_place_and_tells_weight_patche
     model meanwhile. Weight patch signatures differ by strength and by content."""
     import comfy.model_management
 
-    common = pack.nodes.common
+    fingerprint = pack.nodes.fingerprint
     base = tiny.build_sd15_model(seed=21)
     cond = tiny.sd15_cond(21)
     record = run_in_graph(nodes[P + "DDIMInvert"], model=base, positive=cond, latent=latent(21), scheduler="normal",
                       steps=3, strength=1.0, mode="ddim", refine_iterations=0, edict_mix=0.93, cfg=1.0,
                       measure_round_trip=False).result[1]
-    identity = common.model_fingerprint(base)
-    assert identity == record.model_id and common.weight_patch_signature(base) == ""
+    identity = fingerprint.model_fingerprint(base)
+    assert identity == record.model_id and fingerprint.weight_patch_signature(base) == ""
     g = torch.Generator().manual_seed(22)
     state = base.model_state_dict()
     diffs = {k: (torch.randn(v.shape, generator=g) * 0.1,) for k, v in state.items()
@@ -253,8 +253,8 @@ def test_identity_survives_other_clones_patches_in_place_and_tells_weight_patche
     try:
         comfy.model_management.load_models_gpu([patched])
         assert not torch.equal(base.model_state_dict()[first_key], before)  # the patches sit in the weights
-        assert common.model_fingerprint(base) == identity
-        assert common.model_fingerprint(patched) == identity
+        assert fingerprint.model_fingerprint(base) == identity
+        assert fingerprint.model_fingerprint(patched) == identity
         out = run_in_graph(nodes[P + "SampleInverted"], model=base, inversion=record, cfg=1.0, measure_error=False)
         assert torch.isfinite(out.result[0]["samples"]).all()
     finally:
@@ -263,7 +263,7 @@ def test_identity_survives_other_clones_patches_in_place_and_tells_weight_patche
     half, other = base.clone(), base.clone()
     half.add_patches(diffs, 0.5)
     other.add_patches({k: (d[0] * 1.01,) for k, d in diffs.items()}, 1.0)
-    signatures = {common.weight_patch_signature(m) for m in (patched, half, other)}
+    signatures = {fingerprint.weight_patch_signature(m) for m in (patched, half, other)}
     assert len(signatures) == 3 and all(s.startswith(f"{len(diffs)} patched keys:") for s in signatures)
     # another checkpoint of the same architecture is still refused, naming what differs
     with pytest.raises(WorkflowError, match=r"input 'inversion': was made with another checkpoint"):
