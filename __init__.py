@@ -4,6 +4,9 @@ ComfyUI's API is imported inside the entry point so that importing the package o
 has no side effects. The pack imports the numbered API (comfy_api.v0_0_2), which ComfyUI keeps backward
 compatible, not `comfy_api.latest`, which is still under development."""
 
+# The frontend extension: keeps the crops of ID Embeds nodes saved with 0.2 (web/face_margin.js).
+WEB_DIRECTORY = "./web"
+
 
 async def comfy_entrypoint():
     from comfy_api.v0_0_2 import ComfyExtension

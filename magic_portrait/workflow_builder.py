@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import migrations
 from .workflow import WorkflowFormatError, input_specs, new_widget_values, widget_layout
 
 # The frontend's geometry (LiteGraph, measured in ComfyUI's frontend 1.35): the title bar sits above a node's pos;
@@ -107,7 +108,7 @@ class Workflow:
             "inputs": inputs,
             "outputs": [{"name": n, "type": t, "links": [], "slot_index": i}
                         for i, (n, t) in enumerate(_output_types(cls))],
-            "properties": {"Node name for S&R": node_type},
+            "properties": {"Node name for S&R": node_type, **migrations.current_properties(node_type)},
             "widgets_values": values,
         }
         if title:

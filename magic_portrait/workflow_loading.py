@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .migrations import read_as_saved
 from .run_errors import UsageError
 from .workflow import (
     InputSpec,
@@ -46,7 +47,9 @@ def to_api_prompt(data: dict, node_classes: dict, warnings: list[str]) -> dict:
         if unknown:
             raise WorkflowFormatError(f"unknown node type(s), is a custom node pack missing?: {', '.join(unknown)}")
         return prompt
-    return ui_to_api(data, node_classes, warnings=warnings)
+    prompt, notes = read_as_saved(ui_to_api(data, node_classes, warnings=warnings), data)
+    warnings.extend(notes)
+    return prompt
 
 
 # ------------------------------------------------------------------------------------------------ --set

@@ -53,7 +53,7 @@ def test_comfyignore_keeps_tests_and_ci_out_of_the_published_archive():
     for path in ("tests/test_core_registry.py", "bench/bench_diir.py", ".github/workflows/publish_action.yml"):
         assert _comfyignored(path), path
     for path in ("__init__.py", "nodes/faces.py", "magic_core/fusion.py", "example_workflows/ddim_invert_reconstruct.json",
-                 "pyproject.toml", "requirements.txt", "LICENSE"):
+                 "pyproject.toml", "requirements.txt", "LICENSE", "web/magic_portrait.js", "web/face_margin.js"):
         assert not _comfyignored(path), path
 
 
