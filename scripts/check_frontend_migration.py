@@ -16,13 +16,9 @@ import argparse
 import asyncio
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-
-import aiohttp
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -30,7 +26,7 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "scripts"))
 
 from comfy_server import PACK_FOLDER, start_server  # noqa: E402
-from make_frontend_fixtures import CDP, CHROMIUM_FLAGS, PAGE_SECONDS, SETTINGS, evaluate, wait_for  # noqa: E402
+from make_frontend_fixtures import SETTINGS, evaluate, frontend_page  # noqa: E402
 
 from magic_portrait.comfy_env import find_comfyui  # noqa: E402
 
@@ -47,61 +43,34 @@ EXPORT_JS = """(async () => {
 
 
 async def check(chromium: str, server_url: str, work: Path) -> list[str]:
-    profile = work / "profile"
-    browser = subprocess.Popen([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "about:blank"],  # noqa: S603
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     problems = []
-    try:
-        port_file = profile / "DevToolsActivePort"
-        deadline = time.monotonic() + 60
-        while not port_file.is_file() or not port_file.read_text().strip():
-            if browser.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"Chromium ({chromium}) did not start its DevTools endpoint")
-            await asyncio.sleep(0.2)
-        port, path = port_file.read_text().split()[:2]
-        async with aiohttp.ClientSession() as http, http.ws_connect(f"ws://127.0.0.1:{port}{path}",
-                                                                    max_msg_size=0) as ws:
-            cdp = CDP(ws)
-            target = (await cdp.send("Target.createTarget", {"url": "about:blank"}))["targetId"]
-            session = (await cdp.send("Target.attachToTarget", {"targetId": target, "flatten": True}))["sessionId"]
-            await cdp.send("Runtime.enable", {}, session)
-            await cdp.send("Page.navigate", {"url": server_url + "/"}, session)
-            await wait_for(cdp, session, "!!(window.app && window.app.rootGraph && window.LiteGraph)", PAGE_SECONDS,
-                           "start (window.app)")
+    async with frontend_page(chromium, server_url, work / "profile") as (cdp, session):
 
-            async def load(workflow: dict, name: str):
-                await evaluate(cdp, session, f"(async () => {{ await app.loadGraphData({json.dumps(workflow)}, true, "
-                                             f"true, {json.dumps(name)}); return true; }})()")
-                await asyncio.sleep(1.0)
-                return await evaluate(cdp, session, READ_JS), await evaluate(cdp, session, EXPORT_JS)
+        async def load(workflow: dict, name: str):
+            await evaluate(cdp, session, f"(async () => {{ await app.loadGraphData({json.dumps(workflow)}, true, "
+                                         f"true, {json.dumps(name)}); return true; }})()")
+            await asyncio.sleep(1.0)
+            return await evaluate(cdp, session, READ_JS), await evaluate(cdp, session, EXPORT_JS)
 
-            def expect(what, got, want):
-                print(f"{what}: {got}")
-                if got != want:
-                    problems.append(f"{what}: got {got}, want {want}")
+        def expect(what, got, want):
+            print(f"{what}: {got}")
+            if got != want:
+                problems.append(f"{what}: got {got}, want {want}")
 
-            old = json.loads(OLD_SAVED.read_text())
-            nodes, exported = await load(old, "saved with 0.2")
-            expect("0.2 workflow, widgets", [(n["face_margin"], n["convention"]) for n in nodes],
-                   [(0.2, "per side")] * 2)
-            expect("0.2 workflow, Export (API)", [m for _, m in exported], [0.2, 0.2])
-            saved = await evaluate(cdp, session, "app.graph.serialize()")
-            nodes, _ = await load(saved, "saved again")
-            expect("saved again and reopened", [n["face_margin"] for n in nodes], [0.2, 0.2])
-            template = await evaluate(cdp, session, f"(async () => (await fetch('/api/workflow_templates/"
-                                                    f"{PACK_FOLDER}/magicid_group_photo.json')).json())()")
-            nodes, exported = await load(template, "template")
-            expect("bundled template", [(n["face_margin"], n["convention"]) for n in nodes], [(0.2, "per side")] * 2)
-            created = await evaluate(cdp, session, "(() => { const n = LiteGraph.createNode('MagicPortrait_IDEmbeds');"
-                                                   " return n.properties?.face_margin_convention ?? null; })()")
-            expect("new node's property", created, "per side")
-            cdp.reader.cancel()
-    finally:
-        browser.terminate()
-        try:
-            browser.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            browser.kill()
+        old = json.loads(OLD_SAVED.read_text())
+        nodes, exported = await load(old, "saved with 0.2")
+        expect("0.2 workflow, widgets", [(n["face_margin"], n["convention"]) for n in nodes], [(0.2, "per side")] * 2)
+        expect("0.2 workflow, Export (API)", [m for _, m in exported], [0.2, 0.2])
+        saved = await evaluate(cdp, session, "app.graph.serialize()")
+        nodes, _ = await load(saved, "saved again")
+        expect("saved again and reopened", [n["face_margin"] for n in nodes], [0.2, 0.2])
+        template = await evaluate(cdp, session, f"(async () => (await fetch('/api/workflow_templates/"
+                                                f"{PACK_FOLDER}/magicid_group_photo.json')).json())()")
+        nodes, _ = await load(template, "template")
+        expect("bundled template", [(n["face_margin"], n["convention"]) for n in nodes], [(0.2, "per side")] * 2)
+        created = await evaluate(cdp, session, "(() => { const n = LiteGraph.createNode('MagicPortrait_IDEmbeds');"
+                                               " return n.properties?.face_margin_convention ?? null; })()")
+        expect("new node's property", created, "per side")
     return problems
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib.metadata
 import json
 import shutil
@@ -157,10 +158,10 @@ async def download(cdp: CDP, session: str, command: str, folder: Path) -> Path:
     raise TimeoutError(f"{command} downloaded nothing within 60 s")
 
 
-async def capture(chromium: str, server_url: str, templates: tuple[str, ...], work: Path) -> dict:
-    """{template: (saved UI workflow, API export)} as the frontend in `chromium` produces them, plus its version."""
-    profile, downloads = work / "profile", work / "downloads"
-    downloads.mkdir()
+@contextlib.asynccontextmanager
+async def frontend_page(chromium: str, server_url: str, profile: Path, downloads: Path | None = None):
+    """(cdp, session) of a headless Chromium tab with ComfyUI's frontend from `server_url` started in it; downloads
+    land in `downloads` (named by their guid) when given. Chromium is stopped on leaving."""
     browser = subprocess.Popen([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "about:blank"],  # noqa: S603
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -174,8 +175,9 @@ async def capture(chromium: str, server_url: str, templates: tuple[str, ...], wo
         async with aiohttp.ClientSession() as http, http.ws_connect(f"ws://127.0.0.1:{port}{path}",
                                                                     max_msg_size=0) as ws:
             cdp = CDP(ws)
-            await cdp.send("Browser.setDownloadBehavior", {"behavior": "allowAndName",
-                                                           "downloadPath": str(downloads), "eventsEnabled": True})
+            if downloads is not None:
+                await cdp.send("Browser.setDownloadBehavior", {"behavior": "allowAndName",
+                                                               "downloadPath": str(downloads), "eventsEnabled": True})
             target = (await cdp.send("Target.createTarget", {"url": "about:blank"}))["targetId"]
             session = (await cdp.send("Target.attachToTarget", {"targetId": target, "flatten": True}))["sessionId"]
             await cdp.send("Runtime.enable", {}, session)
@@ -184,33 +186,43 @@ async def capture(chromium: str, server_url: str, templates: tuple[str, ...], wo
             await wait_for(cdp, session, "!!(window.app && window.app.rootGraph && window.app.extensionManager"
                            " && window.app.extensionManager.command && window.LiteGraph)", PAGE_SECONDS,
                            "start (window.app)")
-            version = await evaluate(cdp, session, "window.__COMFYUI_FRONTEND_VERSION__ || null")
-            results = {}
-            for name in templates:
-                url = f"/api/workflow_templates/{PACK_FOLDER}/{name}.json"
-                await evaluate(cdp, session, f"""(async () => {{
-                    const workflow = await (await fetch({json.dumps(url)})).json();
-                    await app.loadGraphData(workflow, true, true, {json.dumps(name)});
-                    return true;
-                }})()""")
-                await asyncio.sleep(1.0)  # let the frontend settle (widget callbacks, node sizes) as a user would
-                for variant in ("", ".edited"):
-                    if variant:
-                        changed = await evaluate(cdp, session, EDIT_WIDGETS_JS)
-                        if not changed:
-                            raise RuntimeError(f"{name}: no widget could be edited")
-                        await asyncio.sleep(0.5)
-                    saved = json.loads((await download(cdp, session, "Comfy.ExportWorkflow", downloads)).read_text())
-                    api = json.loads((await download(cdp, session, "Comfy.ExportWorkflowAPI", downloads)).read_text())
-                    results[name + variant] = (saved, api)
-            cdp.reader.cancel()
-            return {"frontend_version": version, "workflows": results}
+            try:
+                yield cdp, session
+            finally:
+                cdp.reader.cancel()
     finally:
         browser.terminate()
         try:
             browser.wait(timeout=30)
         except subprocess.TimeoutExpired:
             browser.kill()
+
+
+async def capture(chromium: str, server_url: str, templates: tuple[str, ...], work: Path) -> dict:
+    """{template: (saved UI workflow, API export)} as the frontend in `chromium` produces them, plus its version."""
+    downloads = work / "downloads"
+    downloads.mkdir()
+    async with frontend_page(chromium, server_url, work / "profile", downloads) as (cdp, session):
+        version = await evaluate(cdp, session, "window.__COMFYUI_FRONTEND_VERSION__ || null")
+        results = {}
+        for name in templates:
+            url = f"/api/workflow_templates/{PACK_FOLDER}/{name}.json"
+            await evaluate(cdp, session, f"""(async () => {{
+                const workflow = await (await fetch({json.dumps(url)})).json();
+                await app.loadGraphData(workflow, true, true, {json.dumps(name)});
+                return true;
+            }})()""")
+            await asyncio.sleep(1.0)  # let the frontend settle (widget callbacks, node sizes) as a user would
+            for variant in ("", ".edited"):
+                if variant:
+                    changed = await evaluate(cdp, session, EDIT_WIDGETS_JS)
+                    if not changed:
+                        raise RuntimeError(f"{name}: no widget could be edited")
+                    await asyncio.sleep(0.5)
+                saved = json.loads((await download(cdp, session, "Comfy.ExportWorkflow", downloads)).read_text())
+                api = json.loads((await download(cdp, session, "Comfy.ExportWorkflowAPI", downloads)).read_text())
+                results[name + variant] = (saved, api)
+        return {"frontend_version": version, "workflows": results}
 
 
 def main(argv=None) -> int:
