@@ -25,8 +25,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from comfy_server import PACK_FOLDER, start_server  # noqa: E402
-from make_frontend_fixtures import SETTINGS, evaluate, frontend_page  # noqa: E402
+from comfy_server import PACK_FOLDER  # noqa: E402
+from make_frontend_fixtures import evaluate, frontend_page, frontend_server  # noqa: E402
 
 from magic_portrait.comfy_env import find_comfyui  # noqa: E402
 
@@ -82,15 +82,9 @@ def main(argv=None) -> int:
     if comfy_root is None or not Path(args.chromium).is_file():
         print("needs ComfyUI (scripts/setup.sh) and Chromium (apt-get install -y chromium)", file=sys.stderr)
         return 1
-    with tempfile.TemporaryDirectory(prefix="magic_portrait_migration_") as tmp:
-        work = Path(tmp)
-        server = start_server(comfy_root, work / "comfyui")
-        try:
-            server.wait_until_up(300)
-            server.request("POST", "/api/settings", SETTINGS)
-            problems = asyncio.run(check(args.chromium, server.url, work))
-        finally:
-            server.stop()
+    with tempfile.TemporaryDirectory(prefix="magic_portrait_migration_") as tmp, \
+            frontend_server(comfy_root, Path(tmp)) as server:
+        problems = asyncio.run(check(args.chromium, server.url, Path(tmp)))
     print("\n".join(problems) if problems else "the frontend reads every ID Embeds margin as meant")
     return 1 if problems else 0
 

@@ -158,6 +158,20 @@ async def download(cdp: CDP, session: str, command: str, folder: Path) -> Path:
     raise TimeoutError(f"{command} downloaded nothing within 60 s")
 
 
+@contextlib.contextmanager
+def frontend_server(comfy_root: Path, work: Path):
+    """ComfyUI with this pack, serving the frontend from `work`, set up for a scripted session; stopped on leaving."""
+    server = start_server(comfy_root, work / "comfyui")
+    try:
+        server.wait_until_up(300)
+        status, body = server.request("POST", "/api/settings", SETTINGS)
+        if status != 200:
+            raise ServerError(f"POST /api/settings: HTTP {status}: {body[:300]!r}")
+        yield server
+    finally:
+        server.stop()
+
+
 @contextlib.asynccontextmanager
 async def frontend_page(chromium: str, server_url: str, profile: Path, downloads: Path | None = None):
     """(cdp, session) of a headless Chromium tab with ComfyUI's frontend from `server_url` started in it; downloads
@@ -240,16 +254,9 @@ def main(argv=None) -> int:
         return 1
     with tempfile.TemporaryDirectory(prefix="magic_portrait_frontend_") as tmp:
         work = Path(tmp)
-        server = start_server(comfy_root, work / "comfyui")
-        try:
-            server.wait_until_up(300)
-            status, body = server.request("POST", "/api/settings", SETTINGS)
-            if status != 200:
-                raise ServerError(f"POST /api/settings: HTTP {status}: {body[:300]!r}")
+        with frontend_server(comfy_root, work) as server:
             object_info = server.get_json("/api/object_info")
             captured = asyncio.run(capture(args.chromium, server.url, tuple(args.templates), work))
-        finally:
-            server.stop()
     package_version = importlib.metadata.version("comfyui-frontend-package")
     if captured["frontend_version"] not in (None, package_version):
         print(f"warning: the page reports frontend {captured['frontend_version']}, the installed package is "
