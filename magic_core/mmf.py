@@ -346,6 +346,15 @@ def make_schedule(mode: str, source, weights: str | None = None) -> ModalitySche
     return schedule
 
 
+def loop_options(source, mode: str = "single", weights: str | None = None, seed: int = 0) -> dict:
+    """``condition_choice`` and ``log_extra`` of the training loop for a modality schedule on ``source``; ``single``
+    on a single-condition dataset gives neither (today's run, bit for bit)."""
+    if mode == "single" and not isinstance(source, MagicIDSource):
+        return {"condition_choice": None, "log_extra": None}
+    schedule = make_schedule(mode, source, weights)
+    return {"condition_choice": schedule, "log_extra": ModalityLog(schedule, seed)}
+
+
 def trained_modalities(metadata: Mapping[str, str]) -> tuple[str, ...] | None:
     """The modalities a trained file records (None: a file that does not say, or one single-condition key)."""
     text = str(metadata.get("trained_modalities", "")).strip()

@@ -241,6 +241,7 @@ def _train(args, name: str, runtime, ctx, tag: str, on_progress, load_models, ou
 
     training = _pack_module(runtime, "nodes.repcontrolnet_training")
     train_data = _pack_module(runtime, "magic_core.train_data")
+    mmf = _pack_module(runtime, "magic_core.mmf")
     core_train = _pack_module(runtime, "magic_core.repcontrolnet_train")
     if load_models is None:
         if not args.checkpoint:
@@ -250,9 +251,9 @@ def _train(args, name: str, runtime, ctx, tag: str, on_progress, load_models, ou
             _model_path("vae", args.vae, "--vae")
     dataset = resolve_dataset(args.dataset, train_data)
     try:
-        source = training.open_source(dataset, args.resolution, clone_face_probability=args.clone_face_probability,
-                                      face_loss_weight=args.face_loss_weight, magicid_crop=args.magicid_crop)
-        schedule = training.schedule_options(source, args.modality_schedule, args.modality_weights, args.seed)
+        source = mmf.open_training_source(dataset, args.resolution, clone_face_probability=args.clone_face_probability,
+                                          face_loss_weight=args.face_loss_weight, crop=args.magicid_crop)
+        schedule = mmf.loop_options(source, args.modality_schedule, args.modality_weights, args.seed)
     except ValueError as exc:  # mmf.OptionError names its option; any other error is the dataset's
         raise UsageError(f"--{getattr(exc, 'option', 'dataset').replace('_', '-')}: {exc}") from None
     started = time.perf_counter()

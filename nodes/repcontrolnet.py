@@ -242,15 +242,15 @@ def open_dataset(node: str, folder: Path, resolution: int, *, clone_face_probabi
                              "NAME_condition.png pairs in a folder inside ComfyUI's input folder and name it here "
                              f"(the pack copies its own small set there as {BUNDLED_DATASET} when ComfyUI starts)")
     try:
-        return training.open_source(folder, resolution, clone_face_probability=clone_face_probability,
-                                    face_loss_weight=face_loss_weight, magicid_crop=magicid_crop)
+        return mmf.open_training_source(folder, resolution, clone_face_probability=clone_face_probability,
+                                        face_loss_weight=face_loss_weight, crop=magicid_crop)
     except ValueError as err:
         raise NodeInputError(node, getattr(err, "option", "dataset_folder"), str(err)) from None
 
 
 def schedule_options(node: str, source, modality_schedule: str, modality_weights: str, seed: int) -> dict:
     try:
-        return training.schedule_options(source, modality_schedule, modality_weights, seed)
+        return mmf.loop_options(source, modality_schedule, modality_weights, seed)
     except ValueError as err:
         raise NodeInputError(node, getattr(err, "option", "modality_schedule"), str(err)) from None
 

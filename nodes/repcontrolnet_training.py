@@ -11,8 +11,6 @@
   (``latent_format.process_in``) and builds the text context: the sample's own conditioning (core training
   datasets) or the prompt's.
 - ``run_training``: the whole run on a loaded MODEL + VAE + CONDITIONING.
-- ``open_source`` / ``schedule_options``: the dataset and the MMF / Clone Face Tuning options as the node and the
-  command line both take them (magic_core.mmf).
 """
 
 from __future__ import annotations
@@ -23,7 +21,6 @@ import comfy.model_management
 import comfy.utils
 import torch
 
-from ..magic_core import mmf
 from ..magic_core import repcontrolnet as rcn
 from ..magic_core import repcontrolnet_train as rcn_train
 from .common import model_family
@@ -256,23 +253,6 @@ def run_training(model, vae, positive, source, *, steps: int, lr: float = 1e-4, 
                 condition_type=condition_type, metadata=meta)
         result.weights.metadata["training_seconds"] = f"{time.perf_counter() - started:.1f}"
         return result
-
-
-def open_source(folder, resolution: int, *, clone_face_probability: float = 0.0, face_loss_weight: float = 0.0,
-                magicid_crop: str = "random"):
-    """The training source in ``folder`` (a MagicID dataset, pairs, SaveTrainingDataset shards or tar shards)."""
-    return mmf.open_training_source(folder, resolution, clone_face_probability=clone_face_probability,
-                                    face_loss_weight=face_loss_weight, crop=magicid_crop)
-
-
-def schedule_options(source, modality_schedule: str = "single", modality_weights: str | None = None,
-                     seed: int = 0) -> dict:
-    """``condition_choice`` and ``log_extra`` of run_training for a modality schedule; ``single`` on a
-    single-condition dataset gives neither (today's run, bit for bit)."""
-    if modality_schedule == "single" and not isinstance(source, mmf.MagicIDSource):
-        return {"condition_choice": None, "log_extra": None}
-    schedule = mmf.make_schedule(modality_schedule, source, modality_weights)
-    return {"condition_choice": schedule, "log_extra": mmf.ModalityLog(schedule, seed)}
 
 
 def save_trained(path, weights: rcn.RepControlNetWeights) -> None:
