@@ -20,7 +20,7 @@ from ..magic_core import inversion as inv
 from ..magic_core import kv_store as kvs
 from .common import CATEGORY, FROM_PRESET, PREFIX, NodeInputError, check_latent, require_negative, tag_latent
 from .inversion_sampling import guided_run, reverse_sampler_function, schedule, with_run_notes
-from .magicstyle_capture import FROM_FUSION, MATCH_FUSION, KVStoreSpec, invert_recording
+from .magicstyle_capture import MATCH_FUSION, KVStoreSpec, invert_recording
 from .magicstyle_patch import describe_fusion, patch_model
 from .types import KVStoreSpecType, KVStoreType
 
@@ -102,10 +102,10 @@ class KVFeatureStore(io.ComfyNode):
                                tooltip="Where stored features live: CPU RAM (default) or the model's device."),
                 io.Float.Input("budget_mb", default=4096.0, min=0.0, max=1_000_000.0, step=64.0,
                                tooltip="Refuse (before inverting) a recording larger than this; 0: no limit."),
-                io.Float.Input("start_percent", default=FROM_FUSION, min=-1.0, max=1.0, step=0.01,
+                io.Float.Input("start_percent", default=FROM_PRESET, min=-1.0, max=1.0, step=0.01,
                                tooltip="Keep steps i with start <= i/steps < end (steps counted from the noisiest). "
                                "-1: fusion_preset's."),
-                io.Float.Input("end_percent", default=FROM_FUSION, min=-1.0, max=1.0, step=0.01,
+                io.Float.Input("end_percent", default=FROM_PRESET, min=-1.0, max=1.0, step=0.01,
                                tooltip="-1: fusion_preset's."),
                 io.Combo.Input("fusion_preset", options=list(ff.FUSION_PRESET_NAMES), default="magicstyle",
                                optional=True, tooltip="The Feature Fusion Attention preset these features are for: "

@@ -65,7 +65,6 @@ class CapturePatch(SharedOnCopy):
 
 
 MATCH_FUSION = "match fusion preset"  # store layers: the layers of the fusion preset the store is for
-FROM_FUSION = FROM_PRESET  # store start/end percent: the fusion preset's
 
 
 @dataclass(frozen=True)
@@ -73,7 +72,7 @@ class KVStoreSpec(SharedOnCopy):
     """What a KV Feature Store node asked for; DDIM Invert fills one store per inversion with it.
 
     By default it keeps exactly what Feature Fusion Attention with `fusion_preset` and its defaults reads: that
-    preset's layers (layers MATCH_FUSION) at that preset's steps (start/end percent FROM_FUSION), nothing more.
+    preset's layers (layers MATCH_FUSION) at that preset's steps (start/end percent FROM_PRESET), nothing more.
     """
 
     layers: str = MATCH_FUSION
@@ -81,8 +80,8 @@ class KVStoreSpec(SharedOnCopy):
     dtype: str = "fp16"
     device: str = "cpu (offload)"
     budget_mb: float = 4096.0
-    start_percent: float = FROM_FUSION
-    end_percent: float = FROM_FUSION
+    start_percent: float = FROM_PRESET
+    end_percent: float = FROM_PRESET
     label: str = ""
     node: str = PREFIX + "KVFeatureStore"
     fusion_preset: str = "magicstyle"
