@@ -99,19 +99,23 @@ def test_example_converts_and_passes_comfyui_validation(comfy, models_dir, fresh
     assert valid[0], comfy_env._format_validation_error(valid)
 
 
-def test_inversion_example_runs_through_the_headless_runner(comfy, models_dir, tmp_path):
+def _run_example(name: str, models_dir, tmp_path, sets=(), pack=None):
+    """Run example_workflows/`name` with the headless runner into tmp_path/out, reading tmp_path/in; with `pack`,
+    first as on a fresh server: the pack's own example inputs copied into that input folder."""
     from magic_portrait.runner import run_workflow
 
+    if pack is not None:
+        pack.nodes.example_inputs.install_example_inputs(tmp_path / "in")
+    return run_workflow(REPO / "example_workflows" / name, sets=list(sets), models_dir=models_dir,
+                        output_dir=tmp_path / "out", input_dir=tmp_path / "in")
+
+
+def test_inversion_example_runs_through_the_headless_runner(comfy, models_dir, tmp_path):
     small = tmp_path / "astronaut_small.png"
     cv2.imwrite(str(small), cv2.resize(cv2.imread(str(REPO / "example_workflows" / "magic_portrait_astronaut.png")), (128, 128)))
-    result = run_workflow(
-        REPO / "example_workflows" / "ddim_invert_reconstruct.json",
-        sets=[f"Content image.image={small}", "MagicPortrait_DDIMInvert.steps=4",
-              "MagicPortrait_DDIMInvert.mode=edict"],
-        models_dir=models_dir,
-        output_dir=tmp_path / "out",
-        input_dir=tmp_path / "in",
-    )
+    result = _run_example("ddim_invert_reconstruct.json", models_dir, tmp_path,
+                          [f"Content image.image={small}", "MagicPortrait_DDIMInvert.steps=4",
+                           "MagicPortrait_DDIMInvert.mode=edict"])
     assert [f.suffix for f in result.files].count(".png") == 1
     texts = " ".join(str(t) for t in result.texts)
     assert "round-trip error" in texts and "sampled back" in texts
@@ -122,18 +126,10 @@ def test_inversion_example_runs_through_the_headless_runner(comfy, models_dir, t
 def test_training_example_runs_through_the_headless_runner(comfy, pack, models_dir, tmp_path):
     """As opened on a fresh server: two training steps on the bundled pairs the pack copied into the input folder
     (real photos + their Canny edges), then sampling with the result."""
-    from magic_portrait.runner import run_workflow
-
-    pack.nodes.example_inputs.install_example_inputs(tmp_path / "in")
-    result = run_workflow(
-        REPO / "example_workflows" / "repcontrolnet_train.json",
-        sets=["MagicPortrait_TrainRepControlNet.steps=2", "MagicPortrait_TrainRepControlNet.resolution=64",
-              "MagicPortrait_TrainRepControlNet.checkpoint_every=1", "KSampler.steps=1",
-              "EmptyLatentImage.width=128", "EmptyLatentImage.height=128"],
-        models_dir=models_dir,
-        output_dir=tmp_path / "out",
-        input_dir=tmp_path / "in",
-    )
+    result = _run_example("repcontrolnet_train.json", models_dir, tmp_path,
+                          ["MagicPortrait_TrainRepControlNet.steps=2", "MagicPortrait_TrainRepControlNet.resolution=64",
+                           "MagicPortrait_TrainRepControlNet.checkpoint_every=1", "KSampler.steps=1",
+                           "EmptyLatentImage.width=128", "EmptyLatentImage.height=128"], pack=pack)
     written = {f.name for f in result.files}
     assert any(name.startswith("repcontrolnet_trained") for name in written), written
     trained = models_dir / "magic_repcontrolnet" / "my_repcontrolnet_canny.safetensors"
@@ -150,20 +146,12 @@ def test_training_example_runs_through_the_headless_runner(comfy, pack, models_d
 )
 def test_magicstyle_examples_run_through_the_headless_runner(comfy, models_dir, tmp_path, name, sets):
     """The astronaut portrait styled by the painterly style image, at 128 px and 3 steps to stay quick."""
-    from magic_portrait.runner import run_workflow
-
     for image, target, size in (("magic_portrait_astronaut.png", "content_small.png", (128, 128)),
                                 ("magic_portrait_style.png", "style_small.png", (160, 96))):
         cv2.imwrite(str(tmp_path / target), cv2.resize(cv2.imread(str(REPO / "example_workflows" / image)), size,
                                                       interpolation=cv2.INTER_AREA))
-    result = run_workflow(
-        REPO / "example_workflows" / name,
-        sets=[f"Content image.image={tmp_path / 'content_small.png'}",
-              f"Style image.image={tmp_path / 'style_small.png'}", *sets],
-        models_dir=models_dir,
-        output_dir=tmp_path / "out",
-        input_dir=tmp_path / "in",
-    )
+    result = _run_example(name, models_dir, tmp_path, [f"Content image.image={tmp_path / 'content_small.png'}",
+                                                       f"Style image.image={tmp_path / 'style_small.png'}", *sets])
     images = [f for f in result.files if f.suffix == ".png"]
     assert len(images) == 1, result.files
     assert cv2.imread(str(images[0])).shape[:2] == (128, 128)
@@ -234,10 +222,7 @@ def test_example_layout_nodes_apart_groups_and_a_note(path):
 def test_magicid_examples_run_through_the_headless_runner(comfy, models_dir, tmp_path, name, sets, expected):
     """As shipped (the portrait, the second reference and the layout from the pack, the offline face back-end), on
     tiny stand-in weights, at a small size and few steps."""
-    from magic_portrait.runner import run_workflow
-
-    result = run_workflow(REPO / "example_workflows" / name, sets=sets, models_dir=models_dir,
-                          output_dir=tmp_path / "out", input_dir=tmp_path / "in")
+    result = _run_example(name, models_dir, tmp_path, sets)
     saved = [f for f in result.files if f.suffix == ".png" and "previews" not in f.parts]
     assert len(saved) == 1
     texts = " ".join(str(t) for t in result.texts)
@@ -249,11 +234,7 @@ def test_magicid_dataset_example_runs_through_the_headless_runner(comfy, pack, m
     """As opened on a fresh server: the photo set the pack copied into the input folder becomes a six-sample MagicID
     dataset there (every photo with both modalities), and the contact sheet is saved."""
     from magic_core import magicid_dataset as md
-    from magic_portrait.runner import run_workflow
-
-    pack.nodes.example_inputs.install_example_inputs(tmp_path / "in")
-    result = run_workflow(REPO / "example_workflows" / "magicid_dataset.json", models_dir=models_dir,
-                          output_dir=tmp_path / "out", input_dir=tmp_path / "in")
+    result = _run_example("magicid_dataset.json", models_dir, tmp_path, pack=pack)
     texts = " ".join(str(t) for t in result.texts)
     assert "6 sample(s) (skeleton 6, landmark 6); this run: 6 added, 0 replaced, 0 already there, 0 skipped" in texts
     (sheet,) = [f for f in result.files if f.suffix == ".png"]
@@ -266,15 +247,10 @@ def test_magicid_mmf_example_runs_through_the_headless_runner(comfy, pack, model
     """As opened on a fresh server, at a small size and few steps: the shipped photos become a MagicID dataset, two
     MMF steps (alternate, Clone Face Tuning on) train a RepControlNet on it (the log says skeleton, landmark), and the
     file is applied with the merged condition drawn from the layout picture."""
-    from magic_portrait.runner import run_workflow
-
-    pack.nodes.example_inputs.install_example_inputs(tmp_path / "in")
-    result = run_workflow(
-        REPO / "example_workflows" / "magicid_mmf_train.json",
-        sets=["MagicPortrait_TrainRepControlNet.steps=2", "MagicPortrait_TrainRepControlNet.resolution=64",
-              "MagicPortrait_TrainRepControlNet.checkpoint_every=1", "KSampler.steps=1",
-              "EmptyLatentImage.width=192", "EmptyLatentImage.height=128"],
-        models_dir=models_dir, output_dir=tmp_path / "out", input_dir=tmp_path / "in")
+    result = _run_example("magicid_mmf_train.json", models_dir, tmp_path,
+                          ["MagicPortrait_TrainRepControlNet.steps=2", "MagicPortrait_TrainRepControlNet.resolution=64",
+                           "MagicPortrait_TrainRepControlNet.checkpoint_every=1", "KSampler.steps=1",
+                           "EmptyLatentImage.width=192", "EmptyLatentImage.height=128"], pack=pack)
     texts = " ".join(str(t) for t in result.texts)
     assert "MagicID dataset 'magic_portrait_magicid_dataset': 6 samples at 64px, random crop; Clone Face Tuning p=0.3" in texts
     assert "my_magicid_mmf.safetensors: trained on skeleton, landmark (alternate: skeleton, landmark, ...); " \
